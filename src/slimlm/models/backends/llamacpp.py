@@ -1,0 +1,97 @@
+"""llama.cpp backend, through llama-cpp-python: the fast decoder for GGUF files on a CPU.
+
+The hot loop is llama-cpp-python's own `create_completion` stream; slimlm adds only the chat
+template rendering (from the GGUF's own metadata) and the shared stop/timing logic, so decode
+speed stays that of raw llama.cpp (bench/generate.py checks the ratio).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from slimlm.errors import BackendUnavailable
+from slimlm.hardware import default_threads, llama_cpp_build_problem
+from slimlm.models.backends.base import Backend, GenerationParams, Messages
+from slimlm.models.reference import ModelRef
+
+
+def llama_kwargs(n_ctx: int | None = None, n_threads: int | None = None, n_batch: int = 512) -> dict:
+    """Settings shared by slimlm's backend and the raw-llama.cpp peer in the benchmark."""
+    return dict(n_ctx=n_ctx or 4096, n_threads=n_threads or default_threads(), n_batch=n_batch,
+                n_ubatch=n_batch, verbose=False)
+
+
+class LlamaCppBackend(Backend):
+    name = "llamacpp"
+
+    def __init__(self, ref: ModelRef, n_ctx: int | None = None, n_threads: int | None = None,
+                 n_gpu_layers: int | None = None, logits_all: bool = False) -> None:
+        super().__init__()
+        if ref.kind != "gguf":
+            raise BackendUnavailable(f"the llama.cpp backend runs GGUF files; {ref.spec} is a Hugging Face folder: "
+                                     "use --backend torch, or export it to GGUF first")
+        problem = llama_cpp_build_problem()
+        if problem:
+            raise BackendUnavailable(problem)
+        from llama_cpp import Llama
+
+        kwargs = llama_kwargs(n_ctx, n_threads)
+        if n_gpu_layers is None:
+            n_gpu_layers = -1 if os.environ.get("SLIMLM_GPU", "1") != "0" else 0
+        self.ref = ref
+        self.llm = Llama(model_path=str(ref.path), n_gpu_layers=n_gpu_layers, logits_all=logits_all, **kwargs)
+        meta = self.llm.metadata
+        self._template = meta.get("tokenizer.chat_template")
+        vocab = self.llm._model
+        self.bos_text = self._piece(vocab.token_bos())
+        self.eos_text = self._piece(vocab.token_eos())
+
+    def _piece(self, token: int) -> str:
+        if token is None or token < 0:
+            return ""
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._template
+
+    def precision(self) -> str:
+        from slimlm.hardware import llama_cpp_build
+
+        build = (llama_cpp_build() or {}).get("variant", "user")
+        ftype = self.llm.metadata.get("general.file_type", "?")
+        return f"GGUF ftype {ftype} ({build} build)"
+
+    def render_chat(self, messages: Messages) -> str:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        formatter = Jinja2ChatFormatter(template=self._template, eos_token=self.eos_text, bos_token=self.bos_text,
+                                        add_generation_prompt=True)
+        return formatter(messages=messages).prompt
+
+    def tokenize(self, text: str) -> list[int]:
+        # A template that writes the BOS token itself must not get a second one.
+        add_bos = not (self.bos_text and text.startswith(self.bos_text))
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def _stream_tokens(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[str]:
+        room = self.llm.n_ctx() - len(prompt_ids)
+        if room < 1:
+            from slimlm.errors import SlimlmError
+
+            raise SlimlmError(f"the prompt ({len(prompt_ids)} tokens) fills the context ({self.llm.n_ctx()}): shorten it")
+        stream = self.llm.create_completion(
+            prompt=prompt_ids, max_tokens=min(params.max_tokens, room), temperature=params.temperature,
+            top_p=params.top_p, top_k=0, min_p=0.0, repeat_penalty=1.0,
+            seed=params.seed if params.seed is not None else -1, stream=True)
+        for chunk in stream:
+            choice = chunk["choices"][0]
+            if choice.get("finish_reason"):  # the closing chunk carries no new token
+                self._finish = "stop" if choice["finish_reason"] == "stop" else self._finish
+                if not choice["text"]:
+                    continue
+            yield choice["text"]  # one chunk per token, even when its text is still incomplete
+
+    def close(self) -> None:
+        self.llm.close()

@@ -1,0 +1,139 @@
+"""torch/transformers backend: any architecture transformers knows, on CPU or GPU.
+
+The fast path is a plain decode loop over the model's forward with a KV cache (no `generate()`
+machinery per step) and a precision plan measured on the CPU at hand (see precision.py): on a
+CPU without native bf16, prefill runs in fp32 (compute-bound, where emulated bf16 is several
+times slower) and decode in bf16 (memory-bound, where half the bytes per weight nearly doubles
+the speed), with the KV cache cast between the two.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+from slimlm.hardware import best_torch_device, default_threads
+from slimlm.models.backends.base import Backend, GenerationParams, Messages
+from slimlm.models.backends.precision import PrecisionPlan, choose_precision
+from slimlm.models.reference import ModelRef
+
+# End-of-turn tokens of common chat templates. A GGUF converted by transformers often lists
+# only <eos> as its end token, while the chat template ends each turn with one of these.
+_END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<｜end▁of▁sentence｜>")
+
+
+def _cast_cache(cache, dtype) -> None:
+    for layer in getattr(cache, "layers", []):
+        for attr in ("keys", "values"):
+            tensor = getattr(layer, attr, None)
+            if tensor is not None and tensor.dtype != dtype:
+                setattr(layer, attr, tensor.to(dtype))
+        if hasattr(layer, "dtype"):
+            layer.dtype = dtype
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, ref: ModelRef, dtype: str = "auto", device: str = "auto",
+                 threads: int | None = None) -> None:
+        super().__init__()
+        import torch
+
+        from slimlm.models.loading import load_torch
+
+        self.device = best_torch_device() if device == "auto" else device
+        if self.device == "cpu":
+            torch.set_num_threads(threads or default_threads())
+        self.plan: PrecisionPlan = choose_precision(self.device, dtype)
+        self.ref = ref
+        self.model, self.tokenizer = load_torch(ref, dtype=self.plan.prefill, device=self.device)
+        if self.plan.split:
+            self.decode_model = copy.deepcopy(self.model).to(self.plan.decode)
+        else:
+            self.decode_model = self.model
+        self.stop_ids = self._stop_ids()
+
+    def _stop_ids(self) -> set[int]:
+        ids = set()
+        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if source is None:
+                continue
+            ids.update(source if isinstance(source, list) else [source])
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
+        return ids
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.tokenizer.chat_template
+
+    def precision(self) -> str:
+        return f"{self.plan.short()} ({self.device})"
+
+    def render_chat(self, messages: Messages) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def tokenize(self, text: str) -> list[int]:
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))  # the template wrote BOS itself
+        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+    def _sample(self, logits, params: GenerationParams, generator):
+        import torch
+
+        if params.temperature <= 0:
+            return int(logits.argmax(-1))
+        probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+        if params.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(-1) - sorted_probs < params.top_p
+            probs = torch.zeros_like(probs).scatter(-1, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    def _stream_tokens(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[str]:
+        import torch
+        from transformers import DynamicCache
+
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
+        max_new = max(0, min(params.max_tokens, limit - len(prompt_ids)))
+        decoder = _Detokenizer(self.tokenizer)
+        with torch.inference_mode():
+            cache = DynamicCache(config=self.model.config)
+            ids = torch.tensor([prompt_ids], device=self.device)
+            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            if self.plan.split:
+                _cast_cache(cache, self.plan.decode)
+            for _ in range(max_new):
+                token = self._sample(logits[0, -1], params, generator)
+                if token in self.stop_ids:
+                    self._finish = "stop"
+                    return
+                yield decoder.add(token)
+                step = torch.tensor([[token]], device=self.device)
+                logits = self.decode_model(input_ids=step, past_key_values=cache, use_cache=True,
+                                           logits_to_keep=1).logits
+
+
+class _Detokenizer:
+    """Incremental decoding that never splits a multi-byte character or a merged word piece.
+
+    Decoding tokens one by one garbles byte-level BPE output; decoding a short window of
+    recent tokens and emitting only the new, complete suffix does not (as in TGI's streaming).
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""

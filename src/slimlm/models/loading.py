@@ -1,0 +1,150 @@
+"""Load models into torch, and convert GGUF files into dense Hugging Face folders.
+
+transformers does the real work (it reads GGUF, dequantizes it and maps tensor names per
+architecture); slimlm adds the offline guarantees, clear errors, atomic writes and manifests.
+GGUF files are converted once and cached, so the torch backend's later loads are plain
+safetensors reads rather than a 30-second dequantization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from slimlm.errors import SlimlmError, UnsupportedModel
+from slimlm.models.families import family_of
+from slimlm.models.reference import ModelRef, resolve
+
+
+@contextmanager
+def atomic_dir(out: Path, force: bool = False):
+    """Yield a temporary folder beside `out`; it becomes `out` only if the block succeeds."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise SlimlmError(f"{out} already exists: choose another output path or pass --force")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _quiet():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="transformers")
+
+
+def _check_gguf(path: Path) -> None:
+    """Reject corrupt or truncated GGUF files before transformers or llama.cpp trips on them."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # noqa: BLE001 - any parse failure means the file is damaged
+        raise SlimlmError(f"{path} is not a readable GGUF file ({type(exc).__name__}): re-copy or re-export it") from exc
+    size = path.stat().st_size
+    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    if end > size:
+        raise SlimlmError(f"{path} is truncated ({size} of {end} bytes): re-copy or re-export it")
+
+
+def _gguf_to_torch(ref: ModelRef, dtype=None):
+    """Dequantize a GGUF file through transformers; returns (model, tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_gguf(ref.path)
+    _quiet()
+    folder, name = str(ref.path.parent), ref.path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype or torch.float32)
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        raise UnsupportedModel(f"transformers cannot read {ref.path.name}: {str(exc).splitlines()[0]}; "
+                               "use --backend llamacpp for this file") from exc
+    # transformers marks GGUF-loaded models as "quantized" and refuses to save them; the weights
+    # are already dense tensors, so drop the marker.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def convert(model: str | Path | ModelRef, out: str | Path, force: bool = False, record_run: bool = True) -> Path:
+    """Write a dense Hugging Face folder (safetensors, config, tokenizer, chat template) from a GGUF file."""
+    from slimlm.runs import record, write_manifest
+
+    ref = resolve(model)
+    if ref.kind != "gguf":
+        raise SlimlmError(f"{ref.spec} is already a Hugging Face folder: convert takes a GGUF file")
+    out = Path(out)
+    if out.exists() and not force:
+        raise SlimlmError(f"{out} already exists: choose another output path or pass --force")
+    torch_model, tokenizer = _gguf_to_torch(ref)
+    with atomic_dir(out, force=force) as tmp:
+        torch_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, parent=ref, operation="convert", params={"from": "gguf", "dtype": "float32"})
+    if record_run:
+        record("convert", model=ref, params={"out": str(out)}, artifact=out)
+    return out
+
+
+def dense_folder(ref: ModelRef) -> Path:
+    """A Hugging Face folder for `ref`: itself, or the cached conversion of its GGUF file."""
+    if ref.kind == "hf":
+        return ref.path
+    from slimlm.paths import cache_dir
+
+    st = ref.path.stat()
+    key = hashlib.sha256(f"{ref.path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "converted" / f"{ref.path.stem}-{key}"
+    if not (target / "config.json").exists():
+        convert(ref, target, force=True, record_run=False)
+    return target
+
+
+def load_torch(model: str | Path | ModelRef, dtype=None, device: str = "cpu", attn: str | None = None):
+    """Load (model, tokenizer) for torch from any model reference; GGUF goes through the cache."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    ref = resolve(model)
+    folder = dense_folder(ref)
+    _quiet()
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise UnsupportedModel(f"cannot read {folder / 'config.json'}: {str(exc).splitlines()[0]}") from exc
+    if family_of(config.model_type) is None:
+        warnings.warn(f"{config.model_type} is not a family slimlm tests; results may vary", stacklevel=2)
+    kwargs = {"dtype": dtype or torch.float32, "local_files_only": True}
+    if attn:
+        kwargs["attn_implementation"] = attn
+    try:
+        torch_model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except ValueError as exc:
+        raise UnsupportedModel(f"cannot load {ref.spec}: {str(exc).splitlines()[0]}") from exc
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return torch_model.to(device).eval(), tokenizer
+
+
+def read_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SlimlmError(f"{folder / 'config.json'} is not valid JSON: {exc}") from exc

@@ -84,7 +84,8 @@ class Backend(ABC):
 
     @abstractmethod
     def _stream_tokens(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[str]:
-        """Yield decoded text pieces; set self._finish to 'stop' if the model ended the text."""
+        """Yield decoded text pieces, adding 1 to self._generated for each new token; set
+        self._finish to 'stop' if the model ended the text."""
 
     def precision(self) -> str:
         """A short label for how the weights are stored and computed (shown in tables)."""
@@ -115,14 +116,14 @@ class Backend(ABC):
         ids = self.tokenize(self.prompt_text(prompt, raw=raw))
         timings = Timings(prompt_tokens=len(ids))
         self.last_timings = timings
-        self._finish = "length"
+        self._finish, self._generated = "length", 0
         held = ""  # text that might be the start of a stop string
         longest = max((len(s) for s in params.stop), default=0)
         for piece in self._stream_tokens(ids, params):
             now = time.perf_counter() - start
             if timings.generated_tokens == 0:
                 timings.ttft_s = now
-            timings.generated_tokens += 1
+            timings.generated_tokens = self._generated
             timings.total_s = now
             held += piece
             cut = min((held.find(s) for s in params.stop if s in held), default=-1)

@@ -91,6 +91,7 @@ class LlamaCppBackend(Backend):
                 self._finish = "stop" if choice["finish_reason"] == "stop" else self._finish
                 if not choice["text"]:
                     continue
+            self._generated += 1
             yield choice["text"]  # one chunk per token, even when its text is still incomplete
 
     def close(self) -> None:

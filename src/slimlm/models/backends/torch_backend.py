@@ -112,11 +112,15 @@ class TorchBackend(Backend):
                 token = self._sample(logits[0, -1], params, generator)
                 if token in self.stop_ids:
                     self._finish = "stop"
-                    return
+                    break
+                self._generated += 1
                 yield decoder.add(token)
                 step = torch.tensor([[token]], device=self.device)
                 logits = self.decode_model(input_ids=step, past_key_values=cache, use_cache=True,
                                            logits_to_keep=1).logits
+        tail = decoder.flush()
+        if tail:
+            yield tail
 
 
 class _Detokenizer:
@@ -137,3 +141,10 @@ class _Detokenizer:
             self.prefix, self.read = self.read, len(self.ids)
             return after[len(before):]
         return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (e.g. an incomplete character at the very end)."""
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):]

@@ -1,0 +1,132 @@
+"""Shared fixtures: a tiny tokenizer and tiny random-weight models of every family.
+
+Nothing here downloads anything. The tokenizer is a byte-level BPE trained in a second on
+Python's own reference docs (pydoc_data ships with every Python), with a ChatML template, so
+chat formatting, special tokens and streaming detokenization are exercised for real.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MATRIX_FILE = ROOT / "build" / "compat.json"
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_state(tmp_path_factory):
+    """Runs and caches go to a per-session folder, never the user's."""
+    mp = pytest.MonkeyPatch()
+    base = tmp_path_factory.mktemp("slimlm-state")
+    mp.setenv("SLIMLM_RUNS_DB", str(base / "runs.db"))
+    mp.setenv("SLIMLM_DATA_DIR", str(base / "data"))
+    mp.setenv("SLIMLM_CACHE_DIR", str(base / "cache"))
+    yield
+    mp.undo()
+
+
+def _corpus() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
+                                   pad_token="</s>")
+    fast.chat_template = CHATML
+    out = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+def build_tiny_model(model_type: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slimlm.models.families import tiny_config
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = tiny_config(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init at std 0.02 makes near-uniform logits; a larger scale gives decisive argmaxes,
+    # so greedy comparisons test the cache rather than floating-point ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_tokenizer_dir, tmp_path_factory):
+    """family -> folder of a tiny random model, built on first use."""
+    cache: dict[str, Path] = {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in cache:
+            out = tmp_path_factory.mktemp(f"tiny-{model_type}")
+            cache[model_type] = build_tiny_model(model_type, tiny_tokenizer_dir, out)
+        return cache[model_type]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from slimlm.models.reference import resolve
+
+    return resolve("smollm2-135m-instruct").path
+
+
+# --- the README compatibility matrix is generated from these results -----------------------
+_MATRIX_TEST = re.compile(r"test_matrix_(\w+)\[(\w+)\]")
+
+
+_MATRIX: dict[str, dict[str, str]] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Collect test_matrix_<capability>[<family>] outcomes (on the xdist controller too)."""
+    match = _MATRIX_TEST.search(report.nodeid)
+    if not match:
+        return
+    capability, family = match.groups()
+    cell = _MATRIX.setdefault(family, {})
+    if report.failed:
+        cell[capability] = "failed"
+    elif report.skipped:
+        cell[capability] = "skipped"
+    elif report.when == "call" and cell.get(capability) != "failed":
+        cell[capability] = "passed"
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workerinput") or not _MATRIX:
+        return
+    MATRIX_FILE.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(MATRIX_FILE.read_text()) if MATRIX_FILE.exists() else {}
+    for family, caps in _MATRIX.items():
+        previous.setdefault(family, {}).update(caps)
+    MATRIX_FILE.write_text(json.dumps(previous, indent=2, sort_keys=True))

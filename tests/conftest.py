@@ -130,3 +130,11 @@ def pytest_sessionfinish(session):
     for family, caps in _MATRIX.items():
         previous.setdefault(family, {}).update(caps)
     MATRIX_FILE.write_text(json.dumps(previous, indent=2, sort_keys=True))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dense(smollm2_gguf, tmp_path_factory) -> Path:
+    """The built-in SmolLM2 converted to a dense Hugging Face folder by `slimlm convert`."""
+    from slimlm.models.loading import convert
+
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "dense")

@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""Generation speed: slimlm's two backends against their peers, in one run, on one machine.
+
+Four paths on the built-in SmolLM2-135M-Instruct and the same prompts:
+  raw llama_cpp.Llama (peer)      vs  slimlm's llama.cpp backend
+  plain transformers generate     vs  slimlm's torch backend
+        (peer, dense folder, default dtype)
+
+For each: time to first token, decode tokens/s (after the first token) and prefill tokens/s on
+a 512-token prompt; median of --repeat runs. Prints the table with slimlm/peer ratios and
+appends a dated row per path, with the CPU and its features, to bench/RESULTS.md.
+
+    python bench/generate.py [--tokens 128] [--repeat 3] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import slimlm  # noqa: F401  (switches hub access off before transformers is imported)
+from slimlm.hardware import cpu_info, default_threads, llama_cpp_build
+from slimlm.models.backends import GenerationParams, open_backend
+from slimlm.models.backends.llamacpp import llama_kwargs
+from slimlm.models.loading import dense_folder
+from slimlm.models.reference import resolve
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+MODEL = "smollm2-135m-instruct"
+PROMPTS = [
+    "Write a detailed story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain step by step how a hash table works, with an example in Python.",
+]
+LONG_TEXT = ("The Python language reference describes the exact syntax and semantics of the language. "
+             "It is terse, but attempts to be exact and complete. ") * 40
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+class Path4:
+    """One measured path: `run(prompt_ids_or_text, max_tokens) -> (ttft_s, n_tokens, total_s)`."""
+
+    def __init__(self, name, peer, run, prompt_tokens):
+        self.name, self.peer, self.run, self.prompt_tokens = name, peer, run, prompt_tokens
+
+
+def raw_llama(path):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), **llama_kwargs())
+    fmt_engine = open_backend(str(path), "llamacpp")  # only to render the same chat prompt
+
+    def run(prompt, max_tokens, raw=False):
+        text = prompt if raw else fmt_engine.prompt_text(prompt)
+        ids = fmt_engine.tokenize(text)
+        start = time.perf_counter()
+        ttft, n = None, 0
+        for chunk in llm.create_completion(prompt=ids, max_tokens=max_tokens, temperature=0.0, top_k=0,
+                                           min_p=0.0, repeat_penalty=1.0, stream=True):
+            if chunk["choices"][0].get("finish_reason") and not chunk["choices"][0]["text"]:
+                continue
+            n += 1
+            if ttft is None:
+                ttft = time.perf_counter() - start
+        return ttft, n, time.perf_counter() - start
+
+    return run
+
+
+def slimlm_engine(model, backend):
+    engine = open_backend(model, backend)
+
+    def run(prompt, max_tokens, raw=False):
+        done = engine.generate(prompt, GenerationParams(max_tokens=max_tokens), raw=raw)
+        t = done.timings
+        return t.ttft_s, t.generated_tokens, t.total_s
+
+    return run, engine
+
+
+def plain_transformers(folder):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()  # what a user gets by default
+    tok = AutoTokenizer.from_pretrained(folder)
+
+    class Clock(TextStreamer):
+        def __init__(self):
+            super().__init__(tok)
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def run(prompt, max_tokens, raw=False):
+        if raw:
+            ids = tok(prompt, return_tensors="pt").input_ids
+        else:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"]
+        clock = Clock()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, streamer=clock)
+        total = time.perf_counter() - start
+        n = out.shape[1] - ids.shape[1]
+        token_times = clock.times[1:]  # the first put() is the prompt
+        return (token_times[0] - start if token_times else total), n, total
+
+    return run
+
+
+def measure(run, tokens, repeat):
+    decode, ttft, prefill = [], [], []
+    run(PROMPTS[0], 4)  # warm-up
+    for i in range(repeat):
+        for prompt in PROMPTS:
+            t_first, n, total = run(prompt, tokens)
+            ttft.append(t_first)
+            if n > 1:
+                decode.append((n - 1) / (total - t_first))
+        t_first, _, _ = run(LONG_TEXT, 1, raw=True)
+        prefill.append(t_first)
+    return {"decode_tps": median(decode), "ttft_ms": 1000 * median(ttft), "prefill_s": median(prefill)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=128, help="tokens generated per prompt")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per path; the median is reported")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
+    args = ap.parse_args()
+
+    ref = resolve(MODEL)
+    folder = dense_folder(ref)  # the dense Hugging Face folder `slimlm convert` writes
+    cpu = cpu_info()
+    build = (llama_cpp_build() or {}).get("variant", "unknown")
+    print(f"{MODEL} on {cpu.describe()}; llama.cpp build: {build}; {default_threads()} threads", flush=True)
+
+    results = {}
+    plans = [
+        ("llama.cpp raw (peer)", lambda: raw_llama(ref.path)),
+        ("slimlm llamacpp", lambda: slimlm_engine(MODEL, "llamacpp")[0]),
+        ("transformers generate (peer)", lambda: plain_transformers(folder)),
+        ("slimlm torch", lambda: slimlm_engine(str(folder), "torch")[0]),
+    ]
+    n_long = len(open_backend(str(ref.path), "llamacpp").tokenize(LONG_TEXT))
+    for name, build_run in plans:
+        print(f"  measuring {name} ...", flush=True)
+        results[name] = measure(build_run(), args.tokens, args.repeat)
+        results[name]["prefill_tps"] = n_long / results[name]["prefill_s"]
+
+    torch_engine = slimlm_engine(str(folder), "torch")[1]
+    ratios = {
+        "slimlm llamacpp": results["slimlm llamacpp"]["decode_tps"] / results["llama.cpp raw (peer)"]["decode_tps"],
+        "slimlm torch": results["slimlm torch"]["decode_tps"] / results["transformers generate (peer)"]["decode_tps"],
+    }
+    header = f"{'path':32} {'decode tok/s':>12} {'TTFT ms':>9} {'prefill tok/s':>14} {'decode vs peer':>15}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for name, r in results.items():
+        ratio = f"{ratios[name]:.2f}x" if name in ratios else "peer"
+        print(f"{name:32} {r['decode_tps']:12.1f} {r['ttft_ms']:9.0f} {r['prefill_tps']:14.0f} {ratio:>15}")
+    print(f"\ntorch precision: {torch_engine.plan.describe()}; prefill prompt {n_long} tokens")
+
+    if not args.no_write:
+        machine = f"{cpu.model}, {cpu.arch}, {cpu.physical_cores} cores, {' '.join(cpu.features)}"
+        lines = []
+        if not RESULTS.exists():
+            lines.append("# Benchmark results\n\nRows are appended by the scripts in bench/; compare only rows "
+                         "from the same run (same date and machine).\n")
+        lines.append(f"\n## generate — {date.today().isoformat()} — {machine}\n")
+        lines.append(f"SmolLM2-135M-Instruct, {args.tokens} new tokens x {len(PROMPTS)} prompts, greedy, "
+                     f"median of {args.repeat}; prefill on a {n_long}-token prompt; llama.cpp build `{build}`; "
+                     f"torch precision: {torch_engine.plan.describe()}. Command: `python bench/generate.py`.\n\n")
+        lines.append("| path | decode tok/s | time to first token (ms) | prefill tok/s | decode ratio vs peer |\n")
+        lines.append("|---|---:|---:|---:|---:|\n")
+        for name, r in results.items():
+            ratio = f"{ratios[name]:.2f}x" if name in ratios else "peer"
+            lines.append(f"| {name} | {r['decode_tps']:.1f} | {r['ttft_ms']:.0f} | {r['prefill_tps']:.0f} | {ratio} |\n")
+        with RESULTS.open("a") as f:
+            f.writelines(lines)
+        print(f"appended to {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

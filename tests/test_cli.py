@@ -104,3 +104,11 @@ def test_lineage_of_a_converted_model(capsys, smollm2_dense):
     code, out, _ = run(capsys, "lineage", smollm2_dense, "--json")
     chain = json.loads(out)
     assert code == 0 and chain[0]["operation"] == "convert"
+
+
+def test_runs_db_option_moves_the_registry(capsys, tiny_models, tmp_path):
+    db = tmp_path / "mine.db"
+    code, _, err = run(capsys, "--runs-db", db, "generate", tiny_models("llama"), "hi", "-n", "2", "-b", "torch")
+    assert code == 0, err
+    code, out, _ = run(capsys, "--runs-db", db, "runs", "--json")
+    assert db.exists() and len(json.loads(out)) == 1

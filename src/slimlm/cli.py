@@ -38,8 +38,9 @@ BackendOpt = typer.Option("auto", "--backend", "-b",
 
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
-          runs_db: Optional[Path] = typer.Option(None, "--runs-db", envvar="SLIMLM_RUNS_DB",
-                                                  help="Run registry (SQLite); default under your data folder.")):
+          runs_db: Optional[Path] = typer.Option(None, "--runs-db",
+                                                  help="Run registry (SQLite); default $SLIMLM_RUNS_DB, else "
+                                                       "runs.db under your data folder.")):
     from slimlm.runs import set_runs_db
 
     _STATE["debug"] = debug
@@ -211,6 +212,8 @@ def quickstart(max_tokens: int = typer.Option(48, "--max-tokens", "-n", help="To
 
 
 def main() -> None:
+    from slimlm.runs import set_runs_db
+
     debug = "--debug" in sys.argv
     try:
         app(standalone_mode=False)
@@ -235,6 +238,8 @@ def main() -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
+    finally:
+        set_runs_db(None)  # --runs-db applies to this invocation only
 
 
 if __name__ == "__main__":

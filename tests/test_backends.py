@@ -92,7 +92,8 @@ def test_auto_backend_choice(tiny_models, smollm2_gguf):
 def test_llama_cpp_build_for_another_cpu_is_refused(monkeypatch):
     import slimlm.hardware as hw
 
-    monkeypatch.setattr(hw, "llama_cpp_build", lambda: {"variant": "native", "cpu_model": "Some Other CPU 9000"})
+    monkeypatch.setattr(hw, "llama_cpp_build", lambda: {"variant": "native", "cpu_model": "Some Other CPU 9000",
+                                                        "cpu_signature": "0123456789abcdef"})
     problem = hw.llama_cpp_build_problem()
     assert "another CPU" in problem and "make llama-cpp" in problem
 

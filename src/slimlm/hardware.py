@@ -66,6 +66,15 @@ def cpu_info() -> CpuInfo:
                    logical_cores=os.cpu_count() or physical, flags=frozenset(flags))
 
 
+def cpu_signature() -> str:
+    """A short hash of the CPU model and its SIMD/matrix flags: builds are keyed by it."""
+    import hashlib
+
+    cpu = cpu_info()
+    relevant = sorted(f for f in cpu.flags if f.startswith(("avx", "amx", "fma", "f16c", "bmi", "sve", "neon", "asimd")))
+    return hashlib.sha256((cpu.arch + cpu.model + " ".join(relevant)).encode()).hexdigest()[:16]
+
+
 def default_threads() -> int:
     """Physical cores, or what the process is allowed to use if that is fewer."""
     try:
@@ -126,7 +135,7 @@ def llama_cpp_build_problem() -> str | None:
     if not record:
         return None  # installed by the user, not by slimlm: trust it
     cpu = cpu_info()
-    if record.get("cpu_model") not in (None, cpu.model) and record.get("variant") != "portable":
+    if record.get("cpu_signature") not in (None, cpu_signature()) and record.get("variant") != "portable":
         return (f"llama-cpp-python was built for another CPU ({record.get('cpu_model')}); "
                 f"run `make llama-cpp` to rebuild it for this one ({cpu.model})")
     if record.get("variant") == "portable" and not {"avx2", "fma"} <= cpu.flags and cpu.arch == "x86_64":

@@ -59,9 +59,14 @@ class LlamaCppBackend(Backend):
     def precision(self) -> str:
         from slimlm.hardware import llama_cpp_build
 
+        from gguf import LlamaFileType
+
         build = (llama_cpp_build() or {}).get("variant", "user")
-        ftype = self.llm.metadata.get("general.file_type", "?")
-        return f"GGUF ftype {ftype} ({build} build)"
+        try:
+            ftype = LlamaFileType(int(self.llm.metadata["general.file_type"])).name.removeprefix("MOSTLY_")
+        except (KeyError, ValueError):
+            ftype = "GGUF"
+        return f"{ftype}, {build}"
 
     def render_chat(self, messages: Messages) -> str:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter

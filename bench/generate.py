@@ -43,18 +43,11 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-class Path4:
-    """One measured path: `run(prompt_ids_or_text, max_tokens) -> (ttft_s, n_tokens, total_s)`."""
-
-    def __init__(self, name, peer, run, prompt_tokens):
-        self.name, self.peer, self.run, self.prompt_tokens = name, peer, run, prompt_tokens
-
-
-def raw_llama(path):
+def raw_llama(path, fmt_engine):
+    """`fmt_engine` only renders the chat prompt, so both llama.cpp paths see the same tokens."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), **llama_kwargs())
-    fmt_engine = open_backend(str(path), "llamacpp")  # only to render the same chat prompt
 
     def run(prompt, max_tokens, raw=False):
         text = prompt if raw else fmt_engine.prompt_text(prompt)
@@ -82,6 +75,11 @@ def slimlm_engine(model, backend):
         return t.ttft_s, t.generated_tokens, t.total_s
 
     return run, engine
+
+
+def _keep(store, key, run_and_engine):
+    run, store[key] = run_and_engine
+    return run
 
 
 def plain_transformers(folder):
@@ -148,19 +146,21 @@ def main() -> int:
     print(f"{MODEL} on {cpu.describe()}; llama.cpp build: {build}; {default_threads()} threads", flush=True)
 
     results = {}
+    llama_run, llama_engine = slimlm_engine(MODEL, "llamacpp")
+    engines = {}
     plans = [
-        ("llama.cpp raw (peer)", lambda: raw_llama(ref.path)),
-        ("slimlm llamacpp", lambda: slimlm_engine(MODEL, "llamacpp")[0]),
+        ("llama.cpp raw (peer)", lambda: raw_llama(ref.path, llama_engine)),
+        ("slimlm llamacpp", lambda: llama_run),
         ("transformers generate (peer)", lambda: plain_transformers(folder)),
-        ("slimlm torch", lambda: slimlm_engine(str(folder), "torch")[0]),
+        ("slimlm torch", lambda: _keep(engines, "torch", slimlm_engine(str(folder), "torch"))),
     ]
-    n_long = len(open_backend(str(ref.path), "llamacpp").tokenize(LONG_TEXT))
+    n_long = len(llama_engine.tokenize(LONG_TEXT))
     for name, build_run in plans:
         print(f"  measuring {name} ...", flush=True)
         results[name] = measure(build_run(), args.tokens, args.repeat)
         results[name]["prefill_tps"] = n_long / results[name]["prefill_s"]
 
-    torch_engine = slimlm_engine(str(folder), "torch")[1]
+    torch_engine = engines["torch"]
     ratios = {
         "slimlm llamacpp": results["slimlm llamacpp"]["decode_tps"] / results["llama.cpp raw (peer)"]["decode_tps"],
         "slimlm torch": results["slimlm torch"]["decode_tps"] / results["transformers generate (peer)"]["decode_tps"],

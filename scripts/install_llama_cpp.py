@@ -32,7 +32,7 @@ from pathlib import Path
 
 # slimlm is installed before this script runs (see the Makefile); its CPU reading is the one
 # the run-time check compares against, so both sides use the same code.
-from slimlm.hardware import cpu_info, cpu_signature, llama_cpp_build
+from slimlm.hardware import cpu_info, cpu_signature, llama_cpp_build, llama_cpp_record_path
 
 VERSION = "0.3.36"
 COMMON_ARGS = [
@@ -145,11 +145,7 @@ def smoke_test() -> bool:
 
 
 def write_record(record: dict) -> None:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llama_cpp")
-    path = Path(list(spec.submodule_search_locations)[0]) / "slimlm-build.json"
-    path.write_text(json.dumps(record, indent=2))
+    llama_cpp_record_path().write_text(json.dumps(record, indent=2))
 
 
 def main() -> int:

@@ -109,14 +109,21 @@ def best_torch_dtype(device: str = "cpu"):
     return torch.bfloat16 if cpu_info().native_bf16 else torch.float32
 
 
-def llama_cpp_build() -> dict | None:
-    """The record scripts/install_llama_cpp.py left beside llama_cpp, or None if it is absent."""
+def llama_cpp_record_path() -> Path | None:
+    """Where scripts/install_llama_cpp.py records its build: beside the installed llama_cpp."""
     import importlib.util
 
-    spec = importlib.util.find_spec("llama_cpp")
+    spec = importlib.util.find_spec("llama_cpp")  # locates it without loading the library
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "slimlm-build.json"
+    return Path(list(spec.submodule_search_locations)[0]) / "slimlm-build.json"
+
+
+def llama_cpp_build() -> dict | None:
+    """The build record, {} if llama_cpp has none (installed by the user), None if not installed."""
+    path = llama_cpp_record_path()
+    if path is None:
+        return None
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

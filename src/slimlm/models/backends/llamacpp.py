@@ -57,9 +57,9 @@ class LlamaCppBackend(Backend):
         return self._template
 
     def precision(self) -> str:
-        from slimlm.hardware import llama_cpp_build
-
         from gguf import LlamaFileType
+
+        from slimlm.hardware import llama_cpp_build
 
         build = (llama_cpp_build() or {}).get("variant", "user")
         try:

@@ -133,18 +133,21 @@ class _Detokenizer:
     def __init__(self, tokenizer) -> None:
         self.tokenizer, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
 
-    def add(self, token: int) -> str:
-        self.ids.append(token)
+    def _new_text(self) -> str:
         before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
         after = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
+        return after[len(before):]
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        new = self._new_text()
+        if new and not new.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before):]
+            return new
         return ""
 
     def flush(self) -> str:
         """Whatever is still held back (e.g. an incomplete character at the very end)."""
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        after = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        new = self._new_text()
         self.prefix = self.read = len(self.ids)
-        return after[len(before):]
+        return new

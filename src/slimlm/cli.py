@@ -17,7 +17,7 @@ from rich.table import Table
 
 from slimlm.errors import SlimlmError
 
-VERBS = ["generate", "chat", "info", "convert", "runs", "lineage", "quickstart"]
+VERBS = ["generate", "chat", "info", "convert", "eval", "bench", "compare", "report", "runs", "lineage", "quickstart"]
 
 app = typer.Typer(
     name="slimlm", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -209,6 +209,10 @@ def quickstart(max_tokens: int = typer.Option(48, "--max-tokens", "-n", help="To
     from slimlm.quickstart import run_quickstart
 
     run_quickstart(out, max_tokens=max_tokens)
+
+
+# The measuring verbs live in their own module; importing it registers them on `app`.
+import slimlm.cli_eval  # noqa: E402,F401
 
 
 def main() -> None:

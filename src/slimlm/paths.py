@@ -28,3 +28,20 @@ def runs_db_path(override: str | os.PathLike | None = None) -> Path:
     if os.environ.get("SLIMLM_RUNS_DB"):
         return Path(os.environ["SLIMLM_RUNS_DB"])
     return data_dir() / "runs.db"
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write a file through a temporary sibling and a rename, so a reader never sees half of it."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,86 @@
+"""Turning task records into prompts: validation, few-shot examples and the chat template.
+
+One place builds every prompt so that multiple choice, classification and generation agree on
+what `--shots` and `--chat` mean:
+- raw (no chat template): description, then each shot as "<prompt><delimiter><answer>" separated
+  by blank lines, then the question's prompt; the answer follows after the delimiter.
+- chat: the description as a system message, each shot as a user/assistant exchange, and the
+  question as the last user turn, rendered with the model's own template; the answer is what the
+  assistant says first.
+"""
+
+from __future__ import annotations
+
+import random
+
+from slimlm.errors import SlimlmError
+from slimlm.eval.sources import JsonlReport, read_jsonl
+from slimlm.eval.tasks import TaskSpec
+
+
+def _checker(spec: TaskSpec):
+    def check(record: dict) -> str | None:
+        if spec.kind == "multiple_choice":
+            choices, answer = record["choices"], record["answer"]
+            if not isinstance(choices, list) or len(choices) < 2:
+                return "'choices' must be a list of at least two answers"
+            if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+                return f"'answer' must be the index of the right choice (0 to {len(choices) - 1})"
+        elif spec.kind == "classification":
+            if spec.labels is not None and str(record["label"]) not in spec.labels:
+                return f"label '{record['label']}' is not one of the task's labels ({', '.join(spec.labels)})"
+        elif spec.kind == "generation":
+            refs = record.get("references", record.get("reference"))
+            if refs is None:
+                return "missing field 'reference' (or 'references')"
+            if isinstance(refs, list) and not refs:
+                return "'references' is empty"
+        return None
+
+    return check
+
+
+def load_examples(spec: TaskSpec, skip_bad_lines: bool = False, report: JsonlReport | None = None) -> list[dict]:
+    return read_jsonl(spec.data, required=spec.required_fields, skip_bad_lines=skip_bad_lines, report=report,
+                      check=_checker(spec))
+
+
+def references(record: dict) -> list[str]:
+    refs = record.get("references", record.get("reference"))
+    return [str(r) for r in refs] if isinstance(refs, list) else [str(refs)]
+
+
+def pick_shots(records: list[dict], index: int, shots: int, seed: int) -> list[dict]:
+    """`shots` examples other than record `index`, the same ones for the same seed and index."""
+    if shots == 0:
+        return []
+    if shots > len(records) - 1:
+        raise SlimlmError(f"--shots {shots} needs at least {shots + 1} examples in the task; it has {len(records)}")
+    rng = random.Random(seed * 1_000_003 + index)
+    pool = [i for i in range(len(records)) if i != index]
+    return [records[i] for i in rng.sample(pool, shots)]
+
+
+def build_prompt(spec: TaskSpec, backend, record: dict, shots: list[tuple[dict, str]], chat: bool) -> str:
+    """The text before the answer. `shots` pairs each example with its answer text."""
+    if chat:
+        if not backend.chat_template:
+            raise SlimlmError("this model has no chat template: run the task without --chat")
+        messages = [{"role": "system", "content": spec.description}] if spec.description else []
+        for shot, answer in shots:
+            messages += [{"role": "user", "content": spec.render(shot)}, {"role": "assistant", "content": answer}]
+        messages.append({"role": "user", "content": spec.render(record)})
+        return backend.render_chat(messages)
+    parts = [spec.description] if spec.description else []
+    parts += [f"{spec.render(shot)}{spec.target_delimiter}{answer}" for shot, answer in shots]
+    parts.append(spec.render(record))
+    return "\n\n".join(parts)
+
+
+def use_chat(spec: TaskSpec, chat: bool | None, backend, generating: bool) -> bool:
+    """Command line over task file; by default, generation talks to chat models through their
+    template and log-likelihood scoring does not (lm-evaluation-harness's default)."""
+    choice = chat if chat is not None else spec.chat
+    if choice is None:
+        return generating and bool(backend.chat_template)
+    return choice

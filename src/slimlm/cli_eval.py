@@ -127,7 +127,7 @@ def eval_command(
                         skip_bad_lines=skip_bad_lines, samples=samples, systems=systems, cost=cost) for t in task]
     if details:
         lines = [json.dumps({"task": r.task, **row}, default=str) for r in results for row in r.details]
-        atomic_write_text(details, "\n".join(lines) + "\n")
+        atomic_write_text(details, "".join(line + "\n" for line in lines))
     if as_json:
         dicts = [r.to_dict() for r in results]
         print(json.dumps(dicts[0] if len(dicts) == 1 else {"results": dicts}, default=str))

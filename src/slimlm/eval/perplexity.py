@@ -73,7 +73,12 @@ def run_perplexity(scorer: Scorer, docs: list[str], *, source: str, context: int
                 reference.encode(d) != ids for d, ids in zip(docs, doc_ids)):
             raise SlimlmError("the model and the reference tokenize the text differently: fidelity needs the "
                               "same tokenizer (e.g. a quantized or pruned copy of the reference)")
-    windows = [w for ids in doc_ids for w in sliding_windows(ids, scorer.prefix_id, context, stride)]
+    windows, owner = [], []
+    for d, ids in enumerate(doc_ids):
+        for w in sliding_windows(ids, scorer.prefix_id, context, stride):
+            windows.append(w)
+            owner.append(d)
+    doc_nll = [0.0] * len(docs)
     total_tokens = sum(len(w.ids) - w.start for w in windows)
     nll, greedy_hits = 0.0, 0
     kls, agree, ref_nll = [], 0, 0.0
@@ -83,8 +88,9 @@ def run_perplexity(scorer: Scorer, docs: list[str], *, source: str, context: int
         for first in range(0, len(windows), chunk):
             part = windows[first:first + chunk]
             scored = scorer.score(part, want_rows=reference is not None)
-            for s in scored:
+            for k, s in enumerate(scored):
                 nll -= float(s.logprobs.sum())
+                doc_nll[owner[first + k]] -= float(s.logprobs.sum())
                 greedy_hits += int(s.greedy.sum())
             if reference is not None:
                 for s, r in zip(scored, reference.score(part, want_rows=True)):
@@ -103,7 +109,10 @@ def run_perplexity(scorer: Scorer, docs: list[str], *, source: str, context: int
         metrics.update({"kl_mean": float(all_kl.mean()), "kl_median": float(np.median(all_kl)),
                         "kl_p99": float(np.percentile(all_kl, 99)), "top1_agreement": agree / total_tokens,
                         "reference_perplexity": ref_ppl, "ppl_ratio": metrics["perplexity"] / ref_ppl})
+    details = [{"index": d, "tokens": len(ids), "nll": doc_nll[d] / max(len(ids), 1),
+                "perplexity": math.exp(doc_nll[d] / max(len(ids), 1))} for d, ids in enumerate(doc_ids)]
     return EvalResult(task=f"perplexity:{source}", kind="perplexity", model="", backend=scorer.name,
                       metrics=metrics, primary="perplexity", higher_is_better=False, examples=len(docs),
+                      details=details,
                       params={"context": context, "stride": stride, "limit": limit, "windows": len(windows),
                               "reference": reference_name})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,22 @@ def smollm2_dense(smollm2_gguf, tmp_path_factory) -> Path:
     from slimlm.models.loading import convert
 
     return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "dense")
+
+
+def run_cli(capture, *args):
+    """Run `slimlm ARGS` in-process through the real entry point (error handling included);
+    returns (exit code, stdout, stderr). `capture` is pytest's capsys or capfd."""
+    from slimlm import cli
+
+    capture.readouterr()  # drop what fixtures printed (e.g. transformers' progress while building a model)
+    old = sys.argv
+    sys.argv = ["slimlm", *map(str, args)]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    finally:
+        sys.argv = old
+    captured = capture.readouterr()
+    return code, captured.out, captured.err

@@ -8,21 +8,11 @@ import sys
 import pytest
 
 from slimlm import cli
+from tests.conftest import run_cli
 
 
 def run(capsys, *args):
-    """Run `slimlm ARGS` in-process through the real entry point (error handling included)."""
-    old = sys.argv
-    sys.argv = ["slimlm", *map(str, args)]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(capsys, *args)
 
 
 def test_verbs_are_the_cli_commands():

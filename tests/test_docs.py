@@ -41,3 +41,8 @@ def test_readme_matrix_lists_every_family():
     matrix = README[start:end]
     for model_type in FAMILIES:
         assert f"`{model_type}`" in matrix, f"run `make matrix`: {model_type} missing"
+
+
+def test_readme_task_file_example_is_the_shipped_file():
+    shipped = (ROOT / "examples" / "tasks" / "sentiment.yaml").read_text()
+    assert shipped in README, "README's task-file example differs from examples/tasks/sentiment.yaml"

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 from slimlm import cli
+from tests.conftest import run_cli
 from slimlm.eval.tasks import TASK_KINDS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,19 +23,7 @@ PPL = "perplexity:python-docs"
 
 
 def run(capfd, *args):
-    """Run `slimlm ARGS` in-process through the real entry point; (exit code, stdout, stderr)."""
-    capfd.readouterr()  # drop what fixtures printed (e.g. transformers' progress while building a model)
-    old = sys.argv
-    sys.argv = ["slimlm", *map(str, args)]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = old
-    captured = capfd.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(capfd, *args)
 
 
 def run_json(capfd, *args):

@@ -56,6 +56,8 @@ def plain_transformers(folder: Path, docs: list[str], context: int, stride: int)
     windows = [w for d in docs for w in sliding_windows(tok(d, add_special_tokens=False)["input_ids"], prefix,
                                                         context, stride)]
     nll, count = 0.0, 0
+    with torch.no_grad():  # one untimed window, as slimlm's path gets, so neither pays first-call costs
+        model(input_ids=torch.tensor([windows[0].ids[:64]]))
     start = time.perf_counter()
     with torch.no_grad():
         for w in windows:
@@ -73,6 +75,7 @@ def slimlm_path(model: str, backend: str, docs: list[str], context: int, stride:
     kwargs = {"logits_all": True, "n_ctx": context} if backend == "llamacpp" else {}
     engine = open_backend(model, backend, **kwargs)
     scorer = make_scorer(engine)
+    run_perplexity(scorer, [docs[0][:300]], source="warm-up", context=context, stride=stride)  # untimed
     start = time.perf_counter()
     result = run_perplexity(scorer, docs, source="python-docs", context=context, stride=stride)
     seconds = time.perf_counter() - start
@@ -124,6 +127,7 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--stride", type=int, default=None, help="default: --context (no overlap)")
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--no-lm-eval", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
     args = ap.parse_args()
     stride = args.stride or args.context
@@ -137,7 +141,7 @@ def main() -> int:
     rows.append(("slimlm torch", slimlm_path(str(folder), "torch", docs, args.context, stride)))
     if not args.no_llamacpp:
         rows.append(("slimlm llamacpp (GGUF Q4_1)", slimlm_path(str(ref.path), "llamacpp", docs, args.context, stride)))
-    lm = lm_eval_path(folder, docs, args.context)
+    lm = None if args.no_lm_eval else lm_eval_path(folder, docs, args.context)
     if lm:
         lm["tokens"] = plain["tokens"]
         rows.append(("lm-evaluation-harness (peer, wall incl. load)", lm))

@@ -125,3 +125,15 @@ def test_llama_cpp_prefix_reuse_gives_the_same_logliks(smollm2_gguf):
         assert np.allclose(a.logprobs, b.logprobs, atol=1e-3)
     assert reused[0].logprobs.sum() > reused[1].logprobs.sum()  # Paris beats Lyon
     engine.close()
+
+
+@pytest.mark.real_model
+@pytest.mark.llamacpp
+def test_a_backend_that_cannot_give_logliks_is_refused(smollm2_gguf):
+    from slimlm.errors import BackendUnavailable
+    from slimlm.eval.loglik import make_scorer
+
+    engine = open_backend(str(smollm2_gguf), "llamacpp", n_ctx=256)  # opened for generation only
+    with pytest.raises(BackendUnavailable, match="logits"):
+        make_scorer(engine)
+    engine.close()

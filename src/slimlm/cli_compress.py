@@ -1,0 +1,75 @@
+"""The compressing verbs of the CLI: quantize and export. Parsing and printing only; the work is
+in slimlm.compress."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from slimlm.cli import ModelArg, app, out
+from slimlm.compress.blocks import FORMATS
+from slimlm.compress.quantize import METHODS
+
+
+@app.command()
+def quantize(
+    model: str = ModelArg,
+    out_path: Path = typer.Option(..., "--out", "-o", help="The file to write (e.g. model-q4_0.gguf)."),
+    method: str = typer.Option("rtn", "--method", help="; ".join(f"{k}: {v}" for k, v in METHODS.items())),
+    fmt: str = typer.Option("gguf:Q4_0", "--format", help=f"gguf:TYPE, TYPE one of {', '.join(FORMATS)}."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Measure KL and top-1 agreement against "
+                               "the input on held-out text afterwards."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else."),
+):
+    """Make a model smaller in llama.cpp's block formats, and say what it cost in quality.
+
+    \b
+    Example: slimlm quantize ./dense --format gguf:Q4_0 --out smollm2-q4_0.gguf
+    The file runs in llama.cpp and Ollama as is: slimlm generate smollm2-q4_0.gguf "Hello"
+    """
+    from slimlm.compress.quantize import quantize as do_quantize
+
+    result = do_quantize(model, out_path, method=method, format=fmt, force=force, check=check)
+    if as_json:
+        print(json.dumps(result.to_dict(), default=str))
+        return
+    table = Table(title=f"{model} → {result.out}", show_header=False, box=None)
+    table.add_row("method, format", f"{result.method}, {result.format}")
+    table.add_row("size", f"{result.size_before / 2**20:.1f} MiB → {result.size_after / 2**20:.1f} MiB "
+                          f"({result.size_before / max(result.size_after, 1):.1f}x smaller)")
+    table.add_row("bits per weight", f"{result.bits_per_weight:.2f} (whole file / all parameters)")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    f = result.fidelity
+    if "kl_mean" in f:
+        table.add_row("fidelity (held-out text)", f"KL mean {f['kl_mean']:.4f}, p99 {f['kl_p99']:.3f}, "
+                      f"top-1 agreement {f['top1_agreement']:.1%} over {f['tokens']} tokens")
+        table.add_row("perplexity", f"{f['perplexity']:.3f} vs {f['reference_perplexity']:.3f} before")
+    elif "error" in f:
+        table.add_row("fidelity", f"not measured: {f['error']}")
+    out.print(table)
+
+
+@app.command()
+def export(
+    model: str = ModelArg,
+    out_path: Path = typer.Option(..., "--out", "-o", help="The GGUF file to write."),
+    fmt: str = typer.Option("gguf:f16", "--format", help="gguf:f32, gguf:f16 or gguf:bf16 (unquantized)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+):
+    """Write a Hugging Face folder as a GGUF file that llama.cpp and Ollama load with no other file.
+
+    Example: slimlm export ./dense --format gguf:f16 --out smollm2-f16.gguf
+    """
+    from slimlm.compress.gguf_export import DTYPES, export_gguf
+    from slimlm.errors import SlimlmError
+
+    kind, _, dtype = fmt.partition(":")
+    if kind != "gguf" or dtype not in DTYPES:
+        raise SlimlmError(f"unsupported export format '{fmt}': use gguf:f32, gguf:f16 or gguf:bf16 "
+                          "(quantized types: `slimlm quantize`)")
+    path = export_gguf(model, out_path, dtype=dtype, force=force)
+    out.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")

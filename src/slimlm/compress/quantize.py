@@ -1,0 +1,168 @@
+"""`slimlm quantize`: make a model smaller, write a file people run, and say what it cost.
+
+This first slice writes GGUF files in llama.cpp's own block formats (Q8_0, Q4_0, Q4_1, Q5_0,
+Q5_1, TQ1_0, TQ2_0) from a Hugging Face folder. A method decides the integer codes and scales of
+each block (round-to-nearest here; GPTQ and AWQ will choose them differently), blocks.py packs
+them byte for byte as llama.cpp stores them, and gguf_export.py writes the file, so llama.cpp and
+Ollama run the result unchanged. Embeddings, the output head and 1-D tensors (norms, biases) stay
+in f16/f32, as llama.cpp's own quantizer keeps them in higher precision too.
+
+Every quantize ends with a quick fidelity check: KL divergence and top-1 agreement of the new file
+(on llama.cpp) against the input model (on torch) on held-out python-docs text.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from slimlm.compress.blocks import FORMATS, BlockFormat, get_format, pack, rtn
+from slimlm.errors import SlimlmError
+
+METHODS = {"rtn": "round-to-nearest in the block format (llama.cpp's reference choice of codes and scales)"}
+# Tensors kept in higher precision: the token embedding and output head (as llama.cpp's quantizer
+# does for small models) and every 1-D tensor.
+_KEEP = ("embed_tokens", "lm_head", "wte", "word_embeddings")
+
+
+@dataclass
+class QuantizeResult:
+    out: str
+    method: str
+    format: str
+    size_before: int
+    size_after: int
+    params_quantized: int
+    params_total: int
+    seconds: float
+    fidelity: dict = field(default_factory=dict)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.size_after / max(self.params_total, 1)
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), bits_per_weight=self.bits_per_weight)
+
+
+def parse_format(fmt: str) -> BlockFormat:
+    """'gguf:Q4_0' (or just 'Q4_0') -> the block format."""
+    kind, sep, name = fmt.partition(":")
+    if sep and kind.lower() != "gguf":
+        raise SlimlmError(f"unsupported output format '{fmt}': this version writes gguf:TYPE "
+                          f"with TYPE one of {', '.join(FORMATS)}")
+    return get_format(name if sep else kind)
+
+
+def quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    return len(shape) == 2 and name.endswith(".weight") and not any(k in name for k in _KEEP)
+
+
+def _tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes from the safetensors headers, without loading any weight (for checks up front)."""
+    shapes = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with file.open("rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    if not shapes:
+        raise SlimlmError(f"{folder}: no safetensors weights found: quantize takes a Hugging Face folder "
+                          "(run `slimlm convert` first for a GGUF file)")
+    return shapes
+
+
+def check_widths(shapes: dict[str, tuple[int, ...]], fmt: BlockFormat) -> None:
+    for name, shape in shapes.items():
+        if quantizable(name, shape) and shape[-1] % fmt.block_size:
+            raise SlimlmError(f"{name}: the layer width {shape[-1]} is not a multiple of the {fmt.name} "
+                              f"block size {fmt.block_size}: choose another format")
+
+
+def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format: str = "gguf:Q4_0",
+             force: bool = False, check: bool = True, record: bool = True) -> QuantizeResult:
+    """Quantize a Hugging Face folder (or a model reference that resolves to one) into `out`."""
+    from slimlm.compress.gguf_export import export_gguf
+    from slimlm.models.loading import dense_folder
+    from slimlm.models.reference import resolve
+    from slimlm.progress import progress_bar
+
+    if method not in METHODS:
+        raise SlimlmError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+    fmt = parse_format(format)
+    out = Path(out)
+    if out.exists() and not force:
+        raise SlimlmError(f"{out} already exists: choose another output path or pass --force")
+    ref = resolve(str(model))
+    folder = dense_folder(ref)
+    shapes = _tensor_shapes(folder)
+    check_widths(shapes, fmt)  # before any long work
+    targets = [n for n, s in shapes.items() if quantizable(n, s)]
+    counted = {"quantized": 0}
+
+    start = time.perf_counter()
+    with progress_bar(f"{method} → {fmt.name}", len(targets)) as advance:
+        def writer(name_hf: str, name_gguf: str, w: np.ndarray):
+            if name_hf not in targets:
+                return None
+            q, d, m = rtn(fmt, w)
+            counted["quantized"] += w.size
+            advance()
+            return pack(fmt, q, d, m), fmt.qtype
+
+        export_gguf(folder, out, dtype="f16", force=force, tensor_writer=writer, file_type=fmt.name)
+    seconds = time.perf_counter() - start
+    result = QuantizeResult(out=str(out), method=method, format=f"gguf:{fmt.name}",
+                            size_before=sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+                            size_after=out.stat().st_size, params_quantized=counted["quantized"],
+                            params_total=sum(int(np.prod(s)) for s in shapes.values()), seconds=seconds)
+    if check:
+        try:
+            result.fidelity = quick_fidelity(out, folder)
+        except SlimlmError as exc:  # the file is written and valid; only the comparison could not run
+            result.fidelity = {"error": str(exc)}
+    _write_manifest(out, ref, result)
+    if record:
+        from slimlm.runs import record as record_run
+
+        record_run("quantize", ref, params={"method": method, "format": result.format},
+                   metrics=result.to_dict(), artifact=out)
+    return result
+
+
+def quick_fidelity(quantized: Path, reference: Path, tokens: int = 512) -> dict:
+    """KL and top-1 agreement of `quantized` (llama.cpp) vs `reference` (torch, fp32) on the last
+    python-docs topics, which calibration (when a method uses it) never sees."""
+    from slimlm.eval.loglik import make_scorer
+    from slimlm.eval.perplexity import run_perplexity
+    from slimlm.eval.sources import python_docs
+    from slimlm.models.backends import open_backend
+
+    full = open_backend(str(reference), "torch", dtype="float32")
+    ref_scorer = make_scorer(full)
+    tokens = min(tokens, ref_scorer.max_length)
+    text = "\n\n".join(python_docs()[-3:])[: tokens * 6]
+    small = open_backend(str(quantized), "llamacpp", logits_all=True, n_ctx=tokens)
+    try:
+        result = run_perplexity(make_scorer(small), [text], source="python-docs (held out)", context=tokens,
+                                limit=1, reference=ref_scorer, reference_name=str(reference))
+    finally:
+        small.close()
+    keys = ("kl_mean", "kl_p99", "top1_agreement", "perplexity", "reference_perplexity", "tokens")
+    return {k: result.metrics[k] for k in keys}
+
+
+def _write_manifest(out: Path, parent, result: QuantizeResult) -> None:
+    """`model.gguf` gets `model.slimlm.json` beside it (read by `slimlm lineage`)."""
+    from slimlm.runs import versions
+
+    manifest = {"parent": {"spec": parent.spec, "path": str(parent.path), "kind": parent.kind},
+                "operation": "quantize", "params": {"method": result.method, "format": result.format},
+                "metrics": result.to_dict(), "versions": versions(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    out.with_suffix(".slimlm.json").write_text(json.dumps(manifest, indent=2, default=str))

@@ -1,0 +1,276 @@
+"""GGUF export: llama.cpp must load the file alone and compute what transformers computes.
+
+Each family's tiny random model is exported and evaluated by llama.cpp on the same token ids as
+the torch model; the logits must agree. Metadata and tensor names are read back with GGUFReader.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slimlm.compress.gguf_export import ARCHS, export_gguf
+from slimlm.errors import SlimlmError
+
+FAMILIES = list(ARCHS)
+pytestmark = pytest.mark.filterwarnings("ignore:llama.cpp.s llama ignores:UserWarning")
+IDS = [1, 40, 77, 120, 200, 33, 91, 250, 300, 17, 5, 64, 3, 150, 299, 8]
+
+
+def _torch_logits(folder: Path, ids: list[int]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def _llama_logits(path: Path, ids: list[int], n_ctx: int = 64) -> np.ndarray:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    # An f32 KV cache, so the only differences left are summation order.
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, verbose=False, n_gpu_layers=0,
+                          type_k=0, type_v=0)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def _fields(path: Path) -> tuple[dict, list[str]]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    return {k: f.contents() for k, f in reader.fields.items()}, [t.name for t in reader.tensors]
+
+
+@pytest.fixture(scope="module")
+def torch_logits(tiny_models):
+    cache: dict[str, np.ndarray] = {}
+
+    def get(family: str) -> np.ndarray:
+        if family not in cache:
+            cache[family] = _torch_logits(tiny_models(family), IDS)
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matrix_gguf_export(family, tiny_models, torch_logits, tmp_path):
+    out = export_gguf(tiny_models(family), tmp_path / "m.gguf", dtype="f32")
+    ref, got = torch_logits(family), _llama_logits(out, IDS)
+    assert got.shape == ref.shape
+    scale = np.abs(ref).max()
+    assert np.abs(got - ref).max() < 1e-3 * max(scale, 1.0), (family, np.abs(got - ref).max(), scale)
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_half_precision_agrees(family, dtype, tiny_models, torch_logits, tmp_path):
+    out = export_gguf(tiny_models(family), tmp_path / "m.gguf", dtype=dtype)
+    ref, got = torch_logits(family), _llama_logits(out, IDS)
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_metadata_and_tensor_names(family, tiny_models, tmp_path):
+    import gguf
+
+    folder = tiny_models(family)
+    config = json.loads((folder / "config.json").read_text())
+    spec = ARCHS[family]
+    out = export_gguf(folder, tmp_path / "m.gguf", dtype="f16")
+    fields, names = _fields(out)
+    arch = spec.arch
+    assert fields["general.architecture"] == arch
+    assert fields[f"{arch}.block_count"] == config["num_hidden_layers"]
+    assert fields[f"{arch}.embedding_length"] == config["hidden_size"]
+    assert fields[f"{arch}.attention.head_count_kv"] == config["num_key_value_heads"]
+    assert fields["tokenizer.ggml.model"] == "gpt2"
+    assert len(fields["tokenizer.ggml.tokens"]) == config["vocab_size"]
+    assert "<|im_start|>" in fields["tokenizer.chat_template"]
+    assert fields["tokenizer.ggml.eos_token_id"] == config["eos_token_id"]
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
+    valid = {name_map.get_name(n) for n in name_map.mapping} | {"rope_freqs"}
+    assert all(n.rsplit(".", 1)[0] in valid for n in names), names
+    assert "token_embd.weight" in names and "blk.1.attn_norm.weight" in names
+
+
+def test_table_agrees_with_families():
+    from slimlm.models.families import FAMILIES as KNOWN
+
+    for model_type, spec in ARCHS.items():
+        assert KNOWN[model_type].gguf_arch == spec.arch
+
+
+@pytest.mark.llamacpp
+def test_tensor_writer_hook_supplies_bytes(tiny_models, torch_logits, tmp_path):
+    """A quantizer's hook gets float32 tensors in llama.cpp layout and its bytes are what llama.cpp runs."""
+    from gguf import GGMLQuantizationType, quants
+
+    seen = []
+
+    def q8(name_hf, name_gguf, tensor):
+        seen.append((name_hf, name_gguf))
+        if tensor.ndim == 2 and tensor.shape[1] % 32 == 0:
+            return quants.quantize(tensor, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
+        return None
+
+    out = export_gguf(tiny_models("llama"), tmp_path / "q8.gguf", dtype="f32", tensor_writer=q8)
+    assert ("model.embed_tokens.weight", "token_embd.weight") in seen
+    from gguf import GGUFReader
+
+    types = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
+    assert types["blk.0.attn_q.weight"] == GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_norm.weight"] == GGMLQuantizationType.F32
+    got, ref = _llama_logits(out, IDS), torch_logits("llama")
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
+
+
+def test_unsupported_architecture_is_refused_early(tiny_models, tmp_path):
+    folder = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_models("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SlimlmError, match="supported: llama, mistral, qwen2"):
+        export_gguf(folder, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+    assert list(tmp_path.glob(".x.gguf.tmp-*")) == []
+
+
+def test_existing_output_needs_force(tiny_models, tmp_path):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"keep me")
+    with pytest.raises(SlimlmError, match="already exists"):
+        export_gguf(tiny_models("llama"), out, dtype="f32")
+    assert out.read_bytes() == b"keep me"
+    export_gguf(tiny_models("llama"), out, dtype="f32", force=True)
+    assert out.read_bytes()[:4] == b"GGUF"
+
+
+def test_unsupported_dtype(tiny_models, tmp_path):
+    with pytest.raises(SlimlmError, match="f32, f16, bf16"):
+        export_gguf(tiny_models("llama"), tmp_path / "m.gguf", dtype="q4_k")
+
+
+def test_failed_export_leaves_nothing(tiny_models, tmp_path):
+    def boom(name_hf, name_gguf, tensor):
+        raise RuntimeError("quantizer failed")
+
+    with pytest.raises(RuntimeError):
+        export_gguf(tiny_models("llama"), tmp_path / "m.gguf", tensor_writer=boom)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_byte_level_tokenizer_is_refused(tiny_models, tmp_path):
+    """A SentencePiece-style (Metaspace) BPE would be written wrongly as "gpt2": refuse it."""
+    folder = tmp_path / "spm"
+    shutil.copytree(tiny_models("llama"), folder)
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    tok["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+    tok["decoder"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(SlimlmError, match="byte-level BPE"):
+        export_gguf(folder, tmp_path / "x.gguf")
+
+
+def test_broken_tokenizer_is_a_clear_error(tiny_models, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_models("llama"), folder)
+    (folder / "tokenizer.json").write_text("{not json")
+    with pytest.raises(SlimlmError, match="cannot load the tokenizer"):
+        export_gguf(folder, tmp_path / "x.gguf")
+
+
+@pytest.mark.real_model
+@pytest.mark.llamacpp
+def test_smollm2_f16_generates_like_torch(smollm2_dense, tmp_path):
+    """The built-in SmolLM2, round-tripped GGUF -> HF folder -> our GGUF, still answers like torch."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = export_gguf(smollm2_dense, tmp_path / "smollm2-f16.gguf", dtype="f16")
+    tok = AutoTokenizer.from_pretrained(smollm2_dense)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, tokenize=False)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dense, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    llm = llama_cpp.Llama(model_path=str(out), logits_all=True, n_ctx=512, verbose=False, n_gpu_layers=0)
+    try:
+        got = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            got.append(token)
+            if len(got) == 16 or token == llm.token_eos():
+                break
+        assert len(got) >= 5 and got == ref[: len(got)], (tok.decode(got), tok.decode(ref))
+        # Next-token choices on a plain text, teacher-forced, agree position by position.
+        text = "The quick brown fox jumps over the lazy dog because it wanted to see the river."
+        text_ids = tok(text)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False) == text_ids
+        llm.reset()
+        llm.eval(text_ids)
+        gguf_next = np.array(llm.scores[: len(text_ids)]).argmax(-1)
+        with torch.no_grad():
+            torch_next = model(torch.tensor([text_ids])).logits[0].argmax(-1).numpy()
+        assert (gguf_next == torch_next).mean() >= 0.9
+    finally:
+        llm.close()
+    from gguf import GGUFReader
+
+    fields = {k: f.contents() for k, f in GGUFReader(out).fields.items() if not k.startswith("tokenizer.ggml.t")}
+    assert fields["llama.block_count"] == 30 and "tokenizer.chat_template" in fields
+
+
+def test_ignored_sliding_window_warns(tiny_models, tmp_path):
+    """llama.cpp's llama architecture has no sliding window: Mistral's is dropped, loudly."""
+    with pytest.warns(UserWarning, match="sliding window of 64 tokens"):
+        export_gguf(tiny_models("mistral"), tmp_path / "mistral.gguf", dtype="f32")
+    fields, _ = _fields(export_gguf(tiny_models("gemma2"), tmp_path / "gemma2.gguf", dtype="f32"))
+    assert fields["gemma2.attention.sliding_window"] == 64
+    assert list(fields["gemma2.attention.sliding_window_pattern"]) == [True, False]
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_sliding_window_honoured_past_the_window(family, tiny_models, tmp_path):
+    """Beyond 64 tokens the sliding layers must forget what the full layers still see."""
+    ids = [int(x) for x in np.random.default_rng(0).integers(5, 380, 100)]
+    out = export_gguf(tiny_models(family), tmp_path / "m.gguf", dtype="f32")
+    ref, got = _torch_logits(tiny_models(family), ids), _llama_logits(out, ids, n_ctx=128)
+    assert np.abs(got - ref).max() < 1e-3 * np.abs(ref).max()
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llamacpp_tokenizes_like_transformers(family, tiny_models, tmp_path):
+    """Vocabulary, merges, special tokens and template are enough for llama.cpp on its own."""
+    from transformers import AutoTokenizer
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    folder = tiny_models(family)
+    out = export_gguf(folder, tmp_path / "m.gguf", dtype="f16")
+    tok = AutoTokenizer.from_pretrained(folder)
+    text = "def f(x):\n    return x + 1  # the  value, 12345 times!"
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi there"}], add_generation_prompt=True, tokenize=False)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False, n_gpu_layers=0, vocab_only=True)
+    try:
+        assert llm.tokenize(text.encode(), add_bos=False) == tok(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(chat.encode(), add_bos=False, special=True) == tok(chat, add_special_tokens=False)["input_ids"]
+        assert llm.metadata["tokenizer.chat_template"] == tok.chat_template
+        assert llm.token_eos() == tok.eos_token_id and llm.token_bos() == tok.bos_token_id
+    finally:
+        llm.close()

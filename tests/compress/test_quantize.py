@@ -1,0 +1,122 @@
+"""RTN quantization into llama.cpp's block formats: the GGUF holds exactly the codes slimlm chose,
+llama.cpp runs the file, and the quality cost is measured (and ordered as bits say it should)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slimlm.compress.blocks import dequantize_codes, get_format, rtn
+from slimlm.compress.gguf_export import ARCHS
+from slimlm.compress.quantize import quantize
+from slimlm.errors import SlimlmError
+
+pytestmark = [pytest.mark.llamacpp, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+def _hf_weight(folder, name):
+    from safetensors.numpy import load_file
+
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(file)
+        if name in tensors:
+            return tensors[name].astype(np.float32)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1", "Q5_0"])
+def test_gguf_blocks_dequantize_to_the_chosen_values(fmt, tiny_models, tmp_path):
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    folder = tiny_models("qwen2")  # qwen2 rows are written as they are (no rotary permutation)
+    out = quantize(str(folder), tmp_path / "m.gguf", format=f"gguf:{fmt}", check=False, record=False)
+    reader = GGUFReader(out.out)
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    assert tensor.tensor_type == get_format(fmt).qtype
+    w = _hf_weight(folder, "model.layers.0.mlp.down_proj.weight")
+    expected = dequantize_codes(fmt, *rtn(fmt, w))
+    stored = dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(w.shape)
+    assert np.array_equal(stored, expected)
+    assert np.abs(stored - w).max() < np.abs(w).max() / 4  # and close to the original weights
+    # embeddings and norms stay unquantized
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["token_embd.weight"] == "F16" and kinds["blk.0.attn_norm.weight"] == "F32"
+
+
+def test_quality_cost_is_measured_and_ordered_by_bits(tiny_models, tmp_path):
+    folder = str(tiny_models("llama"))
+    q8 = quantize(folder, tmp_path / "q8.gguf", format="gguf:Q8_0", record=False)
+    q4 = quantize(folder, tmp_path / "q4.gguf", format="gguf:Q4_0", record=False)
+    assert "error" not in q8.fidelity, q8.fidelity
+    assert q8.fidelity["top1_agreement"] > 0.8  # random tiny models have many near-ties
+    assert q8.fidelity["kl_mean"] < q4.fidelity["kl_mean"]
+    assert q4.size_after < q8.size_after
+    assert (tmp_path / "q4.slimlm.json").exists()  # manifest beside the file, for `slimlm lineage`
+
+
+def test_quantized_file_generates_in_llama_cpp(tiny_models, tmp_path):
+    from slimlm.models.backends import GenerationParams, open_backend
+
+    out = quantize(str(tiny_models("llama")), tmp_path / "q.gguf", format="gguf:Q4_1", check=False, record=False)
+    engine = open_backend(out.out, "llamacpp", n_ctx=128)
+    completion = engine.generate("def", GenerationParams(max_tokens=8), raw=True)
+    assert completion.timings.generated_tokens > 0
+    assert engine.precision().startswith("Q4_1")
+    engine.close()
+
+
+def test_bad_input_fails_before_any_work(tiny_models, tmp_path):
+    folder = str(tiny_models("llama"))
+    target = tmp_path / "x.gguf"
+    cases = [({"format": "gguf:TQ2_0"}, "not a multiple"),  # tiny widths are below the 256 block
+             ({"format": "gguf:Q9_9"}, "unknown block format"),
+             ({"format": "hf:Q4_0"}, "unsupported output format"),
+             ({"method": "magic"}, "unknown method")]
+    for kwargs, message in cases:
+        with pytest.raises(SlimlmError, match=message):
+            quantize(folder, target, check=False, record=False, **kwargs)
+        assert not target.exists() and not list(tmp_path.glob(".x.gguf*"))
+    target.write_text("keep me")
+    with pytest.raises(SlimlmError, match="already exists"):
+        quantize(folder, target, check=False, record=False)
+    assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("family", list(ARCHS))
+def test_matrix_quantize(family, tiny_models, tmp_path):
+    """Q8_0 of each family's tiny model runs in llama.cpp and picks torch's next tokens."""
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_models(family)
+    out = quantize(str(folder), tmp_path / "q8.gguf", format="gguf:Q8_0", check=False, record=False)
+    assert out.params_quantized > 0
+    ids = [1, 40, 77, 120, 200, 33, 91, 250, 300, 17, 5, 64]
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(torch.tensor([ids])).logits[0].numpy()
+    llm = Llama(model_path=out.out, logits_all=True, n_ctx=64, verbose=False, n_gpu_layers=0)
+    llm.eval(ids)
+    got = np.array(llm.scores[:len(ids)])
+    llm.close()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
+
+
+def test_cli_quantize_and_export(tiny_models, tmp_path, capfd):
+    import json
+
+    from tests.conftest import run_cli
+
+    folder = tiny_models("llama")
+    code, out, err = run_cli(capfd, "quantize", folder, "--format", "gguf:Q8_0", "--out", tmp_path / "q.gguf", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["format"] == "gguf:Q8_0" and result["size_after"] == (tmp_path / "q.gguf").stat().st_size
+    assert 0 <= result["fidelity"]["top1_agreement"] <= 1
+    code, out, err = run_cli(capfd, "export", folder, "--format", "gguf:f16", "--out", tmp_path / "f.gguf")
+    assert code == 0 and (tmp_path / "f.gguf").exists(), err
+    for args, message in ((["quantize", folder, "--format", "gguf:Q3_X", "--out", tmp_path / "x.gguf"], "Q3_X"),
+                          (["export", folder, "--format", "gguf:q4_0", "--out", tmp_path / "y.gguf"], "gguf:q4_0")):
+        code, out, err = run_cli(capfd, *args)
+        assert code == 1 and err.strip().count("\n") == 0 and err.startswith("error:") and message in err, err

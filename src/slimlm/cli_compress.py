@@ -23,6 +23,8 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     check: bool = typer.Option(True, "--check/--no-check", help="Measure KL and top-1 agreement against "
                                "the input on held-out text afterwards."),
+    calib_samples: int = typer.Option(32, "--calib-samples", help="GPTQ: calibration sequences (python-docs)."),
+    calib_seq_len: int = typer.Option(256, "--calib-seq-len", help="GPTQ: tokens per calibration sequence."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else."),
 ):
     """Make a model smaller in llama.cpp's block formats, and say what it cost in quality.
@@ -33,7 +35,8 @@ def quantize(
     """
     from slimlm.compress.quantize import quantize as do_quantize
 
-    result = do_quantize(model, out_path, method=method, format=fmt, force=force, check=check)
+    result = do_quantize(model, out_path, method=method, format=fmt, force=force, check=check,
+                         calib_samples=calib_samples, calib_seq_len=calib_seq_len)
     if as_json:
         print(json.dumps(result.to_dict(), default=str))
         return
@@ -51,6 +54,8 @@ def quantize(
     elif "error" in f:
         table.add_row("fidelity", f"not measured: {f['error']}")
     out.print(table)
+    for note in result.notes:
+        out.print(f"[dim]note: {note}[/dim]")
 
 
 @app.command()

@@ -2,7 +2,7 @@
 
 This first slice writes GGUF files in llama.cpp's own block formats (Q8_0, Q4_0, Q4_1, Q5_0,
 Q5_1, TQ1_0, TQ2_0) from a Hugging Face folder. A method decides the integer codes and scales of
-each block (round-to-nearest here; GPTQ and AWQ will choose them differently), blocks.py packs
+each block (round-to-nearest, or GPTQ from calibration text; AWQ is to come), blocks.py packs
 them byte for byte as llama.cpp stores them, and gguf_export.py writes the file, so llama.cpp and
 Ollama run the result unchanged. Embeddings, the output head and 1-D tensors (norms, biases) stay
 in f16/f32, as llama.cpp's own quantizer keeps them in higher precision too.
@@ -24,7 +24,8 @@ import numpy as np
 from slimlm.compress.blocks import FORMATS, BlockFormat, get_format, pack, rtn
 from slimlm.errors import SlimlmError
 
-METHODS = {"rtn": "round-to-nearest in the block format (llama.cpp's reference choice of codes and scales)"}
+METHODS = {"rtn": "round-to-nearest in the block format (llama.cpp's reference choice of codes and scales)",
+           "gptq": "GPTQ: codes and block scales chosen with second-order error compensation from calibration text"}
 # Tensors kept in higher precision: the token embedding and output head (as llama.cpp's quantizer
 # does for small models) and every 1-D tensor.
 _KEEP = ("embed_tokens", "lm_head", "wte", "word_embeddings")
@@ -41,6 +42,7 @@ class QuantizeResult:
     params_total: int
     seconds: float
     fidelity: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def bits_per_weight(self) -> float:
@@ -85,7 +87,8 @@ def check_widths(shapes: dict[str, tuple[int, ...]], fmt: BlockFormat) -> None:
 
 
 def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format: str = "gguf:Q4_0",
-             force: bool = False, check: bool = True, record: bool = True) -> QuantizeResult:
+             force: bool = False, check: bool = True, record: bool = True, calib_samples: int = 32,
+             calib_seq_len: int = 256) -> QuantizeResult:
     """Quantize a Hugging Face folder (or a model reference that resolves to one) into `out`."""
     from slimlm.compress.gguf_export import export_gguf
     from slimlm.models.loading import dense_folder
@@ -95,6 +98,8 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
     if method not in METHODS:
         raise SlimlmError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
     fmt = parse_format(format)
+    if calib_samples < 1 or calib_seq_len < 2:
+        raise SlimlmError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
     out = Path(out)
     if out.exists() and not force:
         raise SlimlmError(f"{out} already exists: choose another output path or pass --force")
@@ -106,11 +111,18 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
     counted = {"quantized": 0}
 
     start = time.perf_counter()
+    choose = lambda name, w: rtn(fmt, w)  # noqa: E731
+    notes: list[str] = []
+    if method == "gptq":
+        from slimlm.compress.gptq import GPTQ
+
+        gptq = GPTQ().prepare(folder, samples=calib_samples, seq_len=calib_seq_len)
+        choose, notes = (lambda name, w: gptq.quantize_tensor(fmt, name, w)), gptq.notes  # noqa: E731
     with progress_bar(f"{method} → {fmt.name}", len(targets)) as advance:
         def writer(name_hf: str, name_gguf: str, w: np.ndarray):
             if name_hf not in targets:
                 return None
-            q, d, m = rtn(fmt, w)
+            q, d, m = choose(name_hf, w)
             counted["quantized"] += w.size
             advance()
             return pack(fmt, q, d, m), fmt.qtype
@@ -120,7 +132,8 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
     result = QuantizeResult(out=str(out), method=method, format=f"gguf:{fmt.name}",
                             size_before=sum(f.stat().st_size for f in folder.glob("*.safetensors")),
                             size_after=out.stat().st_size, params_quantized=counted["quantized"],
-                            params_total=sum(int(np.prod(s)) for s in shapes.values()), seconds=seconds)
+                            params_total=sum(int(np.prod(s)) for s in shapes.values()), seconds=seconds,
+                            notes=list(notes))
     if check:
         try:
             result.fidelity = quick_fidelity(out, folder)
@@ -130,7 +143,8 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
     if record:
         from slimlm.runs import record as record_run
 
-        record_run("quantize", ref, params={"method": method, "format": result.format},
+        record_run("quantize", ref, params={"method": method, "format": result.format,
+                                            "calib_samples": calib_samples, "calib_seq_len": calib_seq_len},
                    metrics=result.to_dict(), artifact=out)
     return result
 

@@ -1,0 +1,268 @@
+"""GPTQ (Frantar et al. 2022) that chooses codes and scales inside a llama.cpp block format.
+
+GPTQ quantizes a linear layer's weight one input column at a time and spreads each column's
+rounding error over the columns not yet quantized, weighted by the layer's input Hessian
+H = 2/N * sum x x^T, so the layer's *output* (W x) moves as little as possible on calibration
+inputs. Here the result must be a llama.cpp block type (Q4_0, Q4_1, Q8_0, ...): blocks run along
+input columns, so at the start of each block of `block_size` columns the block's scale (and min,
+for the _1 types) is chosen with llama.cpp's own rule (`blocks.rtn`) from the *current*,
+error-updated weights of that block, and its columns are then coded with that scale. The codes
+are computed exactly as `blocks.rtn` computes them from a scale (so with no correlation between
+inputs, H diagonal, GPTQ returns RTN's codes and scales bit for bit); the error that is
+propagated uses the scale and min rounded to fp16, i.e. the values the file stores.
+
+The Hessians come from one pass of the full-precision model over calibration text: this is the
+*non-sequential* variant (every layer sees full-precision inputs, not the outputs of already
+quantized layers), which needs only one forward pass and no per-layer re-run.
+
+Because H depends only on a layer's inputs, and GPTQ groups along input columns, the algorithm can
+run on the tensor exactly as llama.cpp lays it out (rows of q/k permuted for rotary, gemma's q
+scaled by a constant): row permutations and row scalings leave H, and the column blocks, as they
+are. `GPTQ.quantize_tensor` is meant for quantize()'s tensor hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from slimlm.compress.blocks import BlockFormat, _inverse, _roundf, get_format, rtn
+from slimlm.errors import SlimlmError
+
+__all__ = ["collect_hessians", "gptq_quantize", "GPTQ"]
+
+
+# --- Hessians --------------------------------------------------------------------------------
+
+def _calibration_windows(tokenizer, texts: list[str], samples: int, seq_len: int):
+    import torch
+
+    if samples < 1 or seq_len < 1:
+        raise SlimlmError(f"calibration needs samples >= 1 and seq_len >= 1, got {samples} and {seq_len}")
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt",
+                    verbose=False)["input_ids"][0]
+    if ids.numel() < seq_len:
+        raise SlimlmError(f"calibration text is shorter than one sequence: {ids.numel()} tokens for a "
+                          f"sequence of {seq_len}: give more text or a shorter --seq-len")
+    n = min(samples, ids.numel() // seq_len)
+    starts = np.linspace(0, ids.numel() - seq_len, n).round().astype(int)
+    return torch.stack([ids[s:s + seq_len] for s in starts])
+
+
+def collect_hessians(model, tokenizer, texts: list[str], samples: int = 32, seq_len: int = 256,
+                     progress: bool = True, batch_size: int = 4) -> dict:
+    """H = 2/N * sum x x^T (float64, on the CPU) of the inputs x of every nn.Linear inside the
+    decoder layers (module names containing ".layers."), keyed by module name (the HF weight name
+    without ".weight"). Up to `samples` windows of `seq_len` tokens are taken, evenly spread, from
+    the concatenated `texts`, and run once through `model` (full precision: the non-sequential
+    variant). Linears fed the very same input tensor (q/k/v, gate/up) share one H object."""
+    import torch
+    from torch import nn
+
+    from slimlm.progress import progress_bar
+
+    windows = _calibration_windows(tokenizer, texts, samples, seq_len)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    alias: dict[str, str] = {}
+    last: list = [None, None]  # (input tensor, key) of the latest hook call
+
+    def make_hook(name: str):
+        def hook(module, args, output):
+            x = args[0]
+            if last[0] is x:  # same input as the previous linear: share its H
+                alias[name] = last[1]
+                return
+            xf = x.detach().reshape(-1, x.shape[-1]).float()
+            xx = (xf.T @ xf).double().cpu()
+            if name in sums:
+                sums[name] += xx
+            else:
+                sums[name] = xx
+            counts[name] = counts.get(name, 0) + xf.shape[0]
+            last[0], last[1] = x, name
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and ".layers." in n]
+    if not handles:
+        raise SlimlmError("the model has no linear layers inside decoder layers ('.layers.' in their "
+                          "names): GPTQ cannot calibrate it")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        bar = (progress_bar("calibrating (GPTQ Hessians)", len(range(0, len(windows), batch_size)))
+               if progress else contextlib.nullcontext(lambda n=1: None))
+        with torch.no_grad(), bar as advance:
+            for at in range(0, len(windows), batch_size):
+                model(input_ids=windows[at:at + batch_size].to(device), use_cache=False)
+                last[0] = last[1] = None
+                advance()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    out = {name: h.mul_(2.0 / max(counts[name], 1)) for name, h in sums.items()}
+    for name, key in alias.items():
+        if name not in out:
+            out[name] = out[key]
+    return out
+
+
+# --- the GPTQ step in a block format ---------------------------------------------------------
+
+def _codes(fmt: BlockFormat, x: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+    """Codes for float32 x (rows,) given per-row d (and m): the same arithmetic as blocks.rtn."""
+    inv = _inverse(d)
+    if fmt.rtn_rule == "absmax":
+        q = _roundf(x * inv) + fmt.zero
+    elif fmt.rtn_rule == "signed_max":
+        q = np.floor(x * inv + np.float32(fmt.zero + 0.5))
+    else:
+        q = np.floor((x - m) * inv + np.float32(0.5))
+    return np.clip(q, fmt.qmin, fmt.qmax)
+
+
+def _dequant(fmt: BlockFormat, q: np.ndarray, d16: np.ndarray, m16: np.ndarray | None) -> np.ndarray:
+    x = d16 * (q.astype(np.float32) - np.float32(fmt.zero))
+    return x if m16 is None else x + m16
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return x.astype(np.float16).astype(np.float32)
+
+
+def _inverse_cholesky(H: np.ndarray, damp: float) -> np.ndarray:
+    """Upper Cholesky factor U of inv(H + damp*mean(diag H)*I), inv = U^T U."""
+    H = H + np.eye(H.shape[0]) * (damp * float(np.mean(np.diag(H))))
+    for extra in (0.0, 0.1, 1.0):
+        try:
+            if extra:
+                H = H + np.eye(H.shape[0]) * (extra * float(np.mean(np.diag(H))))
+            L = np.linalg.cholesky(H)
+            Linv = np.linalg.solve(L, np.eye(H.shape[0]))  # inv(H) = Linv^T Linv
+            return np.linalg.cholesky(Linv.T @ Linv).T
+        except np.linalg.LinAlgError:
+            continue
+    raise SlimlmError("the calibration Hessian is not positive definite even after damping: "
+                      "use more calibration samples or a larger damp")
+
+
+def gptq_quantize(fmt: str | BlockFormat, w: np.ndarray, H: np.ndarray, damp: float = 0.01,
+                  act_order: bool = False, batch: int = 128):
+    """GPTQ codes for w [rows, cols] with input Hessian H [cols, cols]: (q, d, m) as blocks.rtn
+    returns them (q int8 codes, d float32 per row per block, m for the _1 types else None), ready
+    for blocks.pack. Each block's d (m) is llama.cpp's rule applied to the error-updated weights at
+    the start of that block. With act_order, columns are taken in order of decreasing diag(H) and
+    the scales are fixed up front from the original weights (a block's columns are then no longer
+    quantized together)."""
+    fmt = get_format(fmt)
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise SlimlmError(f"GPTQ quantizes 2-D weights [rows, cols], got shape {w.shape}")
+    rows, cols = w.shape
+    H = np.asarray(H, dtype=np.float64)
+    if H.shape != (cols, cols):
+        raise SlimlmError(f"the Hessian has shape {H.shape}, expected ({cols}, {cols}) for weights {w.shape}")
+    if not np.isfinite(H).all():
+        raise SlimlmError("the calibration Hessian holds NaN or inf: the model overflowed on the calibration text")
+    q0, d0, m0 = rtn(fmt, w)  # validates w (float, finite, width a multiple of the block size)
+    bs = fmt.block_size
+    W = w.astype(np.float64).copy()
+    H = H.copy()
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    perm = np.arange(cols)
+    if act_order:
+        d_fix, m_fix = rtn(fmt, W.astype(np.float32))[1:]  # static groups from the original weights
+        perm = np.argsort(-np.diag(H), kind="stable")
+        W, H = W[:, perm], H[np.ix_(perm, perm)]
+    U = _inverse_cholesky(H, damp)
+
+    Q = np.zeros((rows, cols), dtype=np.int8)
+    D = np.zeros((rows, cols // bs), dtype=np.float32)
+    M = None if fmt.symmetric else np.zeros((rows, cols // bs), dtype=np.float32)
+    batch = max(bs, batch // bs * bs)
+    for i1 in range(0, cols, batch):
+        i2 = min(i1 + batch, cols)
+        W1 = W[:, i1:i2].copy()
+        E1 = np.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = perm[i1 + i]
+            g = col // bs
+            if not act_order and col % bs == 0:  # a new block: its scale from the current weights
+                _, d_b, m_b = rtn(fmt, W1[:, i:i + bs].astype(np.float32))
+                D[:, g] = d_b[:, 0]
+                if M is not None:
+                    M[:, g] = m_b[:, 0]
+            if act_order:
+                d, m = d_fix[:, g], None if m_fix is None else m_fix[:, g]
+                D[:, g] = d
+                if M is not None:
+                    M[:, g] = m
+            else:
+                d, m = D[:, g], None if M is None else M[:, g]
+            x = W1[:, i].astype(np.float32)
+            q = _codes(fmt, x, d, m)
+            Q[:, col] = q
+            wq = _dequant(fmt, q, _f16(d), None if m is None else _f16(m)).astype(np.float64)
+            err = (W1[:, i] - wq) / U1[i, i]
+            W1[:, i:] -= np.outer(err, U1[i, i:])
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return Q, D, M
+
+
+# --- the two verbs quantize() uses -----------------------------------------------------------
+
+class GPTQ:
+    """prepare() once (calibration), then quantize_tensor() per weight from quantize()'s hook."""
+
+    def __init__(self, damp: float = 0.01, act_order: bool = False):
+        self.damp, self.act_order = damp, act_order
+        self.hessians: dict = {}
+        self.notes: list[str] = []
+
+    def prepare(self, model_folder, calib_texts: list[str] | None = None, samples: int = 32,
+                seq_len: int = 256, progress: bool = True) -> "GPTQ":
+        """Load the fp32 model, collect the Hessians of its decoder linears, free the model.
+        calib_texts defaults to python-docs without the last three topics (held out for the
+        fidelity check)."""
+        import gc
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from slimlm.eval.sources import python_docs
+
+        texts = calib_texts if calib_texts is not None else python_docs()[:-3]
+        tokenizer = AutoTokenizer.from_pretrained(str(model_folder))
+        model = AutoModelForCausalLM.from_pretrained(str(model_folder), dtype=torch.float32)
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+        try:
+            self.hessians = collect_hessians(model, tokenizer, texts, samples=samples, seq_len=seq_len,
+                                             progress=progress)
+        finally:
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return self
+
+    def quantize_tensor(self, fmt: str | BlockFormat, name_hf: str, w: np.ndarray):
+        key = name_hf[:-len(".weight")] if name_hf.endswith(".weight") else name_hf
+        H = self.hessians.get(key)
+        w = np.asarray(w)
+        if H is None or w.ndim != 2 or tuple(H.shape) != (w.shape[1], w.shape[1]):
+            why = "no calibration Hessian" if H is None else f"Hessian {tuple(H.shape)} does not fit {w.shape}"
+            self.notes.append(f"{name_hf}: {why}, used round-to-nearest")
+            return rtn(fmt, w)
+        H = H.numpy() if hasattr(H, "numpy") else np.asarray(H)
+        return gptq_quantize(fmt, w, H, damp=self.damp, act_order=self.act_order)

@@ -36,6 +36,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/eval.py
+	$(BIN)/python bench/quantize.py
 
 # Rewrite the README compatibility matrix from the last test run's results.
 matrix: setup

@@ -132,3 +132,24 @@ def test_gptq_file_costs_less_quality_than_rtn(tiny_models, tmp_path):
     assert "error" not in gptq.fidelity, gptq.fidelity
     assert gptq.fidelity["kl_mean"] < plain.fidelity["kl_mean"]
     assert gptq.size_after == plain.size_after  # same format, same bytes per block
+
+
+def test_llamacpp_method_is_the_peers_own_quantizer(tiny_models, tmp_path):
+    from gguf import GGUFReader
+
+    folder = str(tiny_models("llama"))
+    result = quantize(folder, tmp_path / "lc.gguf", method="llamacpp", format="gguf:Q8_0", record=False)
+    kinds = {t.tensor_type.name for t in GGUFReader(result.out).tensors}
+    assert "Q8_0" in kinds and result.fidelity["top1_agreement"] > 0.8
+    with pytest.raises(SlimlmError, match="llama.cpp offers no type"):
+        quantize(folder, tmp_path / "x.gguf", method="llamacpp", format="gguf:Q4_K_Z", record=False)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_awq_method_writes_a_runnable_file_and_cleans_up(tiny_models, tmp_path):
+    folder = str(tiny_models("qwen2"))
+    result = quantize(folder, tmp_path / "awq.gguf", method="awq", format="gguf:Q4_0", record=False,
+                      calib_samples=8, calib_seq_len=64)
+    assert "error" not in result.fidelity, result.fidelity
+    assert result.notes and result.notes[0].startswith("AWQ scaled")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left

@@ -14,6 +14,7 @@ Every quantize ends with a quick fidelity check: KL divergence and top-1 agreeme
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,10 @@ from slimlm.compress.blocks import FORMATS, BlockFormat, get_format, pack, rtn
 from slimlm.errors import SlimlmError
 
 METHODS = {"rtn": "round-to-nearest in the block format (llama.cpp's reference choice of codes and scales)",
-           "gptq": "GPTQ: codes and block scales chosen with second-order error compensation from calibration text"}
+           "gptq": "GPTQ: codes and block scales chosen with second-order error compensation from calibration text",
+           "awq": "AWQ: activation-aware per-channel scaling (equivalent in fp32) from calibration text, then "
+                  "round-to-nearest",
+           "llamacpp": "llama.cpp's own quantizer (any type it offers, e.g. Q4_K_M; no importance matrix): the baseline"}
 # Tensors kept in higher precision: the token embedding and output head (as llama.cpp's quantizer
 # does for small models) and every 1-D tensor.
 _KEEP = ("embed_tokens", "lm_head", "wte", "word_embeddings")
@@ -97,6 +101,8 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
 
     if method not in METHODS:
         raise SlimlmError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+    if method == "llamacpp":
+        return _quantize_llamacpp(model, Path(out), format, force=force, check=check, record=record)
     fmt = parse_format(format)
     if calib_samples < 1 or calib_seq_len < 2:
         raise SlimlmError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
@@ -118,6 +124,20 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
 
         gptq = GPTQ().prepare(folder, samples=calib_samples, seq_len=calib_seq_len)
         choose, notes = (lambda name, w: gptq.quantize_tensor(fmt, name, w)), gptq.notes  # noqa: E731
+    source, awq_tmp = folder, None
+    if method == "awq":  # an fp32-equivalent model whose weights round better, then round-to-nearest
+        import tempfile
+
+        from slimlm.compress.awq import apply_awq
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        awq_tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.awq-", dir=out.parent))
+        report = apply_awq(folder, awq_tmp / "model", fmt, samples=calib_samples, seq_len=calib_seq_len,
+                           progress=True)
+        source = awq_tmp / "model"
+        notes = [f"AWQ scaled {len(report['scaled'])} groups"] + [
+            f"AWQ skipped layer {s['layer']} {s['group']}: {s['why']}" for s in report["skipped"]
+            if s["group"] != "v->o"]
     with progress_bar(f"{method} → {fmt.name}", len(targets)) as advance:
         def writer(name_hf: str, name_gguf: str, w: np.ndarray):
             if name_hf not in targets:
@@ -127,7 +147,11 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
             advance()
             return pack(fmt, q, d, m), fmt.qtype
 
-        export_gguf(folder, out, dtype="f16", force=force, tensor_writer=writer, file_type=fmt.name)
+        try:
+            export_gguf(source, out, dtype="f16", force=force, tensor_writer=writer, file_type=fmt.name)
+        finally:
+            if awq_tmp is not None:
+                shutil.rmtree(awq_tmp, ignore_errors=True)
     seconds = time.perf_counter() - start
     result = QuantizeResult(out=str(out), method=method, format=f"gguf:{fmt.name}",
                             size_before=sum(f.stat().st_size for f in folder.glob("*.safetensors")),
@@ -145,6 +169,47 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
 
         record_run("quantize", ref, params={"method": method, "format": result.format,
                                             "calib_samples": calib_samples, "calib_seq_len": calib_seq_len},
+                   metrics=result.to_dict(), artifact=out)
+    return result
+
+
+def _quantize_llamacpp(model, out: Path, format: str, *, force: bool, check: bool, record: bool) -> QuantizeResult:
+    """Export the input to an f32 GGUF, then let llama.cpp quantize it (the peer's own choices)."""
+    import tempfile
+
+    from slimlm.compress.gguf_export import export_gguf
+    from slimlm.compress.llamacpp_quant import check_type, llamacpp_quantize
+    from slimlm.models.loading import dense_folder
+    from slimlm.models.reference import resolve
+
+    kind, sep, name = format.partition(":")
+    type_name = check_type(name if sep else kind)  # before any long work
+    if out.exists() and not force:
+        raise SlimlmError(f"{out} already exists: choose another output path or pass --force")
+    ref = resolve(str(model))
+    folder = dense_folder(ref)
+    shapes = _tensor_shapes(folder)
+    start = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp:
+        source = export_gguf(folder, Path(tmp) / "f32.gguf", dtype="f32")
+        llamacpp_quantize(source, Path(tmp) / "out.gguf", type_name)
+        (Path(tmp) / "out.gguf").replace(out)
+    result = QuantizeResult(out=str(out), method="llamacpp", format=f"gguf:{type_name}",
+                            size_before=sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+                            size_after=out.stat().st_size, params_quantized=0,
+                            params_total=sum(int(np.prod(s)) for s in shapes.values()),
+                            seconds=time.perf_counter() - start, notes=["tensor choices are llama.cpp's own"])
+    if check:
+        try:
+            result.fidelity = quick_fidelity(out, folder)
+        except SlimlmError as exc:
+            result.fidelity = {"error": str(exc)}
+    _write_manifest(out, ref, result)
+    if record:
+        from slimlm.runs import record as record_run
+
+        record_run("quantize", ref, params={"method": "llamacpp", "format": result.format},
                    metrics=result.to_dict(), artifact=out)
     return result
 

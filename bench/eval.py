@@ -27,20 +27,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
+
+from results import append_section  # noqa: E402  (bench/results.py, beside this script)
 
 import slimlm  # noqa: F401  (switches hub access off before transformers is imported)
 from slimlm.eval.loglik import make_scorer
 from slimlm.eval.perplexity import run_perplexity, sliding_windows
 from slimlm.eval.sources import python_docs
-from slimlm.hardware import cpu_info, default_threads
+from slimlm.hardware import default_threads
 from slimlm.models.backends import open_backend
 from slimlm.models.loading import dense_folder
 from slimlm.models.reference import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).with_name("RESULTS.md")
 LMEVAL_PY = ROOT / "build" / "lmeval-venv" / "bin" / "python"
 MODEL = "smollm2-135m-instruct"
 
@@ -161,17 +161,12 @@ def main() -> int:
     print(f"slimlm torch vs plain loop perplexity: relative difference {agree:.2e}")
     if args.no_write:
         return 0
-    cpu = cpu_info()
-    head = (f"\n## eval — {date.today().isoformat()} — {cpu.model}, {cpu.arch}, {cpu.physical_cores} cores, "
-            f"{' '.join(cpu.features)}\n"
-            f"Perplexity of SmolLM2-135M-Instruct on python-docs (first {args.limit} of 79 documents, "
-            f"{plain['tokens']} tokens), context {args.context}, stride {stride}; torch paths fp32 on the dense "
-            f"conversion; perplexity agreement slimlm torch vs plain loop {agree:.1e}. "
-            f"Command: `python bench/eval.py --limit {args.limit} --context {args.context}"
-            f"{'' if stride == args.context else f' --stride {stride}'}`.\n\n")
-    with RESULTS.open("a") as f:
-        f.write(head + "\n".join(table) + "\n")
-    print(f"appended to {RESULTS}")
+    description = (f"Perplexity of SmolLM2-135M-Instruct on python-docs (first {args.limit} of 79 documents, "
+                   f"{plain['tokens']} tokens), context {args.context}, stride {stride}; torch paths fp32 on the dense "
+                   f"conversion; perplexity agreement slimlm torch vs plain loop {agree:.1e}. "
+                   f"Command: `python bench/eval.py --limit {args.limit} --context {args.context}"
+                   f"{'' if stride == args.context else f' --stride {stride}'}`.")
+    print(f"appended to {append_section('eval', description, table)}")
     return 0
 
 

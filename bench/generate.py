@@ -19,8 +19,9 @@ import argparse
 import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
+
+from results import append_section  # noqa: E402  (bench/results.py, beside this script)
 
 import slimlm  # noqa: F401  (switches hub access off before transformers is imported)
 from slimlm.hardware import cpu_info, default_threads, llama_cpp_build
@@ -29,7 +30,6 @@ from slimlm.models.backends.llamacpp import llama_kwargs
 from slimlm.models.loading import dense_folder
 from slimlm.models.reference import resolve
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 MODEL = "smollm2-135m-instruct"
 PROMPTS = [
     "Write a detailed story about a lighthouse keeper who finds a message in a bottle.",
@@ -173,23 +173,16 @@ def main() -> int:
     print(f"\ntorch precision: {torch_engine.plan.describe()}; prefill prompt {n_long} tokens")
 
     if not args.no_write:
-        machine = f"{cpu.model}, {cpu.arch}, {cpu.physical_cores} cores, {' '.join(cpu.features)}"
-        lines = []
-        if not RESULTS.exists():
-            lines.append("# Benchmark results\n\nRows are appended by the scripts in bench/; compare only rows "
-                         "from the same run (same date and machine).\n")
-        lines.append(f"\n## generate — {date.today().isoformat()} — {machine}\n")
-        lines.append(f"SmolLM2-135M-Instruct, {args.tokens} new tokens x {len(PROMPTS)} prompts, greedy, "
-                     f"median of {args.repeat}; prefill on a {n_long}-token prompt; llama.cpp build `{build}`; "
-                     f"torch precision: {torch_engine.plan.describe()}. Command: `python bench/generate.py`.\n\n")
-        lines.append("| path | decode tok/s | time to first token (ms) | prefill tok/s | decode ratio vs peer |\n")
-        lines.append("|---|---:|---:|---:|---:|\n")
+        body = ["| path | decode tok/s | time to first token (ms) | prefill tok/s | decode ratio vs peer |",
+                "|---|---:|---:|---:|---:|"]
         for name, r in results.items():
             ratio = f"{ratios[name]:.2f}x" if name in ratios else "peer"
-            lines.append(f"| {name} | {r['decode_tps']:.1f} | {r['ttft_ms']:.0f} | {r['prefill_tps']:.0f} | {ratio} |\n")
-        with RESULTS.open("a") as f:
-            f.writelines(lines)
-        print(f"appended to {RESULTS}")
+            body.append(f"| {name} | {r['decode_tps']:.1f} | {r['ttft_ms']:.0f} | {r['prefill_tps']:.0f} | {ratio} |")
+        path = append_section("generate", f"SmolLM2-135M-Instruct, {args.tokens} new tokens x {len(PROMPTS)} prompts, "
+                              f"greedy, median of {args.repeat}; prefill on a {n_long}-token prompt; llama.cpp build "
+                              f"`{build}`; torch precision: {torch_engine.plan.describe()}. "
+                              "Command: `python bench/generate.py`.", body)
+        print(f"appended to {path}")
     return 0
 
 

@@ -21,20 +21,19 @@ import math
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
+
+from results import append_section  # noqa: E402  (bench/results.py, beside this script)
 
 import slimlm  # noqa: F401  (switches hub access off before transformers is imported)
 from slimlm.compress.quantize import quantize
 from slimlm.eval.loglik import make_scorer
 from slimlm.eval.perplexity import run_perplexity
 from slimlm.eval.sources import python_docs
-from slimlm.hardware import cpu_info
 from slimlm.models.backends import GenerationParams, open_backend
 from slimlm.models.loading import dense_folder
 from slimlm.models.reference import resolve
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 MODEL = "smollm2-135m-instruct"
 CONTEXT = 512
 
@@ -97,16 +96,11 @@ def main() -> int:
     print(f"reference perplexity (fp32, torch) {ref_ppl:.3f}; tokens {rows[0][4]['tokens']}")
     if args.no_write:
         return 0
-    cpu = cpu_info()
-    head = (f"\n## quantize — {date.today().isoformat()} — {cpu.model}, {cpu.arch}, {cpu.physical_cores} cores, "
-            f"{' '.join(cpu.features)}\n"
-            f"SmolLM2-135M-Instruct, reference its dense fp32 conversion (perplexity {ref_ppl:.3f}); scored on llama.cpp "
-            f"over the last 3 python-docs topics ({rows[0][4]['tokens']} tokens, context {CONTEXT}), KL vs the fp32 "
-            f"reference on torch; GPTQ calibrated on 32 x 256 tokens of the other topics; llama.cpp without "
-            f"importance matrix. Command: `python bench/quantize.py`.\n\n")
-    with RESULTS.open("a") as f:
-        f.write(head + "\n".join(table) + "\n\n" + "\n".join(f"- {x}" for x in lines) + "\n")
-    print(f"appended to {RESULTS}")
+    description = (f"SmolLM2-135M-Instruct, reference its dense fp32 conversion (perplexity {ref_ppl:.3f}); scored on "
+                   f"llama.cpp over the last 3 python-docs topics ({rows[0][4]['tokens']} tokens, context {CONTEXT}), "
+                   "KL vs the fp32 reference on torch; GPTQ/AWQ calibrated on 32 x 256 tokens of the other topics; "
+                   "llama.cpp without importance matrix. Command: `python bench/quantize.py`.")
+    print(f"appended to {append_section('quantize', description, table + [''] + [f'- {x}' for x in lines])}")
     return 0
 
 

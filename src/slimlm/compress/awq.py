@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from slimlm.compress.blocks import BlockFormat, dequantize_codes, get_format, rtn
-from slimlm.compress.gptq import _calibration_windows
+from slimlm.compress.gptq import _calibration_windows, run_calibration
 from slimlm.errors import SlimlmError
 
 __all__ = ["apply_awq", "search_scale"]
@@ -170,8 +170,6 @@ def _find_groups(model, layers, skipped: list) -> list[_Group]:
 def _capture(model, windows, groups: list[_Group], max_tokens: int, batch_size: int, progress: bool):
     import torch
 
-    from slimlm.progress import progress_bar
-
     stride = max(1, math.ceil(windows.numel() / max_tokens))
     outputs: dict[int, object] = {}
     handles = []
@@ -199,15 +197,9 @@ def _capture(model, windows, groups: list[_Group], max_tokens: int, batch_size: 
             key = gi
             handles.append(g.prev.register_forward_hook(prev_hook(key)))
         handles.append(g.linears[0].register_forward_hook(input_hook(g, key)))
-    device = next(model.parameters()).device
     try:
-        bar = (progress_bar("calibrating (AWQ activations)", len(range(0, len(windows), batch_size)))
-               if progress else contextlib.nullcontext(lambda n=1: None))
-        with torch.no_grad(), bar as advance:
-            for at in range(0, len(windows), batch_size):
-                model(input_ids=windows[at:at + batch_size].to(device), use_cache=False)
-                outputs.clear()
-                advance()
+        run_calibration(model, windows, batch_size, "calibrating (AWQ activations)", progress,
+                        after_batch=outputs.clear)
     finally:
         for h in handles:
             h.remove()

@@ -24,11 +24,13 @@ are. `GPTQ.quantize_tensor` is meant for quantize()'s tensor hook.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import numpy as np
 
 from slimlm.compress.blocks import BlockFormat, _inverse, _roundf, get_format, rtn
 from slimlm.errors import SlimlmError
+from slimlm.progress import progress_bar
 
 __all__ = ["collect_hessians", "gptq_quantize", "GPTQ"]
 
@@ -50,6 +52,22 @@ def _calibration_windows(tokenizer, texts: list[str], samples: int, seq_len: int
     return torch.stack([ids[s:s + seq_len] for s in starts])
 
 
+def run_calibration(model, windows, batch_size: int, label: str, progress: bool,
+                    after_batch: Callable[[], None] = lambda: None) -> None:
+    """Run the calibration windows through `model` in batches (hooks do the collecting); shared
+    by GPTQ's Hessians and AWQ's activation statistics."""
+    import torch
+
+    device = next(model.parameters()).device
+    bar = (progress_bar(label, len(range(0, len(windows), batch_size)))
+           if progress else contextlib.nullcontext(lambda n=1: None))
+    with torch.no_grad(), bar as advance:
+        for at in range(0, len(windows), batch_size):
+            model(input_ids=windows[at:at + batch_size].to(device), use_cache=False)
+            after_batch()
+            advance()
+
+
 def collect_hessians(model, tokenizer, texts: list[str], samples: int = 32, seq_len: int = 256,
                      progress: bool = True, batch_size: int = 4) -> dict:
     """H = 2/N * sum x x^T (float64, on the CPU) of the inputs x of every nn.Linear inside the
@@ -59,8 +77,6 @@ def collect_hessians(model, tokenizer, texts: list[str], samples: int = 32, seq_
     variant). Linears fed the very same input tensor (q/k/v, gate/up) share one H object."""
     import torch
     from torch import nn
-
-    from slimlm.progress import progress_bar
 
     windows = _calibration_windows(tokenizer, texts, samples, seq_len)
     sums: dict[str, torch.Tensor] = {}
@@ -89,17 +105,11 @@ def collect_hessians(model, tokenizer, texts: list[str], samples: int = 32, seq_
     if not handles:
         raise SlimlmError("the model has no linear layers inside decoder layers ('.layers.' in their "
                           "names): GPTQ cannot calibrate it")
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        bar = (progress_bar("calibrating (GPTQ Hessians)", len(range(0, len(windows), batch_size)))
-               if progress else contextlib.nullcontext(lambda n=1: None))
-        with torch.no_grad(), bar as advance:
-            for at in range(0, len(windows), batch_size):
-                model(input_ids=windows[at:at + batch_size].to(device), use_cache=False)
-                last[0] = last[1] = None
-                advance()
+        run_calibration(model, windows, batch_size, "calibrating (GPTQ Hessians)", progress,
+                        after_batch=lambda: last.__setitem__(slice(None), [None, None]))
     finally:
         for h in handles:
             h.remove()

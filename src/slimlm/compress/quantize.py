@@ -29,7 +29,8 @@ METHODS = {"rtn": "round-to-nearest in the block format (llama.cpp's reference c
            "gptq": "GPTQ: codes and block scales chosen with second-order error compensation from calibration text",
            "awq": "AWQ: activation-aware per-channel scaling (equivalent in fp32) from calibration text, then "
                   "round-to-nearest",
-           "llamacpp": "llama.cpp's own quantizer (any type it offers, e.g. Q4_K_M; no importance matrix): the baseline"}
+           "llamacpp": "llama.cpp's own quantizer (any type it offers, e.g. Q4_K_M; no importance matrix): "
+                       "the baseline"}
 # Tensors kept in higher precision: the token embedding and output head (as llama.cpp's quantizer
 # does for small models) and every 1-D tensor.
 _KEEP = ("embed_tokens", "lm_head", "wte", "word_embeddings")
@@ -158,19 +159,7 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
                             size_after=out.stat().st_size, params_quantized=counted["quantized"],
                             params_total=sum(int(np.prod(s)) for s in shapes.values()), seconds=seconds,
                             notes=list(notes))
-    if check:
-        try:
-            result.fidelity = quick_fidelity(out, folder)
-        except SlimlmError as exc:  # the file is written and valid; only the comparison could not run
-            result.fidelity = {"error": str(exc)}
-    _write_manifest(out, ref, result)
-    if record:
-        from slimlm.runs import record as record_run
-
-        record_run("quantize", ref, params={"method": method, "format": result.format,
-                                            "calib_samples": calib_samples, "calib_seq_len": calib_seq_len},
-                   metrics=result.to_dict(), artifact=out)
-    return result
+    return _finish(result, ref, folder, check, record, {"calib_samples": calib_samples, "calib_seq_len": calib_seq_len})
 
 
 def _quantize_llamacpp(model, out: Path, format: str, *, force: bool, check: bool, record: bool) -> QuantizeResult:
@@ -200,16 +189,22 @@ def _quantize_llamacpp(model, out: Path, format: str, *, force: bool, check: boo
                             size_after=out.stat().st_size, params_quantized=0,
                             params_total=sum(int(np.prod(s)) for s in shapes.values()),
                             seconds=time.perf_counter() - start, notes=["tensor choices are llama.cpp's own"])
+    return _finish(result, ref, folder, check, record, {})
+
+
+def _finish(result: QuantizeResult, ref, folder: Path, check: bool, record: bool, extra: dict) -> QuantizeResult:
+    """What every method does with its written file: fidelity check, manifest, registry row."""
+    out = Path(result.out)
     if check:
         try:
             result.fidelity = quick_fidelity(out, folder)
-        except SlimlmError as exc:
+        except SlimlmError as exc:  # the file is written and valid; only the comparison could not run
             result.fidelity = {"error": str(exc)}
     _write_manifest(out, ref, result)
     if record:
         from slimlm.runs import record as record_run
 
-        record_run("quantize", ref, params={"method": "llamacpp", "format": result.format},
+        record_run("quantize", ref, params={"method": result.method, "format": result.format, **extra},
                    metrics=result.to_dict(), artifact=out)
     return result
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,12 +71,12 @@ def quantizable(name: str, shape: tuple[int, ...]) -> bool:
 
 def _tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """Shapes from the safetensors headers, without loading any weight (for checks up front)."""
+    from safetensors import safe_open
+
     shapes = {}
     for file in sorted(folder.glob("*.safetensors")):
-        with file.open("rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(length))
-        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+        with safe_open(file, framework="numpy") as st:  # header only, as models/info.py reads it
+            shapes.update({name: tuple(st.get_slice(name).get_shape()) for name in st.keys()})
     if not shapes:
         raise SlimlmError(f"{folder}: no safetensors weights found: quantize takes a Hugging Face folder "
                           "(run `slimlm convert` first for a GGUF file)")

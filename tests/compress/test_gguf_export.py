@@ -274,3 +274,81 @@ def test_llamacpp_tokenizes_like_transformers(family, tiny_models, tmp_path):
         assert llm.token_eos() == tok.eos_token_id and llm.token_bos() == tok.bos_token_id
     finally:
         llm.close()
+
+
+def _spm_style_folder(tiny_models, tmp_path) -> Path:
+    """A tiny Gemma 3 whose tokenizer is Gemma's kind: BPE with byte fallback and "\u2581" spaces."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.conftest import _corpus
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=specials + byte_tokens)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>")
+    folder = tmp_path / "spm-gemma3"
+    shutil.copytree(tiny_models("gemma3_text"), folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (folder / name).unlink(missing_ok=True)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.llamacpp
+def test_sentencepiece_style_vocab_tokenizes_like_transformers(tiny_models, tmp_path):
+    """Byte-fallback BPE is written as llama.cpp's "llama" tokenizer: same ids, bytes included."""
+    from transformers import AutoTokenizer
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    folder = _spm_style_folder(tiny_models, tmp_path)
+    out = export_gguf(folder, tmp_path / "m.gguf", dtype="f32")
+    fields, _ = _fields(out)
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_space_prefix"] is False
+    tok = AutoTokenizer.from_pretrained(folder)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False, n_gpu_layers=0, vocab_only=True)
+    try:
+        for text in ["def f(x):\n    return x + 1  # the  value", "Unicode falls back to bytes: \u00fc \u4f60\u597d \U0001f642",
+                     "  leading spaces and trailing ones  "]:
+            assert llm.tokenize(text.encode(), add_bos=False) == tok(text, add_special_tokens=False)["input_ids"], text
+    finally:
+        llm.close()
+
+
+@pytest.mark.real_model
+@pytest.mark.llamacpp
+def test_gemma3_round_trip_tokenizes_and_predicts_like_torch(tmp_path):
+    """The built-in Gemma 3 270M, GGUF -> HF folder -> our GGUF: the original file's token ids and
+    torch's next-token choices."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slimlm.models.loading import convert
+    from slimlm.models.reference import resolve
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    original = resolve("gemma3-270m").path
+    dense = convert(original, tmp_path / "dense")
+    out = export_gguf(dense, tmp_path / "gemma3-f16.gguf", dtype="f16")
+    tok = AutoTokenizer.from_pretrained(dense)
+    text = "The Python tutorial:  def f(x):\n\treturn x ** 2  # \u00fcnic\u00f6de \u4f60\u597d"
+    source = llama_cpp.Llama(model_path=str(original), vocab_only=True, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(out), logits_all=True, n_ctx=128, verbose=False, n_gpu_layers=0)
+    try:
+        ids = tok(text)["input_ids"]
+        assert llm.tokenize(text.encode()) == ids == source.tokenize(text.encode())
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)]).argmax(-1)
+        model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0].argmax(-1).numpy()
+        assert (got == ref).mean() >= 0.9
+    finally:
+        llm.close()
+        source.close()

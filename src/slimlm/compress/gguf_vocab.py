@@ -2,10 +2,16 @@
 
 llama.cpp must tokenize and format chats from the GGUF file alone, so everything the Hugging
 Face folder keeps in tokenizer.json and tokenizer_config.json is copied into `tokenizer.ggml.*`
-keys. Only byte-level BPE (llama.cpp's "gpt2" tokenizer model: Llama 3, SmolLM2, Qwen 2.5,
-Phi-4 and every tiny test model) is written; SentencePiece vocabularies are refused with a
-clear message rather than exported wrongly. Token strings are written in their byte-level
-form, the one BPE merges act on, exactly as llama.cpp's "gpt2" tokenizer expects.
+keys. Two kinds are written:
+
+- byte-level BPE (llama.cpp's "gpt2" tokenizer model: Llama 3, SmolLM2, Qwen 2.5, Phi-4 and every
+  tiny test model): token strings in their byte-level form, the one BPE merges act on, plus merges;
+- SentencePiece-style BPE with byte fallback (llama.cpp's "llama" model: Gemma 2/3, Llama 2,
+  Mistral 7B): tokens with their "▁" spaces, scores and byte tokens. transformers keeps such a
+  vocabulary as a BPE with merges; SentencePiece merges the adjacent pair whose joined piece has
+  the highest score, so a piece's score is minus the rank of the first merge that makes it.
+
+Anything else is refused with a clear message rather than exported wrongly.
 """
 
 from __future__ import annotations
@@ -75,11 +81,64 @@ def load_tokenizer(folder: Path):
     if backend is None:
         raise SlimlmError(f"{folder} has no fast tokenizer (tokenizer.json): GGUF export needs one")
     data = json.loads(backend.to_str())
-    model = data.get("model", {})
-    if model.get("type") != "BPE" or not _is_byte_level(data):
-        raise SlimlmError(f"{folder.name}'s tokenizer is {model.get('type', 'unknown')} without byte-level pre-tokenization; "
-                          "GGUF export supports byte-level BPE tokenizers (Llama 3, SmolLM2, Qwen 2.5, Phi-4) only")
+    if tokenizer_kind(data) is None:
+        raise SlimlmError(f"{folder.name}'s tokenizer is {data.get('model', {}).get('type', 'unknown')} without "
+                          "byte-level pre-tokenization or byte fallback; GGUF export supports byte-level BPE "
+                          "(Llama 3, SmolLM2, Qwen 2.5, Phi-4) and SentencePiece-style BPE (Gemma, Mistral 7B) only")
     return tok, data
+
+
+def tokenizer_kind(data: dict) -> str | None:
+    """llama.cpp's tokenizer model for this tokenizer.json: "gpt2", "llama", or None if neither fits."""
+    model = data.get("model", {})
+    if model.get("type") != "BPE":
+        return None
+    if _is_byte_level(data):
+        return "gpt2"
+    if model.get("byte_fallback"):
+        return "llama"
+    return None
+
+
+def _adds_space_prefix(data: dict) -> bool:
+    """Whether the tokenizer puts "▁" before the text (Llama 2 does, Gemma does not)."""
+    steps = _walk(data.get("normalizer")) + _walk(data.get("pre_tokenizer"))
+    for step in steps:
+        if step.get("type") == "Prepend" and step.get("prepend") == "▁":
+            return True
+        if step.get("type") == "Metaspace" and step.get("prepend_scheme", "always") in ("always", "first"):
+            return True
+    return False
+
+
+def spm_tables(data: dict, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """(tokens, scores, token types) of a byte-fallback BPE, as llama.cpp's "llama" tokenizer reads them."""
+    from gguf import TokenType
+
+    tokens, _, _, _ = vocab_tables(data, vocab_size)
+    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in data["model"].get("merges", [])]
+    rank: dict[str, int] = {}
+    for i, (left, right) in enumerate(merges):
+        rank.setdefault(left + right, i)
+    # Pieces no merge makes (single characters, bytes, specials) are never a merge's result;
+    # a score below every merge keeps SentencePiece from preferring them.
+    floor = -float(len(merges) + 1)
+    scores = [-float(rank[t]) if t in rank else floor for t in tokens]
+    added = {int(a["id"]): a for a in data.get("added_tokens", [])}
+    unk = data["model"].get("unk_token")
+    types = []
+    for i, token in enumerate(tokens):
+        if i in added:
+            types.append(int(TokenType.CONTROL if added[i].get("special") else TokenType.USER_DEFINED))
+        elif token == unk:
+            types.append(int(TokenType.UNKNOWN))
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            types.append(int(TokenType.BYTE))
+        elif token.startswith("[PAD") and token.endswith("]") and token not in data["model"]["vocab"]:
+            types.append(int(TokenType.UNUSED))
+        else:
+            types.append(int(TokenType.NORMAL))
+    return tokens, scores, types
 
 
 def vocab_tables(data: dict, vocab_size: int) -> tuple[list[str], list[int], list[str], str]:
@@ -121,13 +180,22 @@ def add_vocab(writer, folder: Path, tokenizer, vocab_size: int) -> list[str]:
 
     Returns the token strings."""
     tok, data = tokenizer
-    tokens, token_types, merges, pre = vocab_tables(data, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(token_types)
-    if merges:
-        writer.add_token_merges(merges)
+    if tokenizer_kind(data) == "llama":
+        tokens, scores, token_types = spm_tables(data, vocab_size)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(token_types)
+        writer.add_add_space_prefix(_adds_space_prefix(data))
+    else:
+        tokens, token_types, merges, pre = vocab_tables(data, vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(token_types)
+        if merges:
+            writer.add_token_merges(merges)
     special = _special_ids(Path(folder), tok)
     for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                      ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id)):

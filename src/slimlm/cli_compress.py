@@ -23,8 +23,14 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     check: bool = typer.Option(True, "--check/--no-check", help="Measure KL and top-1 agreement against "
                                "the input on held-out text afterwards."),
-    calib_samples: int = typer.Option(32, "--calib-samples", help="GPTQ: calibration sequences (python-docs)."),
-    calib_seq_len: int = typer.Option(256, "--calib-seq-len", help="GPTQ: tokens per calibration sequence."),
+    calib: str = typer.Option("python-docs", "--calib", help="GPTQ/AWQ calibration text: python-docs (built in), "
+                              "a .txt file, or a .jsonl file (see --calib-field)."),
+    calib_field: str = typer.Option(None, "--calib-field", help="The JSONL field holding the text (default: text)."),
+    calib_samples: int = typer.Option(32, "--calib-samples", help="GPTQ/AWQ: calibration sequences."),
+    calib_seq_len: int = typer.Option(256, "--calib-seq-len", help="GPTQ/AWQ: tokens per calibration sequence."),
+    sequential: bool = typer.Option(True, "--sequential/--one-pass", help="GPTQ: calibrate layer by layer on "
+                                    "the quantized layers' outputs (memory: one layer's Hessians), or all layers "
+                                    "in one full-precision pass (faster, all Hessians in memory)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else."),
 ):
     """Make a model smaller in llama.cpp's block formats, and say what it cost in quality.
@@ -36,7 +42,8 @@ def quantize(
     from slimlm.compress.quantize import quantize as do_quantize
 
     result = do_quantize(model, out_path, method=method, format=fmt, force=force, check=check,
-                         calib_samples=calib_samples, calib_seq_len=calib_seq_len)
+                         calib=calib, calib_field=calib_field, calib_samples=calib_samples,
+                         calib_seq_len=calib_seq_len, sequential=sequential)
     if as_json:
         print(json.dumps(result.to_dict(), default=str))
         return

@@ -139,3 +139,57 @@ def test_gptq_beats_rtn_on_a_tiny_llama(tiny_models):
     w = state["model.layers.0.mlp.down_proj.weight"].numpy()
     assert _same(g.quantize_tensor("Q4_0", "model.nothing.weight", w), rtn("Q4_0", w))
     assert g.notes and "round-to-nearest" in g.notes[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_layout_inverse_undoes_the_export_transform(family, tiny_models):
+    """Rotary row order (llama) and the folded query scale (gemma2) are undone exactly."""
+    from slimlm.compress.gguf_export import layout_transform
+    from slimlm.compress.gptq_sequential import _to_hf_layout
+
+    model, _ = _load(tiny_models(family))
+    transform = layout_transform(tiny_models(family))
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"):
+        w = model.state_dict()[name].numpy()
+        assert np.allclose(_to_hf_layout(transform, name, transform(name, w)), w, atol=1e-6)
+    if family == "gemma2":  # the query scale really is folded into q_proj
+        name = "model.layers.0.self_attn.q_proj.weight"
+        w = model.state_dict()[name].numpy()
+        assert not np.allclose(transform(name, w), w)
+
+
+def test_sequential_gptq_codes_and_weights(tiny_models):
+    """Layer 0 sees full-precision inputs in both variants, so its codes equal the one-pass GPTQ's;
+    every layer's weights are left as the dequantized codes; held-out KL beats round-to-nearest."""
+    import torch
+
+    from slimlm.compress.gguf_export import layout_transform
+    from slimlm.compress.gptq_sequential import sequential_gptq
+    from slimlm.eval.sources import python_docs
+
+    folder = tiny_models("llama")
+    texts = python_docs()[:-3]
+    transform = layout_transform(folder)
+    one_pass = GPTQ().prepare(folder, texts, samples=16, seq_len=128, progress=False)
+    model, tok = _load(folder)
+    held_out = tok("\n\n".join(python_docs()[-3:]), return_tensors="pt")["input_ids"][:, :256]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    _, ref = _run(model, held_out)
+    codes = sequential_gptq(model, tok, transform, "Q4_0", texts, samples=16, seq_len=128, progress=False)
+    assert set(codes) == {n for n, p in state.items() if ".layers." in n and p.dim() == 2}
+    for name, (q, d, m) in codes.items():
+        w_now = transform(name, model.state_dict()[name].numpy())
+        assert np.allclose(w_now, dequantize_codes("Q4_0", q, d, m), atol=1e-5), name
+        if ".layers.0." in name:
+            q1 = one_pass.quantize_tensor("Q4_0", name, transform(name, state[name].numpy()))[0]
+            assert (q1 == q).mean() > 0.999, name
+    _, logp = _run(model, held_out)
+    kl_seq = float((ref.exp() * (ref - logp)).sum(-1).mean())
+    model.load_state_dict(state)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in codes:
+                p.copy_(torch.from_numpy(dequantize_codes("Q4_0", *rtn("Q4_0", p.numpy()))))
+    _, logp = _run(model, held_out)
+    kl_rtn = float((ref.exp() * (ref - logp)).sum(-1).mean())
+    assert kl_seq < 0.9 * kl_rtn, (kl_seq, kl_rtn)

@@ -153,3 +153,28 @@ def test_awq_method_writes_a_runnable_file_and_cleans_up(tiny_models, tmp_path):
     assert "error" not in result.fidelity, result.fidelity
     assert result.notes and result.notes[0].startswith("AWQ scaled")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+
+
+def test_calibration_from_a_jsonl_field_and_its_errors(tiny_models, tmp_path):
+    """GPTQ calibrates on a user's JSONL field (sequential by default) and the manifest says so;
+    too little text, a missing field or a missing file fail before any model is loaded."""
+    import json
+
+    from slimlm.eval.sources import python_docs
+
+    folder = str(tiny_models("llama"))
+    data = tmp_path / "calib.jsonl"
+    data.write_text("\n".join(json.dumps({"body": t}) for t in python_docs()[:40]))
+    result = quantize(folder, tmp_path / "g.gguf", method="gptq", format="gguf:Q4_0", record=False,
+                      calib=str(data), calib_field="body", calib_samples=4, calib_seq_len=64, check=False)
+    manifest = json.loads((tmp_path / "g.slimlm.json").read_text())
+    assert manifest["params"]["calib"] == str(data) and manifest["params"]["calib_field"] == "body"
+    assert manifest["params"]["sequential"] is True and result.params_quantized > 0
+    short = tmp_path / "short.txt"
+    short.write_text("def f(): pass")
+    for kwargs, message in ((dict(calib=str(short)), "shorter than one sequence"),
+                            (dict(calib=str(data), calib_field="text"), "text"),
+                            (dict(calib=str(tmp_path / "none.jsonl")), "unknown text source")):
+        with pytest.raises(SlimlmError, match=message):
+            quantize(folder, tmp_path / "x.gguf", method="gptq", record=False, calib_seq_len=64, **kwargs)
+        assert not (tmp_path / "x.gguf").exists()

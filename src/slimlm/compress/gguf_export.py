@@ -203,6 +203,15 @@ def _transform(name: str, w: np.ndarray, config: dict, spec: ArchSpec, q_fold: f
     return w
 
 
+def layout_transform(model: str | Path):
+    """`fn(name_hf, w) -> w` mapping a float32 tensor to llama.cpp's layout, as export_gguf writes it
+    (what a `tensor_writer` sees). For quantizers that choose codes before the file is written."""
+    config = _read_config(_folder(model))
+    spec = _spec_for(config)
+    q_fold = query_scale_fold(config, spec)
+    return lambda name, w: _transform(name, w, config, spec, q_fold)
+
+
 def _encode(w: np.ndarray, dtype: str):
     """(data, raw GGML type or None) for a float32 tensor; norms and biases stay f32 as in llama.cpp."""
     import gguf

@@ -68,57 +68,74 @@ def run_calibration(model, windows, batch_size: int, label: str, progress: bool,
             advance()
 
 
-def collect_hessians(model, tokenizer, texts: list[str], samples: int = 32, seq_len: int = 256,
-                     progress: bool = True, batch_size: int = 4) -> dict:
-    """H = 2/N * sum x x^T (float64, on the CPU) of the inputs x of every nn.Linear inside the
-    decoder layers (module names containing ".layers."), keyed by module name (the HF weight name
-    without ".weight"). Up to `samples` windows of `seq_len` tokens are taken, evenly spread, from
-    the concatenated `texts`, and run once through `model` (full precision: the non-sequential
-    variant). Linears fed the very same input tensor (q/k/v, gate/up) share one H object."""
-    import torch
-    from torch import nn
+class HessianHooks:
+    """Forward hooks accumulating H = 2/N * sum x x^T (float64, on the CPU) of the inputs x of the
+    given nn.Linear modules, keyed by module name. Linears fed the very same input tensor (q/k/v,
+    gate/up) share one H object, computed once."""
 
-    windows = _calibration_windows(tokenizer, texts, samples, seq_len)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    alias: dict[str, str] = {}
-    last: list = [None, None]  # (input tensor, key) of the latest hook call
+    def __init__(self, linears: dict):
+        self.sums: dict = {}
+        self.counts: dict[str, int] = {}
+        self.alias: dict[str, str] = {}
+        self._last: list = [None, None]  # (input tensor, key) of the latest hook call
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in linears.items()]
 
-    def make_hook(name: str):
+    def _hook(self, name: str):
         def hook(module, args, output):
             x = args[0]
-            if last[0] is x:  # same input as the previous linear: share its H
-                alias[name] = last[1]
+            if self._last[0] is x:  # same input as the previous linear: share its H
+                self.alias[name] = self._last[1]
                 return
             xf = x.detach().reshape(-1, x.shape[-1]).float()
             xx = (xf.T @ xf).double().cpu()
-            if name in sums:
-                sums[name] += xx
-            else:
-                sums[name] = xx
-            counts[name] = counts.get(name, 0) + xf.shape[0]
-            last[0], last[1] = x, name
+            self.sums[name] = self.sums[name] + xx if name in self.sums else xx
+            self.counts[name] = self.counts.get(name, 0) + xf.shape[0]
+            self._last[0], self._last[1] = x, name
         return hook
 
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and ".layers." in n]
-    if not handles:
+    def forget_input(self) -> None:
+        """Call between batches: a new batch's tensor may reuse a freed one's id."""
+        self._last[:] = [None, None]
+
+    def remove(self) -> dict:
+        """Unhook and return {name: H}."""
+        for h in self._handles:
+            h.remove()
+        out = {name: h.mul_(2.0 / max(self.counts[name], 1)) for name, h in self.sums.items()}
+        for name, key in self.alias.items():
+            out.setdefault(name, out[key])
+        return out
+
+
+def decoder_linears(module, prefix: str = "") -> dict:
+    """{name: nn.Linear} inside the decoder layers (module names containing ".layers.")."""
+    from torch import nn
+
+    return {prefix + n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)
+            and ".layers." in prefix + n}
+
+
+def collect_hessians(model, tokenizer, texts: list[str], samples: int = 32, seq_len: int = 256,
+                     progress: bool = True, batch_size: int = 4) -> dict:
+    """H = 2/N * sum x x^T of the inputs of every nn.Linear inside the decoder layers, keyed by
+    module name (the HF weight name without ".weight"). Up to `samples` windows of `seq_len`
+    tokens are taken, evenly spread, from the concatenated `texts`, and run once through `model`
+    (full precision: the non-sequential variant)."""
+    windows = _calibration_windows(tokenizer, texts, samples, seq_len)
+    linears = decoder_linears(model)
+    if not linears:
         raise SlimlmError("the model has no linear layers inside decoder layers ('.layers.' in their "
                           "names): GPTQ cannot calibrate it")
+    hooks = HessianHooks(linears)
     was_training = model.training
     model.eval()
     try:
         run_calibration(model, windows, batch_size, "calibrating (GPTQ Hessians)", progress,
-                        after_batch=lambda: last.__setitem__(slice(None), [None, None]))
+                        after_batch=hooks.forget_input)
     finally:
-        for h in handles:
-            h.remove()
+        hessians = hooks.remove()
         model.train(was_training)
-    out = {name: h.mul_(2.0 / max(counts[name], 1)) for name, h in sums.items()}
-    for name, key in alias.items():
-        if name not in out:
-            out[name] = out[key]
-    return out
+    return hessians
 
 
 # --- the GPTQ step in a block format ---------------------------------------------------------
@@ -237,7 +254,35 @@ class GPTQ:
     def __init__(self, damp: float = 0.01, act_order: bool = False):
         self.damp, self.act_order = damp, act_order
         self.hessians: dict = {}
+        self.codes: dict = {}  # from prepare_sequential: HF weight name -> (q, d, m)
         self.notes: list[str] = []
+
+    def prepare_sequential(self, model_folder, fmt, calib_texts: list[str] | None = None, samples: int = 32,
+                           seq_len: int = 256, progress: bool = True) -> "GPTQ":
+        """Choose every decoder linear's codes now, layer by layer (gptq_sequential.py); memory holds
+        one layer's Hessians at a time."""
+        import gc
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from slimlm.compress.gguf_export import layout_transform
+        from slimlm.compress.gptq_sequential import sequential_gptq
+        from slimlm.eval.sources import python_docs
+
+        texts = calib_texts if calib_texts is not None else python_docs()[:-3]
+        tokenizer = AutoTokenizer.from_pretrained(str(model_folder))
+        model = AutoModelForCausalLM.from_pretrained(str(model_folder), dtype=torch.float32)
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+        try:
+            self.codes = sequential_gptq(model, tokenizer, layout_transform(model_folder), fmt, texts,
+                                         samples=samples, seq_len=seq_len, damp=self.damp,
+                                         act_order=self.act_order, progress=progress)
+        finally:
+            del model
+            gc.collect()
+        return self
 
     def prepare(self, model_folder, calib_texts: list[str] | None = None, samples: int = 32,
                 seq_len: int = 256, progress: bool = True) -> "GPTQ":
@@ -267,6 +312,8 @@ class GPTQ:
         return self
 
     def quantize_tensor(self, fmt: str | BlockFormat, name_hf: str, w: np.ndarray):
+        if name_hf in self.codes:
+            return self.codes[name_hf]
         key = name_hf[:-len(".weight")] if name_hf.endswith(".weight") else name_hf
         H = self.hessians.get(key)
         w = np.asarray(w)

@@ -90,10 +90,30 @@ def check_widths(shapes: dict[str, tuple[int, ...]], fmt: BlockFormat) -> None:
                               f"block size {fmt.block_size}: choose another format")
 
 
+def calibration_texts(folder: Path, calib: str, calib_field: str | None, seq_len: int) -> list[str]:
+    """The calibration documents, checked to hold at least one sequence before any long work.
+    `python-docs` leaves out its last three topics: quick_fidelity scores those."""
+    from transformers import AutoTokenizer
+
+    from slimlm.eval.sources import python_docs, text_documents
+
+    texts = python_docs()[:-3] if calib == "python-docs" else text_documents(calib, calib_field)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    n = len(tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"])
+    if n < seq_len:
+        raise SlimlmError(f"calibration text is shorter than one sequence: {n} tokens in {calib} for "
+                          f"--calib-seq-len {seq_len}: give more text or a shorter --calib-seq-len")
+    return texts
+
+
 def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format: str = "gguf:Q4_0",
-             force: bool = False, check: bool = True, record: bool = True, calib_samples: int = 32,
-             calib_seq_len: int = 256) -> QuantizeResult:
-    """Quantize a Hugging Face folder (or a model reference that resolves to one) into `out`."""
+             force: bool = False, check: bool = True, record: bool = True, calib: str = "python-docs",
+             calib_field: str | None = None, calib_samples: int = 32, calib_seq_len: int = 256,
+             sequential: bool = True) -> QuantizeResult:
+    """Quantize a Hugging Face folder (or a model reference that resolves to one) into `out`.
+
+    `calib` is `python-docs`, a text file or a JSONL file (field `calib_field`, default "text");
+    GPTQ runs layer by layer (`sequential`, memory: one layer's Hessians) unless told otherwise."""
     from slimlm.compress.gguf_export import export_gguf
     from slimlm.models.loading import dense_folder
     from slimlm.models.reference import resolve
@@ -115,6 +135,7 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
     check_widths(shapes, fmt)  # before any long work
     targets = [n for n, s in shapes.items() if quantizable(n, s)]
     counted = {"quantized": 0}
+    texts = calibration_texts(folder, calib, calib_field, calib_seq_len) if method in ("gptq", "awq") else None
 
     start = time.perf_counter()
     choose = lambda name, w: rtn(fmt, w)  # noqa: E731
@@ -122,7 +143,8 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
     if method == "gptq":
         from slimlm.compress.gptq import GPTQ
 
-        gptq = GPTQ().prepare(folder, samples=calib_samples, seq_len=calib_seq_len)
+        gptq = (GPTQ().prepare_sequential(folder, fmt, texts, samples=calib_samples, seq_len=calib_seq_len)
+                if sequential else GPTQ().prepare(folder, texts, samples=calib_samples, seq_len=calib_seq_len))
         choose, notes = (lambda name, w: gptq.quantize_tensor(fmt, name, w)), gptq.notes  # noqa: E731
     source, awq_tmp = folder, None
     if method == "awq":  # an fp32-equivalent model whose weights round better, then round-to-nearest
@@ -132,7 +154,7 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
 
         out.parent.mkdir(parents=True, exist_ok=True)
         awq_tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.awq-", dir=out.parent))
-        report = apply_awq(folder, awq_tmp / "model", fmt, samples=calib_samples, seq_len=calib_seq_len,
+        report = apply_awq(folder, awq_tmp / "model", fmt, texts, samples=calib_samples, seq_len=calib_seq_len,
                            progress=True)
         source = awq_tmp / "model"
         notes = [f"AWQ scaled {len(report['scaled'])} groups"] + [
@@ -158,7 +180,9 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
                             size_after=out.stat().st_size, params_quantized=counted["quantized"],
                             params_total=sum(int(np.prod(s)) for s in shapes.values()), seconds=seconds,
                             notes=list(notes))
-    return _finish(result, ref, folder, check, record, {"calib_samples": calib_samples, "calib_seq_len": calib_seq_len})
+    calibration = ({"calib": calib, "calib_field": calib_field, "calib_samples": calib_samples,
+                    "calib_seq_len": calib_seq_len, "sequential": sequential} if texts is not None else {})
+    return _finish(result, ref, folder, check, record, calibration)
 
 
 def _quantize_llamacpp(model, out: Path, format: str, *, force: bool, check: bool, record: bool) -> QuantizeResult:
@@ -199,7 +223,7 @@ def _finish(result: QuantizeResult, ref, folder: Path, check: bool, record: bool
             result.fidelity = quick_fidelity(out, folder)
         except SlimlmError as exc:  # the file is written and valid; only the comparison could not run
             result.fidelity = {"error": str(exc)}
-    _write_manifest(out, ref, result)
+    _write_manifest(out, ref, result, extra)
     if record:
         from slimlm.runs import record as record_run
 
@@ -230,12 +254,12 @@ def quick_fidelity(quantized: Path, reference: Path, tokens: int = 512) -> dict:
     return {k: result.metrics[k] for k in keys}
 
 
-def _write_manifest(out: Path, parent, result: QuantizeResult) -> None:
+def _write_manifest(out: Path, parent, result: QuantizeResult, extra: dict) -> None:
     """`model.gguf` gets `model.slimlm.json` beside it (read by `slimlm lineage`)."""
     from slimlm.runs import versions
 
     manifest = {"parent": {"spec": parent.spec, "path": str(parent.path), "kind": parent.kind},
-                "operation": "quantize", "params": {"method": result.method, "format": result.format},
+                "operation": "quantize", "params": {"method": result.method, "format": result.format, **extra},
                 "metrics": result.to_dict(), "versions": versions(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     out.with_suffix(".slimlm.json").write_text(json.dumps(manifest, indent=2, default=str))

@@ -1,0 +1,128 @@
+"""Sequential GPTQ: one decoder layer at a time, as in the GPTQ paper, so memory holds only that
+layer's Hessians.
+
+The non-sequential variant (`GPTQ.prepare`) runs the full-precision model once and keeps every
+layer's Hessian (for SmolLM2-135M about 0.8 GB of float64). Here:
+
+1. one full-precision pass records the calibration hidden states entering the first decoder
+   layer, and the keyword arguments every layer is called with (rotary embeddings, masks: they
+   depend on positions only, not on the weights);
+2. for each layer in turn: run its calibration inputs through it with Hessian hooks on its
+   linears; choose GPTQ codes for each linear *in llama.cpp's layout* (the exact tensor the GGUF
+   writer will see, so the cached codes are written as chosen); write the dequantized weights
+   back into the layer; run the inputs through the quantized layer to get the next layer's
+   inputs; free the layer's Hessians.
+
+So each layer is calibrated on what the already-quantized layers before it really produce (the
+error of earlier layers is part of what later ones compensate), and only the codes (about one
+byte per weight) outlive a layer.
+"""
+
+from __future__ import annotations
+
+import gc
+from contextlib import nullcontext
+
+import numpy as np
+
+from slimlm.compress.blocks import BlockFormat, dequantize_codes, get_format
+from slimlm.compress.gptq import HessianHooks, _calibration_windows, decoder_linears, gptq_quantize
+from slimlm.errors import SlimlmError
+from slimlm.progress import progress_bar
+
+
+def _to_hf_layout(transform, name: str, w_gguf: np.ndarray) -> np.ndarray:
+    """Undo the export's layout change of a 2-D weight. It only permutes rows and scales them by a
+    constant (rotary order, folded query scale), so it is the matrix T = transform(I) = c*P and
+    its inverse is T^T / c^2."""
+    rows = w_gguf.shape[0]
+    T = transform(name, np.eye(rows, dtype=np.float32))
+    c2 = float((T * T).sum(1)[0])
+    return (T.T @ w_gguf) / c2
+
+
+class _Stop(Exception):
+    """Raised by the first layer's hook: the rest of the forward pass is not needed."""
+
+
+def _capture_inputs(model, layers, windows, batch_size: int):
+    """(hidden states entering layer 0 per batch, per layer the kwargs of its call per batch)."""
+    import torch
+
+    inputs: list = []
+    kwargs: list[list[dict]] = [[] for _ in layers]
+
+    def pre_hook(index):
+        def hook(module, args, kw):
+            kwargs[index].append(dict(kw))
+            if index == 0:
+                inputs.append(args[0] if args else kw.get("hidden_states"))
+            if index == len(layers) - 1:
+                raise _Stop
+        return hook
+
+    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for at in range(0, len(windows), batch_size):
+                try:
+                    model(input_ids=windows[at:at + batch_size].to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    for kw in kwargs:
+        for call in kw:
+            call.pop("hidden_states", None)
+    return inputs, kwargs
+
+
+def _run_layer(layer, hidden, kw: dict):
+    out = layer(hidden, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def sequential_gptq(model, tokenizer, transform, fmt: str | BlockFormat, texts: list[str], samples: int = 32,
+                    seq_len: int = 256, damp: float = 0.01, act_order: bool = False, batch_size: int = 4,
+                    progress: bool = True) -> dict:
+    """{HF weight name: (q, d, m)} for every decoder linear, codes in llama.cpp's layout (`transform`
+    is gguf_export.layout_transform(folder)). `model` is changed in place: its decoder linears end
+    up holding their dequantized weights."""
+    import torch
+
+    from slimlm.compress.awq import _decoder_layers
+
+    fmt = get_format(fmt)
+    layers = _decoder_layers(model)
+    if layers is None:
+        raise SlimlmError("the model has no decoder layer list: sequential GPTQ cannot walk it")
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    windows = _calibration_windows(tokenizer, texts, samples, seq_len)
+    model.eval()
+    hidden, kwargs = _capture_inputs(model, layers, windows, batch_size)
+    codes: dict = {}
+    bar = progress_bar(f"GPTQ layer by layer → {fmt.name}", len(layers)) if progress else nullcontext(lambda n=1: None)
+    with torch.no_grad(), bar as advance:
+        for i, layer in enumerate(layers):
+            linears = decoder_linears(layer, prefix=f"{prefix}.{i}.")
+            hooks = HessianHooks(linears)
+            try:
+                for b, x in enumerate(hidden):
+                    _run_layer(layer, x, kwargs[i][b])
+                    hooks.forget_input()
+            finally:
+                hessians = hooks.remove()
+            for name, linear in linears.items():
+                key = name + ".weight"
+                w = transform(key, linear.weight.detach().float().cpu().numpy())
+                q, d, m = gptq_quantize(fmt, w, hessians[name].numpy(), damp=damp, act_order=act_order)
+                codes[key] = (q, d, m)
+                deq = _to_hf_layout(transform, key, dequantize_codes(fmt, q, d, m))
+                linear.weight.copy_(torch.from_numpy(deq).to(linear.weight.dtype))
+            del hessians
+            hidden = [_run_layer(layer, x, kwargs[i][b]) for b, x in enumerate(hidden)]
+            gc.collect()
+            advance()
+    return codes

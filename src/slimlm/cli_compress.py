@@ -19,7 +19,15 @@ def quantize(
     model: str = ModelArg,
     out_path: Path = typer.Option(..., "--out", "-o", help="The file to write (e.g. model-q4_0.gguf)."),
     method: str = typer.Option("rtn", "--method", help="; ".join(f"{k}: {v}" for k, v in METHODS.items())),
-    fmt: str = typer.Option("gguf:Q4_0", "--format", help=f"gguf:TYPE, TYPE one of {', '.join(FORMATS)}."),
+    fmt: str = typer.Option("gguf:Q4_0", "--format", help=f"gguf:TYPE (TYPE one of {', '.join(FORMATS)}; with "
+                            "--method llamacpp any llama.cpp type, e.g. Q4_K_M), or hf: a Hugging Face folder "
+                            "with packed weights that slimlm's torch backend loads (see --bits, --group-size)."),
+    bits: int = typer.Option(None, "--bits", help="hf: 8, 4, 3 or 2 (default 4). gguf: picks the type "
+                             "(8 Q8_0, 5 Q5_0, 4 Q4_0) when --format is just gguf."),
+    group_size: int = typer.Option(None, "--group-size", help="hf: weights per scale along a row, a divisor of "
+                                   "every layer width (default 64); 0 = one scale per output channel."),
+    symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="hf: codes around zero, or with a "
+                                   "per-group minimum (one more fp16 per group, better for skewed weights)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     check: bool = typer.Option(True, "--check/--no-check", help="Measure KL and top-1 agreement against "
                                "the input on held-out text afterwards."),
@@ -31,6 +39,8 @@ def quantize(
     sequential: bool = typer.Option(True, "--sequential/--one-pass", help="GPTQ: calibrate layer by layer on "
                                     "the quantized layers' outputs (memory: one layer's Hessians), or all layers "
                                     "in one full-precision pass (faster, all Hessians in memory)."),
+    embeddings: str = typer.Option("f16", "--embeddings", help="Token embedding and output head: f16, or Q8_0 "
+                                   "(smaller; what llama.cpp's quantizer does for small models)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else."),
 ):
     """Make a model smaller in llama.cpp's block formats, and say what it cost in quality.
@@ -38,12 +48,15 @@ def quantize(
     \b
     Example: slimlm quantize ./dense --format gguf:Q4_0 --out smollm2-q4_0.gguf
     The file runs in llama.cpp and Ollama as is: slimlm generate smollm2-q4_0.gguf "Hello"
+    GPTQ from calibration text:  slimlm quantize ./dense --method gptq --out smollm2-gptq.gguf
+    A packed 3-bit torch folder: slimlm quantize ./dense --format hf --bits 3 --out smollm2-int3
     """
     from slimlm.compress.quantize import quantize as do_quantize
 
-    result = do_quantize(model, out_path, method=method, format=fmt, force=force, check=check,
+    result = do_quantize(model, out_path, method=method, format=fmt, bits=bits, group_size=group_size,
+                         symmetric=symmetric, force=force, check=check,
                          calib=calib, calib_field=calib_field, calib_samples=calib_samples,
-                         calib_seq_len=calib_seq_len, sequential=sequential)
+                         calib_seq_len=calib_seq_len, sequential=sequential, embeddings=embeddings)
     if as_json:
         print(json.dumps(result.to_dict(), default=str))
         return

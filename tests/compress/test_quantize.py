@@ -178,3 +178,75 @@ def test_calibration_from_a_jsonl_field_and_its_errors(tiny_models, tmp_path):
         with pytest.raises(SlimlmError, match=message):
             quantize(folder, tmp_path / "x.gguf", method="gptq", record=False, calib_seq_len=64, **kwargs)
         assert not (tmp_path / "x.gguf").exists()
+
+
+def test_q8_0_embeddings_are_smaller_and_still_run(tiny_models, tmp_path):
+    from gguf import GGUFReader
+
+    folder = str(tiny_models("llama"))
+    f16 = quantize(folder, tmp_path / "a.gguf", format="gguf:Q4_0", record=False)
+    q8 = quantize(folder, tmp_path / "b.gguf", format="gguf:Q4_0", record=False, embeddings="Q8_0")
+    kinds = {t.name: t.tensor_type.name for t in GGUFReader(q8.out).tensors}
+    assert kinds["token_embd.weight"] == "Q8_0" and q8.size_after < f16.size_after
+    # Q8_0's error is small next to the 4-bit body's: the KL barely moves
+    assert "error" not in q8.fidelity and q8.fidelity["kl_mean"] < 1.2 * f16.fidelity["kl_mean"]
+    with pytest.raises(SlimlmError, match="f16 or Q8_0"):
+        quantize(folder, tmp_path / "c.gguf", record=False, embeddings="Q4_0")
+
+
+@pytest.mark.parametrize("method,bits,group,symmetric", [("rtn", 4, 64, True), ("gptq", 3, 32, False),
+                                                         ("ternary", None, 32, True), ("rtn", 8, 0, True),
+                                                         ("awq", 4, 32, True)])
+def test_packed_hf_output_loads_and_generates(method, bits, group, symmetric, tiny_models, tmp_path):
+    """`--format hf` writes packed codes that slimlm's torch backend reads back: the stored weights
+    are the codes' values (checked against a direct dequantization), and the model generates."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    from slimlm.compress.packed import unpack_codes
+    from slimlm.models.backends import GenerationParams, open_backend
+    from slimlm.models.loading import load_torch
+
+    folder = tiny_models("llama")
+    out = tmp_path / "packed"
+    result = quantize(str(folder), out, method=method, format="hf", bits=bits, group_size=group,
+                      symmetric=symmetric, record=False, calib_samples=4, calib_seq_len=64)
+    assert "error" not in result.fidelity, result.fidelity
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    manifest = json.loads((out / "slimlm.json").read_text())
+    assert manifest["params"]["method"] == method and manifest["params"]["group_size"] in (group, 0)
+    assert result.size_after < result.size_before
+    model, _ = load_torch(out)
+    name = "model.layers.1.mlp.down_proj"
+    with safe_open(out / "model.safetensors", framework="pt") as st:
+        packed, scales = st.get_tensor(f"{name}.qweight"), st.get_tensor(f"{name}.scales").float()
+        mins = st.get_tensor(f"{name}.mins").float() if f"{name}.mins" in st.keys() else None
+    cols = model.get_submodule(name).in_features
+    rows = model.get_submodule(name).out_features
+    assert packed.dtype == torch.uint8 and packed.numel() <= rows * (cols * config["bits"] // 8 + 2)  # packed, not fp32
+    q = unpack_codes(packed, config["bits"], cols).float()
+    g = cols // scales.shape[1]
+    w = scales.repeat_interleave(g, 1) * (q - config["zero"]) + (0 if mins is None else mins.repeat_interleave(g, 1))
+    with torch.no_grad():
+        assert torch.allclose(model.get_submodule(name).dequantize().float(), w, atol=1e-6)
+    engine = open_backend(str(out), "torch", dtype="float32")
+    assert engine.generate("def f(x):", GenerationParams(max_tokens=4), raw=True).text is not None
+    if method == "ternary":
+        assert set(q.unique().tolist()) <= {0.0, 1.0, 2.0}
+
+
+def test_format_and_method_mismatches_fail_up_front(tiny_models, tmp_path):
+    folder = str(tiny_models("llama"))
+    cases = [(dict(format="hf", bits=5), "bit width 5"),
+             (dict(format="hf", group_size=48), "group size 48"),
+             (dict(method="ternary", format="gguf:Q4_0"), "TQ1_0 or TQ2_0"),
+             (dict(format="gguf:Q4_0", bits=8), "4-bit codes, not 8"),
+             (dict(format="gguf:Q4_0", group_size=64), "fixes the group size"),
+             (dict(format="gguf", bits=3), "no 3-bit llama.cpp block format"),
+             (dict(method="awq", format="hf", group_size=0), "per-channel")]
+    for kwargs, message in cases:
+        with pytest.raises(SlimlmError, match=message):
+            quantize(folder, tmp_path / "x", record=False, **kwargs)
+        assert not (tmp_path / "x").exists()

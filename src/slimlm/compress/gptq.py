@@ -211,7 +211,7 @@ def gptq_quantize(fmt: str | BlockFormat, w: np.ndarray, H: np.ndarray, damp: fl
         W, H = W[:, perm], H[np.ix_(perm, perm)]
     U = _inverse_cholesky(H, damp)
 
-    Q = np.zeros((rows, cols), dtype=np.int8)
+    Q = np.zeros((rows, cols), dtype=np.int16)
     D = np.zeros((rows, cols // bs), dtype=np.float32)
     M = None if fmt.symmetric else np.zeros((rows, cols // bs), dtype=np.float32)
     batch = max(bs, batch // bs * bs)
@@ -243,7 +243,7 @@ def gptq_quantize(fmt: str | BlockFormat, w: np.ndarray, H: np.ndarray, damp: fl
             W1[:, i:] -= np.outer(err, U1[i, i:])
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return Q, D, M
+    return Q.astype(np.int8 if fmt.qmin < 0 else np.uint8), D, M
 
 
 # --- the two verbs quantize() uses -----------------------------------------------------------
@@ -258,9 +258,10 @@ class GPTQ:
         self.notes: list[str] = []
 
     def prepare_sequential(self, model_folder, fmt, calib_texts: list[str] | None = None, samples: int = 32,
-                           seq_len: int = 256, progress: bool = True) -> "GPTQ":
+                           seq_len: int = 256, progress: bool = True, transform=None) -> "GPTQ":
         """Choose every decoder linear's codes now, layer by layer (gptq_sequential.py); memory holds
-        one layer's Hessians at a time."""
+        one layer's Hessians at a time. Codes are for llama.cpp's layout (GGUF) unless `transform`
+        says otherwise (identity for a Hugging Face folder); `fmt` may be a function of the width."""
         import gc
 
         import torch
@@ -276,7 +277,7 @@ class GPTQ:
         if torch.cuda.is_available():
             model = model.to("cuda")
         try:
-            self.codes = sequential_gptq(model, tokenizer, layout_transform(model_folder), fmt, texts,
+            self.codes = sequential_gptq(model, tokenizer, transform or layout_transform(model_folder), fmt, texts,
                                          samples=samples, seq_len=seq_len, damp=self.damp,
                                          act_order=self.act_order, progress=progress)
         finally:

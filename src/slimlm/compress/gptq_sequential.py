@@ -25,7 +25,7 @@ from contextlib import nullcontext
 
 import numpy as np
 
-from slimlm.compress.blocks import BlockFormat, dequantize_codes, get_format
+from slimlm.compress.blocks import dequantize_codes, get_format
 from slimlm.compress.gptq import HessianHooks, _calibration_windows, decoder_linears, gptq_quantize
 from slimlm.errors import SlimlmError
 from slimlm.progress import progress_bar
@@ -84,17 +84,18 @@ def _run_layer(layer, hidden, kw: dict):
     return out[0] if isinstance(out, tuple) else out
 
 
-def sequential_gptq(model, tokenizer, transform, fmt: str | BlockFormat, texts: list[str], samples: int = 32,
+def sequential_gptq(model, tokenizer, transform, fmt, texts: list[str], samples: int = 32,
                     seq_len: int = 256, damp: float = 0.01, act_order: bool = False, batch_size: int = 4,
                     progress: bool = True) -> dict:
     """{HF weight name: (q, d, m)} for every decoder linear, codes in llama.cpp's layout (`transform`
-    is gguf_export.layout_transform(folder)). `model` is changed in place: its decoder linears end
-    up holding their dequantized weights."""
+    is gguf_export.layout_transform(folder)). `fmt` is a format, or a function of a layer's width
+    returning one (per-channel groups). `model` is changed in place: its decoder linears end up
+    holding their dequantized weights."""
     import torch
 
     from slimlm.compress.awq import _decoder_layers
 
-    fmt = get_format(fmt)
+    fmt_of = fmt if callable(fmt) else (lambda cols, f=get_format(fmt): f)
     layers = _decoder_layers(model)
     if layers is None:
         raise SlimlmError("the model has no decoder layer list: sequential GPTQ cannot walk it")
@@ -103,7 +104,7 @@ def sequential_gptq(model, tokenizer, transform, fmt: str | BlockFormat, texts: 
     model.eval()
     hidden, kwargs = _capture_inputs(model, layers, windows, batch_size)
     codes: dict = {}
-    bar = progress_bar(f"GPTQ layer by layer → {fmt.name}", len(layers)) if progress else nullcontext(lambda n=1: None)
+    bar = progress_bar("GPTQ layer by layer", len(layers)) if progress else nullcontext(lambda n=1: None)
     with torch.no_grad(), bar as advance:
         for i, layer in enumerate(layers):
             linears = decoder_linears(layer, prefix=f"{prefix}.{i}.")
@@ -117,9 +118,10 @@ def sequential_gptq(model, tokenizer, transform, fmt: str | BlockFormat, texts: 
             for name, linear in linears.items():
                 key = name + ".weight"
                 w = transform(key, linear.weight.detach().float().cpu().numpy())
-                q, d, m = gptq_quantize(fmt, w, hessians[name].numpy(), damp=damp, act_order=act_order)
+                f = fmt_of(w.shape[1])
+                q, d, m = gptq_quantize(f, w, hessians[name].numpy(), damp=damp, act_order=act_order)
                 codes[key] = (q, d, m)
-                deq = _to_hf_layout(transform, key, dequantize_codes(fmt, q, d, m))
+                deq = _to_hf_layout(transform, key, dequantize_codes(f, q, d, m))
                 linear.weight.copy_(torch.from_numpy(deq).to(linear.weight.dtype))
             del hessians
             hidden = [_run_layer(layer, x, kwargs[i][b]) for b, x in enumerate(hidden)]

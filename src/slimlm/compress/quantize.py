@@ -1,11 +1,12 @@
 """`slimlm quantize`: make a model smaller, write a file people run, and say what it cost.
 
-This first slice writes GGUF files in llama.cpp's own block formats (Q8_0, Q4_0, Q4_1, Q5_0,
-Q5_1, TQ1_0, TQ2_0) from a Hugging Face folder. A method decides the integer codes and scales of
-each block (round-to-nearest, or GPTQ from calibration text; AWQ is to come), blocks.py packs
-them byte for byte as llama.cpp stores them, and gguf_export.py writes the file, so llama.cpp and
-Ollama run the result unchanged. Embeddings, the output head and 1-D tensors (norms, biases) stay
-in f16/f32, as llama.cpp's own quantizer keeps them in higher precision too.
+GGUF output is in llama.cpp's own block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0),
+written from a Hugging Face folder. A method decides the integer codes and scales of each block
+(round-to-nearest, GPTQ or AWQ from calibration text), blocks.py packs them byte for byte as
+llama.cpp stores them, and gguf_export.py writes the file, so llama.cpp and Ollama run the result
+unchanged. 1-D tensors (norms, biases) stay f32; the token embedding and output head stay f16 by
+default, or Q8_0 with `embeddings="Q8_0"` (what llama.cpp's own quantizer picks for a small model's
+tied embedding), in higher precision than the body either way.
 
 Every quantize ends with a quick fidelity check: KL divergence and top-1 agreement of the new file
 (on llama.cpp) against the input model (on torch) on held-out python-docs text.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,8 @@ METHODS = {"rtn": "round-to-nearest in the block format (llama.cpp's reference c
            "gptq": "GPTQ: codes and block scales chosen with second-order error compensation from calibration text",
            "awq": "AWQ: activation-aware per-channel scaling (equivalent in fp32) from calibration text, then "
                   "round-to-nearest",
+           "ternary": "weights in {-1, 0, +1} times a least-squares scale per group (1.58-bit; TQ1_0/TQ2_0 or "
+                      "--format hf); post-training, so expect a large quality loss",
            "llamacpp": "llama.cpp's own quantizer (any type it offers, e.g. Q4_K_M; no importance matrix): "
                        "the baseline"}
 # Tensors kept in higher precision: the token embedding and output head (as llama.cpp's quantizer
@@ -85,9 +89,10 @@ def _tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
 
 def check_widths(shapes: dict[str, tuple[int, ...]], fmt: BlockFormat) -> None:
     for name, shape in shapes.items():
-        if quantizable(name, shape) and shape[-1] % fmt.block_size:
+        if fmt.block_size and quantizable(name, shape) and shape[-1] % fmt.block_size:
             raise SlimlmError(f"{name}: the layer width {shape[-1]} is not a multiple of the {fmt.name} "
-                              f"block size {fmt.block_size}: choose another format")
+                              f"group size {fmt.block_size}: choose another format or --group-size "
+                              "(--format hf takes any group size that divides the widths)")
 
 
 def calibration_texts(folder: Path, calib: str, calib_field: str | None, seq_len: int) -> list[str]:
@@ -106,24 +111,53 @@ def calibration_texts(folder: Path, calib: str, calib_field: str | None, seq_len
     return texts
 
 
+def resolve_format(format: str, method: str, bits: int | None, group_size: int | None,
+                   symmetric: bool) -> tuple[str, BlockFormat]:
+    """("gguf" | "hf", format). GGUF block formats fix bits and group size; `hf` (a packed Hugging
+    Face folder) takes any of bits 8/4/3/2 (or ternary), group size (0: per channel) and symmetry."""
+    from slimlm.compress.packed import int_format, ternary_format
+
+    kind, sep, name = format.partition(":")
+    if kind.lower() == "hf":
+        group = HF_GROUP if group_size is None else group_size
+        return "hf", ternary_format(group) if method == "ternary" else int_format(bits or 4, group, symmetric)
+    if not sep and kind.lower() == "gguf":  # --format gguf --bits N
+        name, sep = GGUF_BY_BITS.get("ternary" if method == "ternary" else bits or 4, ""), ":"
+        if not name:
+            raise SlimlmError(f"no {bits}-bit llama.cpp block format that slimlm writes: use --format hf, or "
+                              f"--method llamacpp --format gguf:Q{bits}_K_M for llama.cpp's K-quants")
+    fmt = parse_format(format if name == "" else f"gguf:{name}")
+    if method == "ternary" and not fmt.name.startswith("TQ"):
+        raise SlimlmError(f"the ternary method writes TQ1_0 or TQ2_0 (or --format hf), not {fmt.name}")
+    if bits is not None and bits != fmt.bits:
+        raise SlimlmError(f"{fmt.name} holds {fmt.bits}-bit codes, not {bits}: drop --bits or use --format hf")
+    if group_size is not None and group_size != fmt.block_size:
+        raise SlimlmError(f"{fmt.name} fixes the group size at {fmt.block_size}: drop --group-size, or use "
+                          "--format hf for other group sizes")
+    return "gguf", fmt
+
+
 def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format: str = "gguf:Q4_0",
+             bits: int | None = None, group_size: int | None = None, symmetric: bool = True,
              force: bool = False, check: bool = True, record: bool = True, calib: str = "python-docs",
              calib_field: str | None = None, calib_samples: int = 32, calib_seq_len: int = 256,
-             sequential: bool = True) -> QuantizeResult:
-    """Quantize a Hugging Face folder (or a model reference that resolves to one) into `out`.
+             sequential: bool = True, embeddings: str = "f16") -> QuantizeResult:
+    """Quantize a Hugging Face folder (or a model reference that resolves to one) into `out`: a
+    GGUF file (`gguf:TYPE`) or a packed Hugging Face folder (`hf`, with bits/group_size/symmetric).
 
     `calib` is `python-docs`, a text file or a JSONL file (field `calib_field`, default "text");
-    GPTQ runs layer by layer (`sequential`, memory: one layer's Hessians) unless told otherwise."""
-    from slimlm.compress.gguf_export import export_gguf
+    GPTQ runs layer by layer (`sequential`, memory: one layer's Hessians) unless told otherwise.
+    `embeddings` is f16 or Q8_0 (GGUF: the token embedding and output head)."""
     from slimlm.models.loading import dense_folder
     from slimlm.models.reference import resolve
-    from slimlm.progress import progress_bar
 
     if method not in METHODS:
         raise SlimlmError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
     if method == "llamacpp":
         return _quantize_llamacpp(model, Path(out), format, force=force, check=check, record=record)
-    fmt = parse_format(format)
+    kind, fmt = resolve_format(format, method, bits, group_size, symmetric)
+    if embeddings.upper() not in ("F16", "Q8_0"):
+        raise SlimlmError(f"--embeddings {embeddings}: choose f16 or Q8_0")
     if calib_samples < 1 or calib_seq_len < 2:
         raise SlimlmError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
     out = Path(out)
@@ -133,56 +167,123 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
     folder = dense_folder(ref)
     shapes = _tensor_shapes(folder)
     check_widths(shapes, fmt)  # before any long work
+    if method == "awq" and fmt.block_size == 0:
+        raise SlimlmError("AWQ searches scales per group: give --group-size > 0 (per-channel is not supported)")
     targets = [n for n, s in shapes.items() if quantizable(n, s)]
-    counted = {"quantized": 0}
     texts = calibration_texts(folder, calib, calib_field, calib_seq_len) if method in ("gptq", "awq") else None
 
     start = time.perf_counter()
-    choose = lambda name, w: rtn(fmt, w)  # noqa: E731
-    notes: list[str] = []
-    if method == "gptq":
-        from slimlm.compress.gptq import GPTQ
+    with _source(method, folder, fmt, out, texts, calib_samples, calib_seq_len) as (source, notes):
+        choose = _chooser(method, kind, fmt, source, texts, calib_samples, calib_seq_len, sequential, notes)
+        if kind == "gguf":
+            quantized = _write_gguf(source, out, fmt, targets, choose, embeddings, force, method)
+        else:
+            quantized = _write_hf(source, out, fmt, targets, choose, force, method)
+    seconds = time.perf_counter() - start
+    size_after = out.stat().st_size if kind == "gguf" else sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    result = QuantizeResult(out=str(out), method=method, format=f"{kind}:{fmt.name}",
+                            size_before=sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+                            size_after=size_after, params_quantized=quantized,
+                            params_total=sum(int(np.prod(s)) for s in shapes.values()), seconds=seconds,
+                            notes=list(notes))
+    params = {"bits": fmt.bits, "group_size": fmt.block_size, "symmetric": fmt.symmetric}
+    if texts is not None:
+        params.update(calib=calib, calib_field=calib_field, calib_samples=calib_samples,
+                      calib_seq_len=calib_seq_len, sequential=sequential)
+    return _finish(result, ref, folder, check, record, params)
 
-        gptq = (GPTQ().prepare_sequential(folder, fmt, texts, samples=calib_samples, seq_len=calib_seq_len)
-                if sequential else GPTQ().prepare(folder, texts, samples=calib_samples, seq_len=calib_seq_len))
-        choose, notes = (lambda name, w: gptq.quantize_tensor(fmt, name, w)), gptq.notes  # noqa: E731
-    source, awq_tmp = folder, None
-    if method == "awq":  # an fp32-equivalent model whose weights round better, then round-to-nearest
-        import tempfile
 
-        from slimlm.compress.awq import apply_awq
+HF_GROUP = 64  # divides the widths of every small model slimlm ships or tests (576, 640, 896, 1536, 2048)
+GGUF_BY_BITS = {8: "Q8_0", 5: "Q5_0", 4: "Q4_0", "ternary": "TQ2_0"}
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        awq_tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.awq-", dir=out.parent))
-        report = apply_awq(folder, awq_tmp / "model", fmt, texts, samples=calib_samples, seq_len=calib_seq_len,
-                           progress=True)
-        source = awq_tmp / "model"
+
+@contextmanager
+def _source(method, folder: Path, fmt, out: Path, texts, samples: int, seq_len: int):
+    """(the folder whose weights get rounded, notes): the input, or for AWQ an fp32-equivalent copy
+    whose weights round better, removed afterwards."""
+    if method != "awq":
+        yield folder, []
+        return
+    import tempfile
+
+    from slimlm.compress.awq import apply_awq
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.awq-", dir=out.parent))
+    try:
+        report = apply_awq(folder, tmp / "model", fmt, texts, samples=samples, seq_len=seq_len, progress=True)
         notes = [f"AWQ scaled {len(report['scaled'])} groups"] + [
             f"AWQ skipped layer {s['layer']} {s['group']}: {s['why']}" for s in report["skipped"]
             if s["group"] != "v->o"]
+        yield tmp / "model", notes
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _chooser(method, kind, fmt, source: Path, texts, samples, seq_len, sequential, notes):
+    """choose(name, w) -> (q, d, m): the method's codes for one weight, in the output's layout."""
+    from slimlm.compress.packed import for_width, int_rtn
+
+    def plain(name, w):
+        f = for_width(fmt, w.shape[1]) if kind == "hf" else fmt
+        if method == "ternary":
+            from slimlm.compress.ternary import ternary_quantize
+
+            return ternary_quantize(w, f.block_size)
+        return int_rtn(f, w) if kind == "hf" else rtn(f, w)
+
+    if method != "gptq":
+        return plain
+    from slimlm.compress.gptq import GPTQ
+
+    fmt_of = (lambda cols: for_width(fmt, cols)) if kind == "hf" else fmt  # noqa: E731
+    identity = (lambda name, w: w) if kind == "hf" else None  # noqa: E731
+    gptq = (GPTQ().prepare_sequential(source, fmt_of, texts, samples=samples, seq_len=seq_len, transform=identity)
+            if sequential else GPTQ().prepare(source, texts, samples=samples, seq_len=seq_len))
+    notes.extend(gptq.notes)
+    return lambda name, w: gptq.quantize_tensor(fmt_of(w.shape[1]) if kind == "hf" else fmt, name, w)
+
+
+def _write_gguf(source: Path, out: Path, fmt, targets, choose, embeddings: str, force: bool, method: str) -> int:
+    from slimlm.compress.gguf_export import export_gguf
+    from slimlm.progress import progress_bar
+
+    embed_fmt = get_format("Q8_0") if embeddings.upper() == "Q8_0" else None
+    counted = [0]
     with progress_bar(f"{method} → {fmt.name}", len(targets)) as advance:
         def writer(name_hf: str, name_gguf: str, w: np.ndarray):
             if name_hf not in targets:
+                if embed_fmt is not None and w.ndim == 2 and any(k in name_hf for k in _KEEP) \
+                        and w.shape[-1] % embed_fmt.block_size == 0:
+                    return pack(embed_fmt, *rtn(embed_fmt, w)), embed_fmt.qtype
                 return None
             q, d, m = choose(name_hf, w)
-            counted["quantized"] += w.size
+            counted[0] += w.size
             advance()
             return pack(fmt, q, d, m), fmt.qtype
 
-        try:
-            export_gguf(source, out, dtype="f16", force=force, tensor_writer=writer, file_type=fmt.name)
-        finally:
-            if awq_tmp is not None:
-                shutil.rmtree(awq_tmp, ignore_errors=True)
-    seconds = time.perf_counter() - start
-    result = QuantizeResult(out=str(out), method=method, format=f"gguf:{fmt.name}",
-                            size_before=sum(f.stat().st_size for f in folder.glob("*.safetensors")),
-                            size_after=out.stat().st_size, params_quantized=counted["quantized"],
-                            params_total=sum(int(np.prod(s)) for s in shapes.values()), seconds=seconds,
-                            notes=list(notes))
-    calibration = ({"calib": calib, "calib_field": calib_field, "calib_samples": calib_samples,
-                    "calib_seq_len": calib_seq_len, "sequential": sequential} if texts is not None else {})
-    return _finish(result, ref, folder, check, record, calibration)
+        export_gguf(source, out, dtype="f16", force=force, tensor_writer=writer, file_type=fmt.name)
+    return counted[0]
+
+
+def _write_hf(source: Path, out: Path, fmt, targets, choose, force: bool, method: str) -> int:
+    from safetensors import safe_open
+
+    from slimlm.compress.packed import save_packed
+    from slimlm.progress import progress_bar
+
+    choices, counted = {}, 0
+    with progress_bar(f"{method} → {fmt.name}", len(targets)) as advance:
+        for file in sorted(source.glob("*.safetensors")):
+            with safe_open(file, framework="numpy") as st:
+                for name in st.keys():
+                    if name in targets:
+                        w = st.get_tensor(name).astype(np.float32)
+                        choices[name] = choose(name, w)
+                        counted += w.size
+                        advance()
+    save_packed(source, out, choices, fmt, {"method": method}, force=force)
+    return counted
 
 
 def _quantize_llamacpp(model, out: Path, format: str, *, force: bool, check: bool, record: bool) -> QuantizeResult:
@@ -223,7 +324,13 @@ def _finish(result: QuantizeResult, ref, folder: Path, check: bool, record: bool
             result.fidelity = quick_fidelity(out, folder)
         except SlimlmError as exc:  # the file is written and valid; only the comparison could not run
             result.fidelity = {"error": str(exc)}
-    _write_manifest(out, ref, result, extra)
+    if out.is_dir():  # a packed folder: its manifest lives inside, as for every slimlm folder
+        from slimlm.runs import write_manifest
+
+        write_manifest(out, ref, "quantize", {"method": result.method, "format": result.format, **extra},
+                       result.to_dict())
+    else:
+        _write_manifest(out, ref, result, extra)
     if record:
         from slimlm.runs import record as record_run
 
@@ -244,7 +351,8 @@ def quick_fidelity(quantized: Path, reference: Path, tokens: int = 512) -> dict:
     ref_scorer = make_scorer(full)
     tokens = min(tokens, ref_scorer.max_length)
     text = "\n\n".join(python_docs()[-3:])[: tokens * 6]
-    small = open_backend(str(quantized), "llamacpp", logits_all=True, n_ctx=tokens)
+    small = (open_backend(str(quantized), "torch", dtype="float32") if Path(quantized).is_dir()
+             else open_backend(str(quantized), "llamacpp", logits_all=True, n_ctx=tokens))
     try:
         result = run_perplexity(make_scorer(small), [text], source="python-docs (held out)", context=tokens,
                                 limit=1, reference=ref_scorer, reference_name=str(reference))

@@ -1,106 +1,243 @@
 #!/usr/bin/env python3
-"""Quantization: slimlm's methods against llama.cpp's own quantizer, on the same reference, in one run.
+"""Quantization: slimlm's methods against llama.cpp's own tools, on the same references, in one run.
 
-Reference: the built-in SmolLM2-135M-Instruct as a dense fp32 folder (slimlm's conversion of
-its GGUF). Every file is scored the same way: on llama.cpp, against the fp32 reference on torch,
-over held-out python-docs text (the last 3 topics, which GPTQ's calibration never sees):
-perplexity, bits per byte, mean KL divergence and top-1 agreement; plus file size, bits per
-weight (file bits / all parameters), llama.cpp decode tokens/s and quantization wall time.
+References: the built-in SmolLM2-135M-Instruct and Gemma 3 270M, each as a dense fp32 folder
+(slimlm's conversion of its GGUF). The peer is llama.cpp's own command-line tools, built for this
+CPU from the llama.cpp that llama-cpp-python vendors (bench/llama_tools.py): `llama-quantize`
+without and with an importance matrix from `llama-imatrix` on the calibration text, and
+`llama-perplexity` as the yardstick.
 
-llama.cpp's rows come from its quantizer called through llama-cpp-python, without an importance
-matrix (the bindings do not expose `imatrix`). Note that llama.cpp's Q4_0 also quantizes the
-token embedding (to Q8_0 here) while slimlm keeps it in f16, so sizes differ at the same type.
+Every file is scored twice on the held-out text (the last 3 python-docs topics, which calibration
+never sees):
 
-    python bench/quantize.py [--methods rtn,gptq,llamacpp] [--formats Q4_0,Q8_0] [--no-write]
+1. by slimlm (`slimlm eval`'s perplexity with --reference): the file on llama.cpp against the fp32
+   reference on torch, sliding windows of 512 tokens: perplexity, bits per byte, mean KL, top-1
+   agreement; plus file size, bits per weight, llama.cpp decode tokens/s and quantize wall time;
+2. by `llama-perplexity --kl-divergence` against the f32 GGUF, and by slimlm on the very same
+   tokens with llama-perplexity's protocol (chunks of 512, the first token replaced by BOS, the
+   second half of each chunk scored): the two must agree within 2%.
+
+    python bench/quantize.py [--models smollm2-135m-instruct,gemma3-270m] [--no-write]
+    python bench/quantize.py --packed     # packed Hugging Face folders: bits 8/4/3/2 and ternary, on torch
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import re
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from results import append_section  # noqa: E402  (bench/results.py, beside this script)
+import numpy as np
+from llama_tools import build as build_llama_tools  # noqa: E402  (bench/, beside this script)
+from results import append_section  # noqa: E402
 
 import slimlm  # noqa: F401  (switches hub access off before transformers is imported)
+from slimlm.compress.gguf_export import export_gguf
 from slimlm.compress.quantize import quantize
-from slimlm.eval.loglik import make_scorer
+from slimlm.eval.loglik import Request, make_scorer
 from slimlm.eval.perplexity import run_perplexity
 from slimlm.eval.sources import python_docs
 from slimlm.models.backends import GenerationParams, open_backend
 from slimlm.models.loading import dense_folder
 from slimlm.models.reference import resolve
 
-MODEL = "smollm2-135m-instruct"
 CONTEXT = 512
+CALIB = dict(calib_samples=32, calib_seq_len=256)  # slimlm's GPTQ/AWQ and llama-imatrix get the same budget
+SLIMLM_JOBS = [("rtn", "Q4_0"), ("gptq", "Q4_0"), ("awq", "Q4_0"), ("rtn", "Q8_0"), ("gptq", "Q8_0")]
+PEER_JOBS = [("Q4_0", False), ("Q4_0", True), ("Q4_K_M", False), ("Q4_K_M", True), ("Q8_0", False)]
 
 
-def score(path: Path, reference_scorer, docs: list[str]) -> dict:
+def run_tool(tools: Path, name: str, *args) -> str:
+    done = subprocess.run([str(tools / name), *map(str, args)], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{name} failed: {done.stderr[-2000:]}")
+    return done.stdout + done.stderr
+
+
+def llama_perplexity(tools: Path, path: Path, text: Path, base_kld: Path) -> dict:
+    """llama.cpp's own perplexity and KL divergence of `path` against the saved f32 logits."""
+    log = run_tool(tools, "llama-perplexity", "-m", path, "-f", text, "-c", CONTEXT, "-b", CONTEXT,
+                   "--kl-divergence-base", base_kld, "--kl-divergence", "-t", 2)
+    ppl = re.search(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", log)
+    kld = re.search(r"Mean\s+KLD:\s*([-\d.]+)", log)
+    top = re.search(r"Same top p:\s*([\d.]+)", log)
+    if not (ppl and kld):
+        raise RuntimeError(f"could not read llama-perplexity's output:\n{log[-1500:]}")
+    return {"perplexity": float(ppl.group(1)), "kl_mean": float(kld.group(1)),
+            "top1_agreement": float(top.group(1)) / 100 if top else float("nan")}
+
+
+def protocol_ids(path: Path, text: str) -> list[list[int]]:
+    """llama-perplexity's chunks: the text tokenized with BOS, cut into n_ctx pieces, each piece's
+    first token replaced by BOS."""
+    engine = open_backend(str(path), "llamacpp", n_ctx=CONTEXT)
+    ids = engine.llm.tokenize(text.encode(), add_bos=True)
+    bos = engine.llm.token_bos()
+    engine.close()
+    return [[bos] + ids[i * CONTEXT + 1:(i + 1) * CONTEXT] for i in range(len(ids) // CONTEXT)]
+
+
+def slimlm_protocol(path: Path, chunks: list[list[int]], reference) -> dict:
+    """slimlm's scorers on llama-perplexity's tokens: positions n_ctx/2+1 .. n_ctx-1 of each chunk."""
+    import torch
+
+    engine = open_backend(str(path), "llamacpp", logits_all=True, n_ctx=CONTEXT)
+    requests = [Request(ids=c, start=CONTEXT // 2 + 1) for c in chunks]
+    got = make_scorer(engine).score(requests, want_rows=True)
+    engine.close()
+    ref = reference.score(requests, want_rows=True)
+    nll = np.concatenate([-g.logprobs for g in got])
+    kl = torch.cat([(r.rows.exp() * (r.rows - g.rows)).sum(-1) for g, r in zip(got, ref)]).double().numpy()
+    agree = np.concatenate([(r.rows.argmax(-1) == g.rows.argmax(-1)).numpy() for g, r in zip(got, ref)])
+    return {"perplexity": float(np.exp(nll.mean())), "kl_mean": float(kl.mean()), "top1_agreement": float(agree.mean())}
+
+
+def slimlm_scores(path: Path, reference, docs: list[str], name: str) -> dict:
     engine = open_backend(str(path), "llamacpp", logits_all=True, n_ctx=CONTEXT)
     result = run_perplexity(make_scorer(engine), docs, source="held-out", context=CONTEXT,
-                            reference=reference_scorer, reference_name=MODEL)
+                            reference=reference, reference_name=name)
     engine.close()
     engine = open_backend(str(path), "llamacpp", n_ctx=CONTEXT)
-    rates = []
-    for prompt in ("The Python language reference", "A small language model is"):
-        rates.append(engine.generate(prompt, GenerationParams(max_tokens=64), raw=True).timings.decode_tps)
+    rates = [engine.generate(p, GenerationParams(max_tokens=64), raw=True).timings.decode_tps
+             for p in ("The Python language reference", "A small language model is", "Tuples are")]
     engine.close()
-    return {**result.metrics, "decode_tps": sorted(rates)[len(rates) // 2]}
+    return {**result.metrics, "decode_tps": sorted(rates)[1]}
+
+
+def bench_model(model: str, tools: Path, tmp: Path) -> tuple[list[str], list[str], float]:
+    folder = dense_folder(resolve(model))
+    held_out = tmp / "held-out.txt"
+    held_out.write_text("\n\n".join(python_docs()[-3:]))
+    calib = tmp / "calib.txt"
+    calib.write_text("\n\n".join(python_docs()[:-3]))
+    f32 = export_gguf(folder, tmp / "f32.gguf", dtype="f32")
+    start = time.perf_counter()
+    run_tool(tools, "llama-imatrix", "-m", f32, "-f", calib, "-o", tmp / "imatrix.gguf", "-c", CALIB["calib_seq_len"],
+             "--chunks", CALIB["calib_samples"], "-t", 2)
+    imatrix_s = time.perf_counter() - start
+    base_kld = tmp / "base.kld"
+    run_tool(tools, "llama-perplexity", "-m", f32, "-f", held_out, "-c", CONTEXT, "-b", CONTEXT,
+             "--kl-divergence-base", base_kld, "-t", 2)
+    chunks = protocol_ids(f32, held_out.read_text())
+    reference = make_scorer(open_backend(str(folder), "torch", dtype="float32"))
+    docs = python_docs()[-3:]
+
+    rows = []
+    for method, fmt in SLIMLM_JOBS + [("llamacpp", job) for job in PEER_JOBS]:
+        if method == "llamacpp":
+            fmt, imatrix = fmt
+            out = tmp / f"peer-{fmt}{'-imat' if imatrix else ''}.gguf"
+            start = time.perf_counter()
+            run_tool(tools, "llama-quantize", *(["--imatrix", tmp / "imatrix.gguf"] if imatrix else []), f32, out, fmt, 2)
+            seconds = time.perf_counter() - start + (imatrix_s if imatrix else 0.0)
+            label = f"llama.cpp (peer){' + imatrix' if imatrix else ''}"
+        else:
+            out = tmp / f"{method}-{fmt}.gguf"
+            start = time.perf_counter()
+            quantize(str(folder), out, method=method, format=f"gguf:{fmt}", check=False, record=False, **CALIB)
+            seconds, label = time.perf_counter() - start, f"slimlm {method}"
+        ours = slimlm_scores(out, reference, docs, model)
+        peer = llama_perplexity(tools, out, held_out, base_kld)
+        same = slimlm_protocol(out, chunks, reference)
+        rows.append((label, fmt, out.stat().st_size, seconds, ours, peer, same))
+        print(f"{model} {label} {fmt}: KL {ours['kl_mean']:.4f}, ppl {ours['perplexity']:.3f}; llama-perplexity "
+              f"ppl {peer['perplexity']:.3f} KL {peer['kl_mean']:.4f} vs slimlm same tokens ppl "
+              f"{same['perplexity']:.3f} KL {same['kl_mean']:.4f}", flush=True)
+    n_params = sum(int(np.prod(s)) for s in _shapes(folder).values())
+    table = [f"**{model}** (reference perplexity {rows[0][4]['reference_perplexity']:.3f}, {rows[0][4]['tokens']} "
+             "held-out tokens)", "",
+             "| method | type | file MiB | bits/weight | perplexity | bits/byte | KL mean | top-1 | decode tok/s "
+             "| quantize s | llama-perplexity ppl / KL | slimlm on its tokens ppl / KL | agreement ppl / KL |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    worst = 0.0
+    for label, fmt, size, seconds, m, peer, same in rows:
+        d_ppl = abs(same["perplexity"] / peer["perplexity"] - 1)
+        d_kl = abs(same["kl_mean"] / peer["kl_mean"] - 1) if peer["kl_mean"] > 0 else 0.0
+        worst = max(worst, d_ppl, d_kl)
+        table.append(f"| {label} | {fmt} | {size / 2**20:.1f} | {8 * size / n_params:.2f} | {m['perplexity']:.3f} | "
+                     f"{m['bits_per_byte']:.4f} | {m['kl_mean']:.4f} | {m['top1_agreement']:.1%} | "
+                     f"{m['decode_tps']:.0f} | {seconds:.1f} | {peer['perplexity']:.3f} / {peer['kl_mean']:.4f} | "
+                     f"{same['perplexity']:.3f} / {same['kl_mean']:.4f} | {d_ppl:.2%} / {d_kl:.2%} |")
+    kl = {(label, fmt): m["kl_mean"] for label, fmt, _, _, m, _, _ in rows}
+    best = min((k for k in kl if k[0].startswith("slimlm") and k[1] == "Q4_0"), key=kl.get)
+    plain, imat = kl[("llama.cpp (peer)", "Q4_0")], kl[("llama.cpp (peer) + imatrix", "Q4_0")]
+    lines = [f"Q4_0: best slimlm method ({best[0]}) KL {kl[best]:.4f} = {kl[best] / plain:.2f}x llama.cpp's Q4_0 "
+             f"without importance matrix ({plain:.4f}; target <= 0.7x) and {kl[best] / imat:.2f}x with one "
+             f"({imat:.4f}; target <= 1.0x)",
+             f"largest disagreement between slimlm and llama-perplexity on the same tokens: {worst:.2%} (target < 2%)"]
+    return table, lines, worst
+
+
+PACKED_JOBS = [("rtn", 8), ("rtn", 4), ("gptq", 4), ("rtn", 3), ("gptq", 3), ("rtn", 2), ("gptq", 2), ("ternary", None)]
+
+
+def bench_packed(model: str, tmp: Path) -> list[str]:
+    """Packed Hugging Face folders (--format hf, group 64) on slimlm's torch backend: what each bit
+    width and the ternary method cost, scored the same way against the fp32 reference."""
+    folder = dense_folder(resolve(model))
+    reference = make_scorer(open_backend(str(folder), "torch", dtype="float32"))
+    docs = python_docs()[-3:]
+    table = [f"**{model}**, packed Hugging Face folders (group size 64, symmetric), run on torch", "",
+             "| method | bits | weights MiB | perplexity | bits/byte | KL mean | top-1 | quantize s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for method, bits in PACKED_JOBS:
+        out = tmp / f"{method}-{bits}"
+        start = time.perf_counter()
+        result = quantize(str(folder), out, method=method, format="hf", bits=bits, group_size=64, check=False,
+                          record=False, **CALIB)
+        seconds = time.perf_counter() - start
+        engine = open_backend(str(out), "torch", dtype="float32")
+        m = run_perplexity(make_scorer(engine), docs, source="held-out", context=CONTEXT, reference=reference,
+                           reference_name=model).metrics
+        table.append(f"| slimlm {method} | {bits or 'ternary'} | {result.size_after / 2**20:.1f} | "
+                     f"{m['perplexity']:.3f} | {m['bits_per_byte']:.4f} | {m['kl_mean']:.4f} | "
+                     f"{m['top1_agreement']:.1%} | {seconds:.1f} |")
+        print(table[-1], flush=True)
+    return table
+
+
+def _shapes(folder: Path) -> dict:
+    from slimlm.compress.quantize import _tensor_shapes
+
+    return _tensor_shapes(folder)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default="rtn,gptq,llamacpp")
-    ap.add_argument("--formats", default="Q4_0,Q8_0")
-    ap.add_argument("--extra-llamacpp", default="Q4_K_M", help="more llama.cpp-only types (comma-separated)")
+    ap.add_argument("--models", default="smollm2-135m-instruct,gemma3-270m")
+    ap.add_argument("--packed", action="store_true", help="only the packed Hugging Face rows (bits 8..2, ternary)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-
-    folder = dense_folder(resolve(MODEL))
-    docs = python_docs()[-3:]
-    reference = open_backend(str(folder), "torch", dtype="float32")
-    ref_scorer = make_scorer(reference)
-    jobs = [(m, f) for f in args.formats.split(",") for m in args.methods.split(",")]
-    jobs += [("llamacpp", f) for f in args.extra_llamacpp.split(",") if f]
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for method, fmt in jobs:
-            out = Path(tmp) / f"{method}-{fmt}.gguf"
-            start = time.perf_counter()
-            result = quantize(str(folder), out, method=method, format=f"gguf:{fmt}", check=False, record=False)
-            seconds = time.perf_counter() - start
-            metrics = score(out, ref_scorer, docs)
-            rows.append((method, fmt, result, seconds, metrics))
-            print(f"{method} {fmt}: KL {metrics['kl_mean']:.4f}, ppl {metrics['perplexity']:.3f}", flush=True)
-    ref_ppl = rows[0][4]["reference_perplexity"]
-    table = ["| method | type | file MiB | bits/weight | perplexity | bits/byte | KL mean | top-1 agreement "
-             "| decode tok/s | quantize s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for method, fmt, result, seconds, m in rows:
-        name = "llama.cpp quantize (peer)" if method == "llamacpp" else f"slimlm {method}"
-        table.append(f"| {name} | {fmt} | {result.size_after / 2**20:.1f} | {result.bits_per_weight:.2f} | "
-                     f"{m['perplexity']:.3f} | {m['bits_per_byte']:.4f} | {m['kl_mean']:.4f} | "
-                     f"{m['top1_agreement']:.1%} | {m['decode_tps']:.0f} | {seconds:.1f} |")
-    kl = {(method, fmt): m["kl_mean"] for method, fmt, _, _, m in rows}
-    lines = []
-    for fmt in args.formats.split(","):
-        peer = kl.get(("llamacpp", fmt))
-        ours = {k: v for k, v in kl.items() if k[1] == fmt and k[0] != "llamacpp"}
-        if peer and ours:
-            best = min(ours, key=ours.get)
-            lines.append(f"{fmt}: best slimlm method {best[0]} has KL {ours[best]:.4f} = "
-                         f"{ours[best] / peer:.2f}x llama.cpp's {peer:.4f} (no importance matrix)")
-    print("\n".join(table + [""] + lines))
-    print(f"reference perplexity (fp32, torch) {ref_ppl:.3f}; tokens {rows[0][4]['tokens']}")
+    if args.packed:
+        body = []
+        for model in args.models.split(","):
+            with tempfile.TemporaryDirectory() as tmp:
+                body += bench_packed(model, Path(tmp)) + [""]
+        if not args.no_write:
+            append_section("quantize, packed Hugging Face folders", "Held-out text: the last 3 python-docs topics, "
+                           f"context {CONTEXT}; KL against the fp32 reference, both on torch; GPTQ calibrated on "
+                           "32 x 256 tokens. Command: `python bench/quantize.py --packed`.", body)
+        return 0
+    tools = build_llama_tools()
+    body: list[str] = []
+    for model in args.models.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            table, lines, _ = bench_model(model, tools, Path(tmp))
+        print("\n".join(table + [""] + lines), flush=True)
+        body += table + [""] + [f"- {x}" for x in lines] + [""]
     if args.no_write:
         return 0
-    description = (f"SmolLM2-135M-Instruct, reference its dense fp32 conversion (perplexity {ref_ppl:.3f}); scored on "
-                   f"llama.cpp over the last 3 python-docs topics ({rows[0][4]['tokens']} tokens, context {CONTEXT}), "
-                   "KL vs the fp32 reference on torch; GPTQ/AWQ calibrated on 32 x 256 tokens of the other topics; "
-                   "llama.cpp without importance matrix. Command: `python bench/quantize.py`.")
-    print(f"appended to {append_section('quantize', description, table + [''] + [f'- {x}' for x in lines])}")
+    description = ("References: dense fp32 conversions of the built-in models. Held-out text: the last 3 python-docs "
+                   f"topics, context {CONTEXT}. slimlm GPTQ/AWQ and llama-imatrix calibrate on 32 x 256 tokens of the "
+                   "other topics. Peer rows: llama.cpp's own llama-quantize / llama-imatrix / llama-perplexity built "
+                   "from the llama.cpp vendored by llama-cpp-python 0.3.36 (bench/llama_tools.py); quantize seconds "
+                   "of imatrix rows include computing the matrix. bits/weight: file bits / all parameters. "
+                   "Command: `python bench/quantize.py`.")
+    print(f"appended to {append_section('quantize', description, body)}")
     return 0
 
 

@@ -47,7 +47,7 @@ def test_int_rtn_is_llama_cpp_rule_and_fits_gptq():
     q, d, m = int_rtn(int_format(8, 0, False), w)  # 8-bit codes 0..255 need uint8
     assert q.dtype == np.uint8 and q.max() == 255 and q.min() == 0 and d.shape == (8, 1)
     gq = gptq_quantize(for_width(int_format(8, 0, False), 64), w, np.eye(64))[0]
-    assert gq.dtype == np.int8 and np.array_equal(gq.view(np.uint8), q)  # save_packed reads int8 so
+    assert gq.dtype == np.uint8 and np.array_equal(gq, q)  # GPTQ returns codes 0..255 unsigned, unwrapped
     assert for_width(int_format(2, -1), 48).block_size == 48
     w = np.random.default_rng(1).standard_normal((4, 512)).astype(np.float32)  # ternary: llama.cpp's TQ2_0 rule
     assert all(np.array_equal(a, b) for a, b in zip(int_rtn(ternary_format(256), w)[:2], rtn(FORMATS["TQ2_0"], w)))

@@ -45,8 +45,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-
 from slimlm.compress.blocks import BlockFormat, dequantize_codes, get_format, rtn
 from slimlm.compress.gptq import _calibration_windows, run_calibration
 from slimlm.errors import SlimlmError
@@ -168,8 +166,6 @@ def _find_groups(model, layers, skipped: list) -> list[_Group]:
 # --- calibration ------------------------------------------------------------------------------
 
 def _capture(model, windows, groups: list[_Group], max_tokens: int, batch_size: int, progress: bool):
-    import torch
-
     stride = max(1, math.ceil(windows.numel() / max_tokens))
     outputs: dict[int, object] = {}
     handles = []

@@ -17,8 +17,8 @@ from rich.table import Table
 
 from slimlm.errors import SlimlmError
 
-VERBS = ["generate", "chat", "info", "convert", "eval", "bench", "compare", "report", "quantize", "export", "runs",
-         "lineage", "quickstart"]
+VERBS = ["generate", "chat", "info", "convert", "eval", "bench", "compare", "report", "quantize", "export", "serve",
+         "runs", "lineage", "quickstart"]
 
 app = typer.Typer(
     name="slimlm", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -215,6 +215,7 @@ def quickstart(max_tokens: int = typer.Option(48, "--max-tokens", "-n", help="To
 # The measuring verbs live in their own module; importing it registers them on `app`.
 import slimlm.cli_compress  # noqa: E402,F401
 import slimlm.cli_eval  # noqa: E402,F401
+import slimlm.cli_serve  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,0 +1,111 @@
+"""The training verbs of the CLI: finetune. Parsing and printing only; the work is in slimlm.train."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from slimlm.cli import ModelArg, app, out
+from slimlm.train.finetune import METHODS
+
+
+@app.command()
+def finetune(
+    model: str = ModelArg,
+    data: str = typer.Option(..., "--data", "-d", help="JSONL of {\"messages\": [...]} chats, {\"prompt\", "
+                             "\"completion\"} pairs or {\"text\"} lines; a .txt file; or python-docs."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the result, checkpoints/, train_log.jsonl "
+                                 "and loss.png."),
+    method: str = typer.Option("lora", "--method", help="; ".join(f"{k}: {v}" for k, v in METHODS.items())),
+    rank: int = typer.Option(16, "--rank", "-r", help="LoRA rank: adapter width (8-64 typical; more learns more)."),
+    alpha: float = typer.Option(32, "--alpha", help="LoRA scale; the update is multiplied by alpha/rank."),
+    dropout: float = typer.Option(0.05, "--dropout", help="Dropout on the adapter's input (regularizes small data)."),
+    target: Optional[List[str]] = typer.Option(None, "--target", help="Module to adapt (repeat, or comma-separate); "
+                                               "default: the family's attention and MLP projections."),
+    merge: bool = typer.Option(False, "--merge", help="Also fold the adapter into the weights: OUT becomes a dense "
+                               "model folder every slimlm command takes (the adapter stays in OUT/adapter)."),
+    epochs: float = typer.Option(1.0, "--epochs", help="Passes over the training data (ignored with --max-steps)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps to train for."),
+    lr: float = typer.Option(2e-4, "--lr", help="Peak learning rate (LoRA 1e-4..1e-3; full fine-tuning ~1e-5)."),
+    batch_size: int = typer.Option(4, "--batch-size", "-b", help="Examples per micro-batch (per process)."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step: a bigger effective "
+                                   "batch without more memory."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per example (longer ones are cut) or packed block."),
+    eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="Share of the data held out to measure "
+                                        "held-out loss and perplexity (0 for none)."),
+    schedule: str = typer.Option("cosine", "--schedule", help="Learning-rate schedule: cosine, linear or constant."),
+    warmup_steps: int = typer.Option(0, "--warmup-steps", help="Steps of linear warm-up before the schedule."),
+    eval_every: int = typer.Option(50, "--eval-every", help="Steps between held-out evaluations (0: at the end)."),
+    save_every: int = typer.Option(100, "--save-every", help="Steps between checkpoints for --resume (0: none)."),
+    early_stop: int = typer.Option(0, "--early-stop", help="Stop after this many evaluations without a better "
+                                   "held-out loss (0: never)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the split, the data order, dropout and the adapter's init."),
+    pack: bool = typer.Option(False, "--pack", help="Pack chat/pair examples into --seq-len blocks (plain text "
+                              "always is): no padding, masks kept."),
+    gguf: bool = typer.Option(False, "--gguf", help="LoRA: also write the adapter for llama.cpp (adapter.gguf; "
+                              "llama-cli -m base.gguf --lora adapter.gguf)."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations in "
+                                                "the backward pass: less memory, ~30% slower."),
+    train_on_prompt: bool = typer.Option(False, "--train-on-prompt", help="Learn the prompt tokens too, not only "
+                                         "the answers."),
+    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed JSONL lines (counted) "
+                                        "instead of stopping at the first."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in OUT from its newest "
+                                "checkpoint, with the same settings."),
+    force: bool = typer.Option(False, "--force", help="Delete OUT (a previous slimlm run) and start over."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else."),
+):
+    """Teach a model your task from examples: LoRA/DoRA adapters or full fine-tuning.
+
+    \b
+    Example:
+      slimlm finetune ./dense --data examples.jsonl --out ./tuned --max-steps 200 --merge
+      slimlm generate ./tuned "Your prompt"
+    Data, one JSON object per line (the model's chat template formats it; only the
+    assistant's words are learned):
+      {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
+      {"prompt": "...", "completion": "..."}
+    Plain text (.txt, {"text": ...} lines, python-docs) is learned whole.
+    Without --merge, OUT is a peft adapter: PeftModel.from_pretrained(base, OUT).
+    OUT/loss.png: training loss falling while held-out loss rises means memorizing;
+    stop earlier (--early-stop) or lower --lr. Interrupted? Rerun with --resume.
+    Several processes: accelerate launch --multi_gpu --num_processes 2 -m slimlm finetune ...
+    """
+    from slimlm.train.core import TrainConfig
+    from slimlm.train.finetune import finetune as do_finetune
+
+    config = TrainConfig(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+                         schedule=schedule, warmup_steps=warmup_steps, eval_every=eval_every, save_every=save_every,
+                         early_stop_patience=early_stop, seed=seed, gradient_checkpointing=gradient_checkpointing)
+    result = do_finetune(model, data, out_dir, method=method, rank=rank, alpha=alpha, dropout=dropout,
+                         target_modules=target, merge=merge, train_on_prompt=train_on_prompt, config=config,
+                         resume=resume, force=force, seq_len=seq_len, eval_fraction=eval_fraction,
+                         pack=pack or None, skip_bad_lines=skip_bad_lines, gguf=gguf)
+    if as_json:
+        print(json.dumps(result.to_dict(), default=str))
+        return
+    t, d = result.train, result.data
+    table = Table(title=f"{model} → {result.out}", show_header=False, box=None)
+    table.add_row("method", f"{result.method}" + (f" on {', '.join(result.targets)}" if result.targets else ""))
+    table.add_row("trained parameters", f"{result.trainable_params:,} of {result.total_params:,} "
+                                        f"({result.trainable_params / max(result.total_params, 1):.2%})")
+    table.add_row("data", f"{d['train_examples']} training / {d['eval_examples']} held-out {d['kind']} examples"
+                          + (f", {d['truncated']} cut to --seq-len" if d["truncated"] else "")
+                          + (f", {d['skipped']} bad lines skipped" if d["skipped"] else ""))
+    table.add_row("steps, tokens", f"{t.steps} steps, {t.tokens:,} tokens in {t.seconds:.1f} s ({t.stopped})")
+    if t.train_loss is not None:
+        table.add_row("training loss (last step)", f"{t.train_loss:.4f}")
+    if t.eval_loss is not None:
+        table.add_row("held-out loss, perplexity", f"{t.eval_loss:.4f}, {t.perplexity:.3f}")
+    table.add_row("log, plot", f"{result.out / 'train_log.jsonl'}, {result.out / 'loss.png'}")
+    out.print(table)
+    if result.method == "full" or result.merged:
+        out.print(f"[dim]next: slimlm generate {result.out} \"...\"  or  "
+                  f"slimlm export {result.out} --out model.gguf[/dim]")
+    else:
+        out.print(f"[dim]next: peft.PeftModel.from_pretrained(base, \"{result.adapter}\"), or rerun with --merge "
+                  "for a standalone model[/dim]")

@@ -262,54 +262,21 @@ class GPTQ:
         """Choose every decoder linear's codes now, layer by layer (gptq_sequential.py); memory holds
         one layer's Hessians at a time. Codes are for llama.cpp's layout (GGUF) unless `transform`
         says otherwise (identity for a Hugging Face folder); `fmt` may be a function of the width."""
-        import gc
-
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from slimlm.compress.gguf_export import layout_transform
         from slimlm.compress.gptq_sequential import sequential_gptq
-        from slimlm.eval.sources import python_docs
 
-        texts = calib_texts if calib_texts is not None else python_docs()[:-3]
-        tokenizer = AutoTokenizer.from_pretrained(str(model_folder))
-        model = AutoModelForCausalLM.from_pretrained(str(model_folder), dtype=torch.float32)
-        if torch.cuda.is_available():
-            model = model.to("cuda")
-        try:
+        with _calibration_model(model_folder, calib_texts) as (model, tokenizer, texts):
             self.codes = sequential_gptq(model, tokenizer, transform or layout_transform(model_folder), fmt, texts,
                                          samples=samples, seq_len=seq_len, damp=self.damp,
                                          act_order=self.act_order, progress=progress)
-        finally:
-            del model
-            gc.collect()
         return self
 
     def prepare(self, model_folder, calib_texts: list[str] | None = None, samples: int = 32,
                 seq_len: int = 256, progress: bool = True) -> "GPTQ":
-        """Load the fp32 model, collect the Hessians of its decoder linears, free the model.
-        calib_texts defaults to python-docs without the last three topics (held out for the
-        fidelity check)."""
-        import gc
-
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from slimlm.eval.sources import python_docs
-
-        texts = calib_texts if calib_texts is not None else python_docs()[:-3]
-        tokenizer = AutoTokenizer.from_pretrained(str(model_folder))
-        model = AutoModelForCausalLM.from_pretrained(str(model_folder), dtype=torch.float32)
-        if torch.cuda.is_available():
-            model = model.to("cuda")
-        try:
+        """Collect the Hessians of every decoder linear in one full-precision pass (all kept)."""
+        with _calibration_model(model_folder, calib_texts) as (model, tokenizer, texts):
             self.hessians = collect_hessians(model, tokenizer, texts, samples=samples, seq_len=seq_len,
                                              progress=progress)
-        finally:
-            del model
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
         return self
 
     def quantize_tensor(self, fmt: str | BlockFormat, name_hf: str, w: np.ndarray):
@@ -324,3 +291,28 @@ class GPTQ:
             return rtn(fmt, w)
         H = H.numpy() if hasattr(H, "numpy") else np.asarray(H)
         return gptq_quantize(fmt, w, H, damp=self.damp, act_order=self.act_order)
+
+
+@contextlib.contextmanager
+def _calibration_model(model_folder, calib_texts: list[str] | None):
+    """(fp32 model on the GPU if there is one, tokenizer, texts), freed afterwards. calib_texts
+    defaults to python-docs without the last three topics (held out for the fidelity check)."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slimlm.eval.sources import python_docs
+
+    texts = calib_texts if calib_texts is not None else python_docs()[:-3]
+    tokenizer = AutoTokenizer.from_pretrained(str(model_folder))
+    model = AutoModelForCausalLM.from_pretrained(str(model_folder), dtype=torch.float32)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    try:
+        yield model, tokenizer, texts
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

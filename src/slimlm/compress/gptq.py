@@ -243,7 +243,7 @@ def gptq_quantize(fmt: str | BlockFormat, w: np.ndarray, H: np.ndarray, damp: fl
             W1[:, i:] -= np.outer(err, U1[i, i:])
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return Q.astype(np.int8 if fmt.qmin < 0 else np.uint8), D, M
+    return Q.astype(np.uint8 if fmt.qmax > 127 else np.int8), D, M  # int8 as blocks.rtn, unless codes reach 255
 
 
 # --- the two verbs quantize() uses -----------------------------------------------------------

@@ -18,7 +18,7 @@ from rich.table import Table
 from slimlm.errors import SlimlmError
 
 VERBS = ["generate", "chat", "info", "convert", "eval", "bench", "compare", "report", "quantize", "export", "serve",
-         "router", "ledger", "finetune", "runs", "lineage", "quickstart"]
+         "router", "ledger", "finetune", "prune", "runs", "lineage", "quickstart"]
 
 app = typer.Typer(
     name="slimlm", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -216,6 +216,7 @@ def quickstart(max_tokens: int = typer.Option(48, "--max-tokens", "-n", help="To
 import slimlm.cli_compress  # noqa: E402,F401
 import slimlm.cli_eval  # noqa: E402,F401
 import slimlm.cli_ledger  # noqa: E402,F401
+import slimlm.cli_prune  # noqa: E402,F401
 import slimlm.cli_router  # noqa: E402,F401
 import slimlm.cli_serve  # noqa: E402,F401
 import slimlm.cli_train  # noqa: E402,F401

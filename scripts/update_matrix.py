@@ -19,7 +19,7 @@ from slimlm.models.families import FAMILIES  # noqa: E402
 
 START, END = "<!-- matrix:start -->", "<!-- matrix:end -->"
 # Column order; capabilities not listed here are appended alphabetically.
-CAPABILITIES = ["load", "generate", "save_reload", "info", "gguf_export", "quantize"]
+CAPABILITIES = ["load", "generate", "save_reload", "info", "gguf_export", "quantize", "finetune", "prune", "distill"]
 MARK = {"passed": "✅", "failed": "❌", "skipped": "⏭️"}
 
 

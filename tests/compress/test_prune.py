@@ -237,3 +237,20 @@ def test_cli_prune(tiny_models, tmp_path, capsys):
     assert code == 1 and "already exists" in err and "--force" in err
     code, out, err = run_cli(capsys, *args, "--force")
     assert code == 0 and "sparsity" in out and "non-embedding" in out
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3", "gemma2", "gemma3_text"])
+def test_matrix_prune(family, tiny_models, tmp_path):
+    """Width pruning to half the non-embedding parameters gives a smaller dense model of the same
+    family that transformers loads and that generates."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    result = prune(tiny_models(family), tmp_path / "half", method="width", target_params=0.5, record=False,
+                   calib_samples=4, calib_seq_len=32, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "half", dtype=torch.float32)
+    assert model.config.model_type == family
+    assert sum(p.numel() for p in model.parameters()) < sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_models(family)).parameters())
+    out = model.generate(torch.tensor([[1, 40, 77]]), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == 6 and result.params_after < result.params_before

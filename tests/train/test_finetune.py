@@ -181,3 +181,20 @@ def test_cli_end_to_end(tiny_models, pairs, tmp_path, capfd):
     assert "held-out loss, perplexity" in stdout and "PeftModel.from_pretrained" in stdout
     code, stdout, _ = run_cli(capfd, "finetune", "--help")
     assert code == 0 and "slimlm finetune ./dense --data" in stdout and "--merge" in stdout
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "qwen2", "phi3", "gemma2", "gemma3_text",
+                                    "deepseek_v3"])
+def test_matrix_finetune(family, tiny_models, pairs, tmp_path):
+    """LoRA on each family's tiny model lowers the training loss and its adapter reloads."""
+    from peft import PeftModel
+
+    folder = tiny_models(family)
+    base, tok = load_torch(folder)
+    batch = collate(load_data(pairs, tok, eval_fraction=0).train)
+    before = causal_lm_loss(base, batch)[0].item()
+    result = finetune(folder, pairs, tmp_path / "lora", config=quick(4, lr=2e-2), eval_fraction=0,
+                      record_run=False)
+    assert causal_lm_loss(result.model.eval(), batch)[0].item() < before
+    reloaded = PeftModel.from_pretrained(load_torch(folder)[0], tmp_path / "lora")
+    assert torch.allclose(logits(reloaded), logits(result.model), atol=1e-5)

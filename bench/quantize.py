@@ -223,23 +223,22 @@ def main() -> int:
                            "32 x 256 tokens. Command: `python bench/quantize.py --packed`.", body)
         return 0
     tools = build_llama_tools()
-    body: list[str] = []
-    for model in args.models.split(","):
+    for model in args.models.split(","):  # one section per model, written as soon as it is measured
         with tempfile.TemporaryDirectory() as tmp:
             table, lines, _ = bench_model(model, tools, Path(tmp))
         print("\n".join(table + [""] + lines), flush=True)
-        body += table + [""] + [f"- {x}" for x in lines] + [""]
-    if args.no_write:
-        return 0
-    description = ("References: dense fp32 conversions of the built-in models. Held-out text: the last 3 python-docs "
-                   f"topics, context {CONTEXT}. slimlm GPTQ/AWQ and llama-imatrix calibrate on 32 x 256 tokens of the "
-                   "other topics. Peer rows: llama.cpp's own llama-quantize / llama-imatrix / llama-perplexity built "
-                   "from the llama.cpp vendored by llama-cpp-python 0.3.36 (bench/llama_tools.py); quantize seconds "
-                   "of imatrix rows include computing the matrix. bits/weight: file bits / all parameters. "
-                   "Command: `python bench/quantize.py`.")
-    print(f"appended to {append_section('quantize', description, body)}")
+        if not args.no_write:
+            body = table + [""] + [f"- {x}" for x in lines]
+            print(f"appended to {append_section('quantize', DESCRIPTION, body)}")
     return 0
 
+
+DESCRIPTION = ("References: dense fp32 conversions of the built-in models. Held-out text: the last 3 python-docs "
+               f"topics, context {CONTEXT}. slimlm GPTQ/AWQ and llama-imatrix calibrate on 32 x 256 tokens of the "
+               "other topics. Peer rows: llama.cpp's own llama-quantize / llama-imatrix / llama-perplexity built "
+               "from the llama.cpp vendored by llama-cpp-python 0.3.36 (bench/llama_tools.py); quantize seconds "
+               "of imatrix rows include computing the matrix. bits/weight: file bits / all parameters. "
+               "Command: `python bench/quantize.py`.")
 
 if __name__ == "__main__":
     sys.exit(main())

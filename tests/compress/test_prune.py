@@ -225,7 +225,7 @@ def test_sparsegpt_beats_magnitude_on_layer_output(kw):
 
 def test_cli_prune(tiny_models, tmp_path, capsys):
     import slimlm.cli_prune  # noqa: F401  (registers the verb)
-    from conftest import run_cli
+    from tests.conftest import run_cli
 
     args = ["prune", tiny_models("llama"), "--out", tmp_path / "out", "--method", "wanda", "--pattern", "2:4",
             "--calib-samples", "2", "--calib-seq-len", "16"]

@@ -18,7 +18,7 @@ from rich.table import Table
 from slimlm.errors import SlimlmError
 
 VERBS = ["generate", "chat", "info", "convert", "eval", "bench", "compare", "report", "quantize", "export", "serve",
-         "router", "ledger", "finetune", "prune", "runs", "lineage", "quickstart"]
+         "router", "ledger", "finetune", "distill", "prune", "runs", "lineage", "quickstart"]
 
 app = typer.Typer(
     name="slimlm", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -214,6 +214,7 @@ def quickstart(max_tokens: int = typer.Option(48, "--max-tokens", "-n", help="To
 
 # The measuring verbs live in their own module; importing it registers them on `app`.
 import slimlm.cli_compress  # noqa: E402,F401
+import slimlm.cli_distill  # noqa: E402,F401
 import slimlm.cli_eval  # noqa: E402,F401
 import slimlm.cli_ledger  # noqa: E402,F401
 import slimlm.cli_prune  # noqa: E402,F401

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 import typer
 
 from slimlm.cli import BackendOpt, ModelArg, app, err
+from slimlm.errors import SlimlmError
 
 
 @app.command()
@@ -28,6 +30,41 @@ def serve(
                                       help="Serve a PEFT LoRA folder as MODEL:NAME (torch backend; repeatable)."),
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="Context length (llama.cpp: allocated at start; "
                                         "torch: a cap on the model's own)."),
+    large: Optional[str] = typer.Option(None, "--large", metavar="MODEL_OR_URL", rich_help_panel="Routing",
+                                        help="The larger model hard requests go to: an OpenAI-compatible API root "
+                                             "(http(s)://.../v1) or a model on this machine (loaded in-process)."),
+    large_api_key_env: Optional[str] = typer.Option(None, "--large-api-key-env", metavar="NAME",
+                                                    rich_help_panel="Routing",
+                                                    help="Environment variable holding the --large URL's API key "
+                                                         "(sent as Authorization: Bearer; never logged)."),
+    large_name: Optional[str] = typer.Option(None, "--large-name", rich_help_panel="Routing",
+                                             help="Model name to ask a --large URL for (default: the request's)."),
+    large_timeout: float = typer.Option(30.0, "--large-timeout", rich_help_panel="Routing",
+                                        help="Seconds to wait for a --large URL per try (2 retries with backoff)."),
+    policy: Optional[str] = typer.Option(None, "--policy", rich_help_panel="Routing",
+                                         help="local | large | cascade | learned (default: cascade with --large, "
+                                              "else local). A request may override it with "
+                                              '"slimlm": {"route": "local"|"large"|"auto"}.'),
+    router: Optional[str] = typer.Option(None, "--router", metavar="PATH", rich_help_panel="Routing",
+                                         help="The learned router (`slimlm router train`) for --policy learned."),
+    cascade_threshold: Optional[float] = typer.Option(None, "--cascade-threshold", rich_help_panel="Routing",
+                                                      help="Escalate when the small model's confidence is below "
+                                                           "this (default: mean -1.0, min -4.0, entropy -1.5)."),
+    cascade_metric: str = typer.Option("mean", "--cascade-metric", rich_help_panel="Routing",
+                                       help="Confidence from the first tokens' log-probs: mean | min | entropy."),
+    cascade_tokens: int = typer.Option(16, "--cascade-tokens", rich_help_panel="Routing",
+                                       help="Tokens the small model writes (held back) before the cascade decides."),
+    privacy: str = typer.Option("local", "--privacy", rich_help_panel="Routing",
+                                help="Requests with personal data or secrets, for a --large URL: local (keep them "
+                                     "here) | redact (send placeholders, restore the answer) | off."),
+    ledger: Optional[str] = typer.Option(None, "--ledger", metavar="URL_OR_PATH", rich_help_panel="Ledger",
+                                         help="Record every request here (SQLite path or SQLAlchemy URL; default: "
+                                              "ledger.db under your data folder). See `slimlm ledger`."),
+    no_ledger: bool = typer.Option(False, "--no-ledger", rich_help_panel="Ledger", help="Record nothing."),
+    large_price_model: Optional[str] = typer.Option(None, "--large-price-model", metavar="NAME",
+                                                    rich_help_panel="Ledger",
+                                                    help="Price every request at this API model's list price "
+                                                         "(a name in slimlm's price table, e.g. gpt-4o-mini)."),
 ):
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming, logprobs).
 
@@ -43,6 +80,13 @@ def serve(
     \b
     GET /v1/models lists the model names (MODEL, and MODEL:NAME for each --adapter);
     GET /health and GET /metrics (Prometheus) are for monitoring.
+    \b
+    Hybrid routing: hard requests go to a larger model, private ones never leave:
+      export BIG_KEY=...
+      slimlm serve smollm2-135m-instruct --large https://api.openai.com/v1 --large-name gpt-4o-mini \\
+          --large-api-key-env BIG_KEY --policy cascade --privacy redact --large-price-model gpt-4o-mini
+    Per request: client.chat.completions.create(..., extra_body={"slimlm": {"route": "local"}}).
+    Responses say where they ran in the x-slimlm-route and x-slimlm-reason headers.
     Evaluate through it with lm-evaluation-harness's local-completions model:
       lm_eval --model local-completions --model_args model=NAME,base_url=http://127.0.0.1:8000/v1/completions,...
     """
@@ -50,16 +94,43 @@ def serve(
 
     from slimlm.serve import Engine, ServeConfig, create_app
     from slimlm.serve.config import keys_from_env, parse_adapters
+    from slimlm.serve.hybrid import LedgerWriter
+    from slimlm.serve.large import is_url, open_large
+    from slimlm.serve.ledger import Ledger, _safe_url
 
+    if large_api_key_env and not large:
+        raise SlimlmError("--large-api-key-env is the key for --large URL: give --large too, or leave it out")
+    if policy not in (None, "local") and not large:
+        raise SlimlmError(f"--policy {policy} sends requests to a large model: name one with --large MODEL_OR_URL")
     config = ServeConfig(host=host, port=port, max_tokens_cap=max_tokens_cap, queue_size=queue_size,
                          api_keys=keys_from_env(api_key_env) if api_key_env else [],
-                         adapters=parse_adapters(adapter), n_ctx=n_ctx)
-    engine = Engine.open(model, backend, queue_size=config.queue_size, n_ctx=config.n_ctx, adapters=config.adapters)
-    names = ", ".join(engine.model_names)
-    auth = f"keys from ${api_key_env}" if config.api_keys else "no API key (loopback only)"
-    err.print(f"[dim]serving {names} on {engine.backend.name} at http://{host}:{port}/v1 ({auth}); "
-              "Ctrl-C stops[/dim]")
+                         adapters=parse_adapters(adapter), n_ctx=n_ctx,
+                         policy=policy or ("cascade" if large else "local"), router_path=router,
+                         cascade_threshold=cascade_threshold, cascade_metric=cascade_metric,
+                         cascade_first_n=cascade_tokens, privacy=privacy, large_name=large_name)
+    writer = None if no_ledger else LedgerWriter(Ledger(ledger), large_price_model)
+    config.on_record = writer
+    engine = big = None
     try:
-        uvicorn.run(create_app(engine, config), host=host, port=port, log_level=os.environ.get("SLIMLM_LOG", "info"))
+        engine = Engine.open(model, backend, queue_size=config.queue_size, n_ctx=config.n_ctx,
+                             adapters=config.adapters)
+        if large:
+            big = open_large(large, api_key_env=large_api_key_env, timeout_s=large_timeout, n_ctx=n_ctx,
+                             queue_size=config.queue_size)
+        app = create_app(engine, config, large=big)
+        names = ", ".join(engine.model_names)
+        auth = f"keys from ${api_key_env}" if config.api_keys else "no API key (loopback only)"
+        err.print(f"[dim]serving {names} on {engine.backend.name} at http://{host}:{port}/v1 ({auth}); "
+                  "Ctrl-C stops[/dim]")
+        if large:
+            where = re.sub(r"://[^/@]*@", "://", large) if is_url(large) else f"{big.name} (in-process)"
+            guard = f", privacy {config.privacy}" if is_url(large) else ""
+            err.print(f"[dim]routing: policy {config.policy}, large model {where}{guard}[/dim]")
+        err.print(f"[dim]ledger: {_safe_url(writer.ledger.url) if writer else 'off (--no-ledger)'}[/dim]")
+        uvicorn.run(app, host=host, port=port, log_level=os.environ.get("SLIMLM_LOG", "info"))
     finally:
-        engine.close()
+        for opened in (big, engine):
+            if hasattr(opened, "close"):
+                opened.close()
+        if writer is not None:
+            writer.close()

@@ -3,10 +3,15 @@ cancellation), and a real uvicorn server on a loopback port."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
 import threading
 import time
 from contextlib import contextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from slimlm.models.backends.base import Backend
 
@@ -73,3 +78,72 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+class FakeUpstream:
+    """An OpenAI-compatible large model for the routing tests, served with `serving(fake.app())`.
+
+    It answers "big: " + the last user message (or the prompt), so a test sees exactly what
+    arrived, and streams in 3-character chunks, so a placeholder such as [EMAIL_1] arrives split.
+    Every request is kept in `seen` (path, Authorization header, body). mode "ok"; "slow" waits
+    `delay` seconds first; "fail" answers HTTP `status` with the Authorization header in the
+    message (a careless upstream echoing the key must not get it into slimlm's logs).
+    """
+
+    def __init__(self, mode: str = "ok", delay: float = 0.0, status: int = 500) -> None:
+        self.mode, self.delay, self.status, self.seen = mode, delay, status, []
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        async def answer(request: Request, chat: bool):
+            body = await request.json()
+            self.seen.append({"path": request.url.path, "auth": request.headers.get("authorization"), "body": body})
+            if self.mode == "slow":
+                await asyncio.sleep(self.delay)
+            if self.mode == "fail":
+                auth = request.headers.get("authorization")
+                return JSONResponse({"error": {"message": f"upstream broke ({auth})"}}, status_code=self.status)
+            asked = body["messages"][-1]["content"] if chat else body["prompt"]
+            text, model = f"big: {asked}", body.get("model", "big-model")
+            obj = "chat.completion" if chat else "text_completion"
+            use = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+
+            def choice(piece: str, finish=None) -> dict:
+                if chat:
+                    return {"index": 0, "delta": {"content": piece} if piece else {}, "finish_reason": finish}
+                return {"index": 0, "text": piece, "finish_reason": finish}
+
+            if not body.get("stream"):
+                done = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                        if chat else {"index": 0, "text": text, "finish_reason": "stop"})
+                return {"id": "big-1", "object": obj, "created": 0, "model": model, "choices": [done], "usage": use}
+
+            def frames():
+                chunk = {"id": "big-1", "object": obj + (".chunk" if chat else ""), "created": 0, "model": model}
+                for i in range(0, len(text), 3):
+                    yield f"data: {json.dumps({**chunk, 'choices': [choice(text[i:i + 3])]})}\n\n"
+                yield f"data: {json.dumps({**chunk, 'choices': [choice('', 'stop')]})}\n\n"
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': use})}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(frames(), media_type="text/event-stream")
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            return await answer(request, True)
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            return await answer(request, False)
+
+        return app
+
+
+def closed_port_url() -> str:
+    """A loopback URL nothing listens on (connections are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"

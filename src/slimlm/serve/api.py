@@ -4,15 +4,15 @@ health and metrics, over the engines of engine.py.
 Any OpenAI client works against it (set base_url), and so does lm-evaluation-harness's
 `local-completions` model, which scores multiple-choice tasks through `echo` + `logprobs`.
 Every error has OpenAI's shape and a 4xx that names the problem, and none of them stops the
-server. A request is routed before it runs: a `Router` (router_hook) may send a chat request to
-a larger model upstream; without one, everything is answered locally. Each finished request
-becomes one record (see `Server.record`) handed to `config.on_record`, where a ledger plugs in.
+server. A request is routed before it runs (hybrid.py): the small local model, or a larger one
+(a second local engine, or an OpenAI-compatible URL behind the privacy guard), by the configured
+policy or a `Router` hook. Each finished request becomes one record (see `Server.record`)
+handed to `config.on_record`, where a ledger plugs in.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -50,10 +50,13 @@ class APIError(Exception):
 
 @dataclass
 class Decision:
-    """Where a request runs, and why (the reason is recorded and labels the escalation metric)."""
+    """Where a request runs, and why (the reason is recorded, and sent in x-slimlm-reason)."""
 
     route: str = "local"  # "local" or "large"; records also say "local-fallback" (the large model failed)
     reason: str = "default"
+    privacy: str | None = None  # what the privacy guard found, e.g. "redact: email" (kinds, never values)
+    redact: bool = False  # send placeholders upstream and restore the values in the answer
+    label: str | None = None  # the escalation metric's label (default: reason); keep it to a few values
 
 
 class Upstream(Protocol):
@@ -89,10 +92,14 @@ class Server:
     """The state and the shared steps of every request: model lookup, limits, queueing,
     records. The completion routes (routes.py) are written against it."""
 
-    def __init__(self, engines: dict[str, Engine], config: ServeConfig, router: Router | None) -> None:
+    def __init__(self, engines: dict[str, Engine], config: ServeConfig, router: Router | None,
+                 large=None) -> None:
+        from slimlm.serve.hybrid import Hybrid
+
         self.engines, self.config, self.router = engines, config, router
+        self.hybrid = Hybrid.build(config, router, large)
         self.metrics = Metrics()
-        for engine in engines.values():
+        for engine in [*engines.values(), *([large] if isinstance(large, Engine) else [])]:
             self.metrics.watch_queue(engine.name, lambda e=engine: e.queue_depth)
 
     def error(self, exc: BaseException) -> APIError:
@@ -139,59 +146,45 @@ class Server:
         return GenerationParams(max_tokens=max_tokens, temperature=temperature,
                                 top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=body.stops())
 
-    def submit(self, engine: Engine, tasks: list[Task], adapter: str | None, *, endpoint: str, model: str,
-               decision: Decision, started: float) -> Job:
-        """Queue the tasks (429 if the queue is full); the job records itself when it ends."""
+    def queue(self, engine: Engine, tasks: list[Task], adapter: str | None) -> Job:
+        """Queue the tasks (a 429 APIError if the queue is full)."""
         try:
-            job = engine.submit(tasks, adapter)
+            return engine.submit(tasks, adapter)
         except QueueFull as exc:
             raise self.error(exc) from None
-        job.on_done.append(lambda j: self.record(endpoint=endpoint, model=model, route=decision.route,
-                                                 reason=decision.reason, started=started, job=j))
+
+    def submit(self, engine: Engine, tasks: list[Task], adapter: str | None, *, endpoint: str, model: str,
+               decision: Decision, started: float, model_large: str | None = None) -> Job:
+        """Queue the tasks; the job records itself when it ends."""
+        job = self.queue(engine, tasks, adapter)
+        job.on_done.append(lambda j: self.record(endpoint=endpoint, model=model, decision=decision,
+                                                 started=started, job=j, model_large=model_large))
         return job
 
-    def record(self, *, endpoint: str, model: str, route: str, reason: str, started: float, job: Job | None = None,
+    def record(self, *, endpoint: str, model: str, decision: Decision, started: float, job=None,
                tokens: tuple[int, int] = (0, 0), status: str = "ok", model_large: str | None = None,
                first_token_at: float | None = None) -> None:
         """One dict per finished request, given to config.on_record. Keys: those of the ledger's
         columns (time, route, reason, model_local, model_large, tokens_in, tokens_out, latency_s,
-        ttft_s) plus endpoint, model (as the client named it) and status (ok, cancelled, error)."""
+        ttft_s, privacy) plus endpoint, model (as the client named it) and status (ok, cancelled,
+        error). `job` is an engine Job or anything with the same counters (hybrid.Continued)."""
+        route = decision.route
         end = job.finished_at if job is not None and job.finished_at else time.perf_counter()
-        first = job.first_token_at if job is not None else first_token_at
-        rec = {"time": time.time(), "endpoint": endpoint, "model": model, "route": route, "reason": reason,
+        first = job.first_token_at if job is not None and job.first_token_at else first_token_at
+        rec = {"time": time.time(), "endpoint": endpoint, "model": model, "route": route, "reason": decision.reason,
                "model_local": None if route == "large" else model, "model_large": model_large,
                "tokens_in": job.prompt_tokens if job else tokens[0],
                "tokens_out": job.completion_tokens if job else tokens[1],
                "latency_s": end - started, "ttft_s": (first - started) if first else None,
-               "status": job.status if job else status}
+               "status": job.status if job else status, "privacy": decision.privacy}
         self.metrics.observe(rec)
         if route == "large":
-            self.metrics.escalations.labels(reason=reason).inc()
+            self.metrics.escalations.labels(reason=decision.label or decision.reason).inc()
         if self.config.on_record is not None:
             try:
                 self.config.on_record(rec)
             except Exception:  # noqa: BLE001 - a failing ledger must not fail the request
                 logging.getLogger("slimlm.serve").exception("on_record failed")
-
-    async def decide(self, prompt_text: str, body: dict) -> Decision:
-        if self.router is None:
-            return Decision("local", "no router")
-        decide = self.router.decide
-        try:  # a policy that decides from the prompt alone may take just the text
-            one_arg = len(inspect.signature(decide).parameters) == 1
-        except (TypeError, ValueError):
-            one_arg = False
-        try:
-            decision = decide(prompt_text) if one_arg else decide(prompt_text, body)
-            if inspect.isawaitable(decision):
-                decision = await decision
-        except Exception as exc:  # noqa: BLE001 - local is the safe side (private, always there)
-            logging.getLogger("slimlm.serve").exception("the router failed")
-            return Decision("local", f"the router failed ({type(exc).__name__}), answered locally")
-        if decision.route not in ("local", "large"):
-            raise APIError(500, f"the router chose route {decision.route!r}: routes are 'local' and 'large'",
-                           type_="server_error")
-        return decision
 
     @staticmethod
     async def collect(job: Job, request: Request):
@@ -208,7 +201,7 @@ class Server:
         finally:
             watcher.cancel()
 
-    def stream(self, frames: AsyncIterator[str], job: Job | None = None) -> StreamingResponse:
+    def stream(self, frames: AsyncIterator[str], job=None, headers: dict | None = None) -> StreamingResponse:
         """An SSE response. An error after the headers went out is sent as an error event;
         leaving early (the client disconnected) cancels the job."""
 
@@ -224,20 +217,22 @@ class Server:
                     job.cancel()
 
         return StreamingResponse(guarded(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
 
 
 def create_app(engines: Engine | list[Engine] | dict[str, Engine], config: ServeConfig | None = None,
-               router_hook: Router | None = None) -> FastAPI:
-    """A FastAPI app serving `engines` (one per model) under `config`; `router_hook` decides per
-    chat request between the local model and its upstream (default: everything local)."""
+               router_hook: Router | None = None, large=None) -> FastAPI:
+    """A FastAPI app serving `engines` (one per model) under `config`. `large` is the larger model
+    requests may be routed to: an Engine (in-process) or a hybrid.Remote (an OpenAI-compatible
+    URL); config.policy decides, or `router_hook`, which then decides chat requests and sends
+    them to its own `upstream` (default: everything local)."""
     from slimlm.serve import routes
 
     config = config or ServeConfig()
     if isinstance(engines, Engine):
         engines = [engines]
     server = Server({e.name: e for e in (engines.values() if isinstance(engines, dict) else engines)}, config,
-                    router_hook)
+                    router_hook, large)
     # strict_content_type off: `curl -d` sends JSON as form-encoded, and the body is JSON either way.
     app = FastAPI(title="slimlm serve", summary="OpenAI-compatible API for small local models",
                   strict_content_type=False)

@@ -5,6 +5,9 @@ Every limit here exists so that one client cannot take the server down for the o
 quick 429 instead of ever-growing latency, and a body limit stops a huge upload before it is
 parsed. API keys are required as soon as the server listens beyond this machine, because an
 open endpoint on a network is someone else's free compute.
+
+The routing settings (policy, cascade threshold, privacy mode) are checked here too, so a typo
+fails at start-up in one line rather than on the first request that needs them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ from typing import Callable
 from slimlm.errors import SlimlmError
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+POLICIES = ("local", "large", "cascade", "learned")
+PRIVACY_MODES = ("local", "redact", "off")
+# Defaults per cascade metric: a mean token log-prob of -1 is a model choosing among ~3 tokens.
+CASCADE_THRESHOLDS = {"mean": -1.0, "min": -4.0, "entropy": -1.5}
 
 
 def is_loopback(host: str) -> bool:
@@ -70,6 +77,14 @@ class ServeConfig:
     retry_after_s: int = 1  # the Retry-After header of a 429
     n_ctx: int | None = None  # context to open the model with (llama.cpp) or to cap it at (torch)
     on_record: Callable[[dict], None] | None = None  # called with one dict per finished request
+    # -- hybrid routing (hybrid.py); the large model itself is passed to create_app --
+    policy: str = "local"  # local | large | cascade | learned; a request may override it (see hybrid.py)
+    router_path: str | None = None  # the learned router's file (`slimlm router train`)
+    cascade_threshold: float | None = None  # None: CASCADE_THRESHOLDS[cascade_metric]
+    cascade_metric: str = "mean"  # mean | min | entropy
+    cascade_first_n: int = 16  # tokens the small model writes (held back) before the cascade decides
+    privacy: str = "local"  # local | redact | off: what may leave the machine for a remote large model
+    large_name: str | None = None  # the model name sent to a remote large model (None: the client's)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -88,6 +103,19 @@ class ServeConfig:
         if not self.api_keys and not is_loopback(self.host):
             raise SlimlmError(f"--host {self.host} accepts connections from other machines: require API keys "
                               "with --api-key-env NAME (keys in $NAME, comma separated), or keep --host 127.0.0.1")
+        if self.policy not in POLICIES:
+            raise SlimlmError(f"--policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+        if self.policy == "learned" and not self.router_path:
+            raise SlimlmError("--policy learned needs --router PATH (a router written by `slimlm router train`)")
+        if self.cascade_metric not in CASCADE_THRESHOLDS:
+            raise SlimlmError(f"--cascade-metric {self.cascade_metric!r}: choose one of "
+                              f"{', '.join(CASCADE_THRESHOLDS)}")
+        if self.cascade_threshold is None:
+            self.cascade_threshold = CASCADE_THRESHOLDS[self.cascade_metric]
+        if self.cascade_first_n < 1:
+            raise SlimlmError(f"--cascade-tokens must be at least 1 (got {self.cascade_first_n})")
+        if self.privacy not in PRIVACY_MODES:
+            raise SlimlmError(f"--privacy {self.privacy!r}: choose one of {', '.join(PRIVACY_MODES)}")
         for name in self.adapters:
             if not _ADAPTER_NAME.match(name):
                 raise SlimlmError(f"adapter name {name!r}: use letters, digits, '.', '_' or '-' (it is served "

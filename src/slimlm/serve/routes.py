@@ -1,26 +1,26 @@
 """POST /v1/chat/completions and POST /v1/completions, in OpenAI's request and response shapes.
 
 Both check everything they can (model, limits, prompt length) before queueing, so a bad request
-costs no model time and fails with a 4xx naming the field. Chat requests go through the router
-first: a "large" decision is answered by the router's upstream, and if the upstream fails
-before answering, the local model answers instead (route "local-fallback"), so a flaky large
-model degrades quality rather than availability. Completions are always local: they are what
-evaluation harnesses send, and scoring must come from the model being evaluated.
+costs no model time and fails with a 4xx naming the field. Each request is then described as a
+hybrid.Call (its text, how to run it on an engine, how to answer from a job) and routed by
+hybrid.py: the small model, or the large one, with the small one answering if the large one
+fails (route "local-fallback"). Completions that score text (echo, max_tokens 0) or send token
+ids are always local: evaluation harnesses send them, and the numbers must come from the model
+being evaluated.
 """
 
 from __future__ import annotations
 
-import inspect
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from slimlm.serve import schemas as S
-from slimlm.serve.api import APIError, Decision, Server
-from slimlm.serve.engine import Job, Result, Task
-
-CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+from slimlm.serve.api import APIError, Server
+from slimlm.serve.engine import Engine, Job, Result, Task
+from slimlm.serve.hybrid import Call
+from slimlm.serve.large import CHAT, COMPLETIONS
 
 
 def add_routes(app: FastAPI, server: Server) -> None:
@@ -47,28 +47,29 @@ async def chat(server: Server, body: S.ChatRequest, request: Request):
     if body.logprobs and not engine.supports_logprobs:
         raise APIError(400, f"the {engine.backend.name} backend cannot give log-probabilities", "logprobs")
     messages = [m.as_dict() for m in body.messages]
-    raw = body.model_dump(exclude_unset=True)
-    decision = await server.decide("\n".join(m["content"] for m in messages), raw)
-    if decision.route == "large":
-        answered = await _escalate(server, raw, decision, body.model, started, bool(body.stream))
-        if not isinstance(answered, str):
-            return answered
-        decision = Decision("local-fallback", answered)
-    ids = engine.chat_ids(messages)
-    server.check_prompt(engine, ids, True, "messages")
-    task = Task(ids, params, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
-    job = server.submit(engine, [task], adapter, endpoint=CHAT, model=body.model, decision=decision, started=started)
+    k = (body.top_logprobs or 0) if body.logprobs else None
     rid = S.new_id("chatcmpl")
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    if body.stream:
-        return server.stream(_chat_frames(job, rid, body.model, include_usage, bool(body.logprobs)), job)
-    results = await server.collect(job, request)
-    if not results:
-        raise _gone()
-    res = results[0]
-    return S.chat_response(rid, body.model, res.text, S.public_finish(res.finish_reason),
-                           S.chat_logprobs(res.logprobs or []) if body.logprobs else None,
-                           S.usage(res.prompt_tokens, res.completion_tokens))
+
+    def tasks(e: Engine) -> list[Task]:
+        ids = e.chat_ids(messages)
+        server.check_prompt(e, ids, True, "messages")
+        return [Task(ids, params, logprobs=k)]
+
+    async def respond(job, model: str, headers: dict):
+        if body.stream:
+            return server.stream(_chat_frames(job, rid, model, include_usage, bool(body.logprobs)), job, headers)
+        results = await server.collect(job, request)
+        if not results:
+            raise _gone()
+        res = results[0]
+        return JSONResponse(S.chat_response(rid, model, res.text, S.public_finish(res.finish_reason),
+                                            S.chat_logprobs(res.logprobs or []) if body.logprobs else None,
+                                            S.usage(res.prompt_tokens, res.completion_tokens)), headers=headers)
+
+    call = Call(CHAT, body.model, body.model_dump(exclude_unset=True), "\n".join(m["content"] for m in messages),
+                bool(body.stream), started, engine, adapter, tasks, respond, k)
+    return await server.hybrid.answer(server, call)
 
 
 async def _chat_frames(job: Job, rid: str, model: str, include_usage: bool, logprobs: bool):
@@ -90,54 +91,6 @@ async def _chat_frames(job: Job, rid: str, model: str, include_usage: bool, logp
     yield S.SSE_DONE
 
 
-async def _escalate(server: Server, body: dict, decision: Decision, model: str, started: float, stream: bool):
-    """The upstream's answer as a response, or, if it failed before answering, a string saying
-    why (the caller then answers locally)."""
-    upstream = getattr(server.router, "upstream", None)
-    if upstream is None:
-        raise APIError(503, "the router sent this request to the large model, but no upstream is configured",
-                       code="no_upstream", type_="server_error")
-    try:
-        if not stream:
-            answer = await upstream.chat(body)
-            use = answer.get("usage") or {}
-            server.record(endpoint=CHAT, model=model, route="large", reason=decision.reason, started=started,
-                          tokens=(use.get("prompt_tokens", 0), use.get("completion_tokens", 0)),
-                          model_large=answer.get("model"), first_token_at=None)
-            return JSONResponse(answer)
-        chunks = upstream.stream(body)
-        if inspect.isawaitable(chunks):  # an async def returning an iterator, rather than an async generator
-            chunks = await chunks
-        chunks = chunks.__aiter__()
-        first = await chunks.__anext__()
-    except Exception as exc:  # noqa: BLE001 - any upstream failure falls back to the local model
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return f"{decision.reason}; the large model failed ({type(exc).__name__}: {first_line}), answered locally"
-    first_at = time.perf_counter()
-
-    async def frames():
-        chunk, use, status = first, {}, "cancelled"
-        try:
-            while True:
-                use = chunk.get("usage") or use
-                yield S.sse(chunk)
-                try:
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    break
-            yield S.SSE_DONE
-            status = "ok"
-        except Exception:
-            status = "error"
-            raise
-        finally:
-            server.record(endpoint=CHAT, model=model, route="large", reason=decision.reason, started=started,
-                          tokens=(use.get("prompt_tokens", 0), use.get("completion_tokens", 0)), status=status,
-                          model_large=first.get("model"), first_token_at=first_at)
-
-    return server.stream(frames())
-
-
 async def complete(server: Server, body: S.CompletionRequest, request: Request):
     started = time.perf_counter()
     engine, adapter = server.resolve(body.model)
@@ -149,26 +102,40 @@ async def complete(server: Server, body: S.CompletionRequest, request: Request):
     if body.logprobs is not None and not engine.supports_logprobs:
         raise APIError(400, f"the {engine.backend.name} backend cannot give log-probabilities", "logprobs")
     echo_scoring = bool(body.echo) and body.logprobs is not None
-    tasks, texts = [], []
-    for i, prompt in enumerate(prompts):
-        ids = (engine.text_ids(prompt) if prompt else []) if isinstance(prompt, str) else list(prompt)
-        server.check_prompt(engine, ids, params.max_tokens >= 1, "prompt")
-        texts.append(prompt if isinstance(prompt, str) else engine.decode(ids))
-        tasks.append(Task(ids, params, logprobs=body.logprobs, echo_logprobs=echo_scoring, index=i))
-    job = server.submit(engine, tasks, adapter, endpoint=COMPLETIONS, model=body.model,
-                        decision=Decision("local", "completions are served locally"), started=started)
     rid = S.new_id("cmpl")
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return server.stream(_completion_frames(job, rid, body, texts, include_usage), job)
-    results = sorted(await server.collect(job, request), key=lambda r: r.index)
-    if len(results) != len(tasks):
-        raise _gone()
-    choices = [S.completion_choice(r.index, (texts[r.index] if body.echo else "") + r.text,
-                                   S.public_finish(r.finish_reason), _legacy(r, body, texts[r.index]))
-               for r in results]
-    return S.completion_response(rid, body.model, choices, S.usage(sum(r.prompt_tokens for r in results),
-                                                                   sum(r.completion_tokens for r in results)))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def tasks(e: Engine) -> list[Task]:
+        out = []
+        for i, prompt in enumerate(prompts):
+            ids = (e.text_ids(prompt) if prompt else []) if isinstance(prompt, str) else list(prompt)
+            server.check_prompt(e, ids, params.max_tokens >= 1, "prompt")
+            out.append(Task(ids, params, logprobs=body.logprobs, echo_logprobs=echo_scoring, index=i))
+        return out
+
+    small = tasks(engine)  # checked (token ids in range) before the ids are decoded for echo
+    texts = [p if isinstance(p, str) else engine.decode(list(p)) for p in prompts]
+
+    async def respond(job, model: str, headers: dict):
+        if body.stream:
+            return server.stream(_completion_frames(job, rid, model, body, texts, include_usage), job, headers)
+        results = sorted(await server.collect(job, request), key=lambda r: r.index)
+        if len(results) != len(prompts):
+            raise _gone()
+        choices = [S.completion_choice(r.index, (texts[r.index] if body.echo else "") + r.text,
+                                       S.public_finish(r.finish_reason), _legacy(r, body, texts[r.index]))
+                   for r in results]
+        use = S.usage(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
+        return JSONResponse(S.completion_response(rid, model, choices, use), headers=headers)
+
+    local_only = None
+    if len(prompts) != 1 or not isinstance(prompts[0], str):
+        local_only = "token-id prompts and several prompts per request are answered by the small model"
+    elif body.echo or params.max_tokens == 0:
+        local_only = "scoring (echo, max_tokens 0) is answered by the model being scored"
+    call = Call(COMPLETIONS, body.model, body.model_dump(exclude_unset=True), texts[0], bool(body.stream), started,
+                engine, adapter, lambda e: small if e is engine else tasks(e), respond, body.logprobs, local_only)
+    return await server.hybrid.answer(server, call)
 
 
 def _legacy(res: Result, body: S.CompletionRequest, prompt_text: str) -> dict | None:
@@ -179,9 +146,10 @@ def _legacy(res: Result, body: S.CompletionRequest, prompt_text: str) -> dict | 
     return S.legacy_logprobs(res.logprobs or [], len(prompt_text))
 
 
-async def _completion_frames(job: Job, rid: str, body: S.CompletionRequest, texts: list[str], include_usage: bool):
+async def _completion_frames(job: Job, rid: str, model: str, body: S.CompletionRequest, texts: list[str],
+                             include_usage: bool):
     def frame(index: int, text: str, finish: str | None = None, logprobs: dict | None = None) -> str:
-        return S.sse(S.completion_response(rid, body.model, [S.completion_choice(index, text, finish, logprobs)], None))
+        return S.sse(S.completion_response(rid, model, [S.completion_choice(index, text, finish, logprobs)], None))
 
     if body.echo:
         for i, text in enumerate(texts):
@@ -196,5 +164,5 @@ async def _completion_frames(job: Job, rid: str, body: S.CompletionRequest, text
         yield frame(payload.index, "", S.public_finish(payload.finish_reason),
                     _legacy(payload, body, texts[payload.index]))
     if include_usage:
-        yield S.sse(S.usage_chunk(rid, body.model, "text_completion", S.usage(prompt_tokens, completion_tokens)))
+        yield S.sse(S.usage_chunk(rid, model, "text_completion", S.usage(prompt_tokens, completion_tokens)))
     yield S.SSE_DONE

@@ -478,3 +478,20 @@ def test_slimlm_serve_smollm2_with_the_openai_client(smollm2_gguf):
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_readme_client_example_runs(tiny_engine, capsys):
+    """The five-line client example in the README, run as written against a served tiny model
+    (only the URL and model name are swapped for the test server's)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    serve_section = readme.split("## Serve:", 1)[1]
+    code = re.search(r"```python\n(.*?)```", serve_section, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 6 and "OpenAI(base_url=" in code
+    with serving(create_app(tiny_engine, ServeConfig())) as url:
+        runnable = code.replace("http://127.0.0.1:8000", url).replace('"smollm2-135m-instruct"',
+                                                                     repr(tiny_engine.name))
+        exec(compile(runnable, "README.md", "exec"), {})
+    assert capsys.readouterr().out.endswith("\n")  # it printed the reply (a random tiny model's may be blank)

@@ -56,10 +56,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def trained():
+@pytest.fixture(scope="module", params=["hashing", "minilm"])
+def trained(request):
     prompts, labels = synthetic(120, seed=1)
-    return LearnedRouter().fit(prompts, labels)
+    return LearnedRouter(features=request.param).fit(prompts, labels)
 
 
 # -- fixed and cascade policies -----------------------------------------------------------------
@@ -139,13 +139,45 @@ def test_save_load_gives_identical_decisions(trained, tmp_path):
     path = trained.save(tmp_path / "r")
     assert path.name == "router.json" and json.loads(path.read_text())["format"] == "slimlm-router/1"
     loaded = LearnedRouter.load(tmp_path / "r")
-    assert loaded.threshold == 0.42 and loaded.meta["trained_on"] == 120
+    assert loaded.threshold == 0.42 and loaded.meta["trained_on"] == 120 and loaded.features == trained.features
     np.testing.assert_array_equal(loaded.score(prompts), trained.score(prompts))
     assert [loaded.decide(p) for p in prompts] == [trained.decide(p) for p in prompts]
     trained.threshold = 0.5
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SlimlmError, match="not a slimlm router"):
         LearnedRouter.load(tmp_path / "bad.json")
+
+
+def test_hashed_features_are_the_direct_computation():
+    """The hashed row of a prompt is the unit-length sum of its word 1-2-gram and char 2-4-gram
+    counts, each n-gram in the column its hash names (checked by counting the n-grams by hand)."""
+    from sklearn.utils import murmurhash3_32
+
+    from slimlm.serve.router import HashedNgrams
+
+    h = HashedNgrams()
+    text = "Hi Tom hi"
+    words = ["hi", "tom", "hi", "hi tom", "tom hi"]
+    chars = [g for w in text.lower().split() for padded in [f" {w} "]
+             for n in (2, 3, 4) for g in (padded[i:i + n] for i in range(len(padded) - n + 1))]
+    expect = np.zeros(h.dim)
+    for offset, grams in ((0, words), (h.n_features, chars)):
+        for g in grams:
+            expect[offset + abs(murmurhash3_32(g)) % h.n_features] += 1  # as HashingVectorizer
+    expect /= np.linalg.norm(expect)
+    np.testing.assert_allclose(h.encode([text]).toarray()[0], expect, rtol=1e-12)
+
+
+def test_a_router_file_with_wrong_weights_is_refused(tmp_path):
+    prompts, labels = synthetic(40, seed=7)
+    path = LearnedRouter(features="hashing").fit(prompts, labels).save(tmp_path / "r")
+    data = json.loads(path.read_text())
+    data["coef_index"][0] = 10 ** 9
+    path.write_text(json.dumps(data))
+    with pytest.raises(SlimlmError, match="other features"):
+        LearnedRouter.load(path)
+    with pytest.raises(SlimlmError, match="unknown router features"):
+        LearnedRouter(features="tfidf")
 
 
 def test_one_class_or_untrained_is_a_user_error():

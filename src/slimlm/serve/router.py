@@ -5,10 +5,13 @@ Three kinds of policy share one `Decision(route, reason, score)`:
 - `CascadePolicy`: answer locally first and escalate when the small model was unsure of its
   own answer, read from its token log-probs. Costs a local answer on every request, needs no
   training;
-- `LearnedRouter`: decide from the prompt alone, before generating: a logistic regression on
-  MiniLM sentence embeddings predicts "the small model is good enough". MiniLM (22M params,
-  shipped inside a PyPI package, so it loads offline) encodes a prompt in milliseconds on a
-  CPU, which keeps the router's cost far below that of the generation it saves.
+- `LearnedRouter`: decide from the prompt alone, before generating: a logistic regression
+  predicts "the small model is good enough" from one of two featurizations (`FEATURES`):
+  "hashing", word 1-2-grams and character 2-4-grams hashed into a fixed space (no model, well
+  under a millisecond per prompt on a busy CPU; the default), or "minilm", MiniLM sentence
+  embeddings (22M params, shipped inside a PyPI package so it loads offline; it knows that two
+  wordings mean the same thing, but costs 15-50 ms of a core per prompt on a 2-core CPU that is
+  also generating, which is most of a short answer's budget).
 
 A router is judged by its quality-vs-escalation curve (`router_curve`): escalating prompts in
 order of the router's doubt, how fast does quality climb from all-local to all-large? A
@@ -35,6 +38,8 @@ from slimlm.errors import SlimlmError
 FORMAT = "slimlm-router/1"
 ENCODER = "all-MiniLM-L6-v2"
 ENCODER_DIM = 384  # its hidden size (config.json)
+FEATURES = {"hashing": "word 1-2-grams + char 2-4-grams, hashed (fast, no model)",
+            "minilm": f"{ENCODER} sentence embeddings (semantic, slower)"}
 METRICS = ("mean", "min", "entropy")
 
 
@@ -198,6 +203,54 @@ def embed(prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     return load_encoder().encode(list(prompts), batch_size=batch_size)
 
 
+class HashedNgrams:
+    """Word 1-2-grams and character 2-4-grams (within words) of a prompt, each hashed into 2^15
+    columns by scikit-learn's HashingVectorizer and scaled to unit length together. Hashing needs
+    no vocabulary, so the router file holds only the weights, and unseen words cost nothing.
+    Only the first `max_chars` characters count: a prompt's opening says what kind of request it
+    is, and the cost stays flat for long prompts."""
+
+    n_features = 2 ** 15
+    max_chars = 2000
+
+    def __init__(self) -> None:
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        common = {"n_features": self.n_features, "alternate_sign": False, "norm": None, "lowercase": True}
+        self.words = HashingVectorizer(analyzer="word", ngram_range=(1, 2), **common)
+        self.chars = HashingVectorizer(analyzer="char_wb", ngram_range=(2, 4), **common)
+
+    @property
+    def dim(self) -> int:
+        return 2 * self.n_features
+
+    def encode(self, texts: Sequence[str]):
+        """A scipy CSR matrix [len(texts), dim] with unit-length rows."""
+        from scipy.sparse import hstack
+        from sklearn.preprocessing import normalize
+
+        texts = [t[:self.max_chars] for t in texts]
+        return normalize(hstack([self.words.transform(texts), self.chars.transform(texts)]).tocsr())
+
+
+@functools.lru_cache(maxsize=1)
+def _hashed_ngrams() -> HashedNgrams:
+    return HashedNgrams()
+
+
+def featurize(prompts: Sequence[str], features: str):
+    """The router's input rows for `prompts`: dense MiniLM embeddings or sparse hashed n-grams."""
+    if features == "minilm":
+        return embed(prompts)
+    if features == "hashing":
+        return _hashed_ngrams().encode(list(prompts))
+    raise SlimlmError(f"unknown router features '{features}': choose one of {', '.join(FEATURES)}")
+
+
+def feature_dim(features: str) -> int:
+    return ENCODER_DIM if features == "minilm" else _hashed_ngrams().dim
+
+
 def _threshold_for(scores: np.ndarray, k: int) -> float:
     """A threshold that escalates (score < t) exactly the k lowest of `scores` (ties aside)."""
     s = np.sort(scores)
@@ -209,13 +262,17 @@ def _threshold_for(scores: np.ndarray, k: int) -> float:
 
 
 class LearnedRouter(Policy):
-    """Logistic regression on prompt embeddings; label 1 means the small model is good enough.
-    Escalates when P(good enough) < threshold."""
+    """Logistic regression on prompt features (`features`: "hashing" or "minilm"); label 1 means
+    the small model is good enough. Escalates when P(good enough) < threshold."""
 
     name = "learned"
 
-    def __init__(self, threshold: float = 0.5, C: float = 1.0) -> None:
-        self.threshold, self.C = float(threshold), C
+    def __init__(self, threshold: float = 0.5, C: float | None = None, features: str = "hashing") -> None:
+        if features not in FEATURES:
+            raise SlimlmError(f"unknown router features '{features}': choose one of {', '.join(FEATURES)}")
+        # sparse n-gram rows have many small entries and want weaker regularization than embeddings
+        self.threshold, self.features = float(threshold), features
+        self.C = C if C is not None else (10.0 if features == "hashing" else 1.0)
         self.coef: np.ndarray | None = None
         self.intercept = 0.0
         self.meta: dict = {}
@@ -229,22 +286,23 @@ class LearnedRouter(Policy):
         if len(set(y.tolist())) < 2:
             raise SlimlmError(f"all {len(y)} training prompts have label {y[0] if len(y) else '?'}: nothing to "
                               "learn; add prompts the small model gets wrong (and right), or use a fixed policy")
-        x = embed(prompts)
+        x = featurize(prompts, self.features)
         model = LogisticRegression(C=self.C, max_iter=2000).fit(x, y)
         self.coef, self.intercept = model.coef_[0].astype(np.float64), float(model.intercept_[0])
-        self.meta.update(trained_on=len(y), positive_share=float(y.mean()), encoder=ENCODER, dim=int(x.shape[1]),
+        self.meta.update(trained_on=len(y), positive_share=float(y.mean()), features=self.features,
+                         dim=int(x.shape[1]),
                          train_accuracy=float(((self._proba(x) >= 0.5) == y).mean()), created=time.time())
         return self
 
     def _proba(self, x: np.ndarray) -> np.ndarray:
         if self.coef is None:
             raise SlimlmError("the router is not trained: fit it, or load one written by `slimlm router train`")
-        z = x.astype(np.float64) @ self.coef + self.intercept
+        z = np.asarray(x @ self.coef, dtype=np.float64).ravel() + self.intercept
         return 0.5 * (1.0 + np.tanh(0.5 * z))  # the logistic function, without overflow for large |z|
 
     def score(self, prompts: Sequence[str]) -> np.ndarray:
         """P(the small model is good enough) for each prompt."""
-        return self._proba(embed(prompts))
+        return self._proba(featurize(prompts, self.features))
 
     def decide(self, prompt: str) -> Decision:
         p = float(self.score([prompt])[0])
@@ -287,8 +345,13 @@ class LearnedRouter(Policy):
         if self.coef is None:
             raise SlimlmError("the router is not trained: fit it before saving")
         file = _router_file(path)
-        data = {"format": FORMAT, "policy": self.name, "encoder": ENCODER, "threshold": self.threshold,
-                "coef": self.coef.tolist(), "intercept": self.intercept, "meta": self.meta}
+        data = {"format": FORMAT, "policy": self.name, "features": self.features, "threshold": self.threshold,
+                "intercept": self.intercept, "meta": self.meta}
+        if self.features == "minilm":
+            data.update(encoder=ENCODER, coef=self.coef.tolist())
+        else:  # 65,536 weights, nonzero only for n-grams seen in training: stored sparse
+            nonzero = np.flatnonzero(self.coef)
+            data.update(dim=len(self.coef), coef_index=nonzero.tolist(), coef_value=self.coef[nonzero].tolist())
         atomic_write_text(file, json.dumps(data, indent=1))
         return file
 
@@ -302,12 +365,26 @@ class LearnedRouter(Policy):
                               "`slimlm router train`") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise SlimlmError(f"{file} is not a slimlm router ({FORMAT}): retrain it with `slimlm router train`")
-        coef = data.get("coef")
-        if not isinstance(coef, list) or len(coef) != ENCODER_DIM:
-            raise SlimlmError(f"{file} was trained on other embeddings ({ENCODER} has {ENCODER_DIM} "
-                              "dimensions): retrain it with `slimlm router train`")
-        router = cls(threshold=data["threshold"])
-        router.coef, router.intercept = np.asarray(data["coef"], dtype=np.float64), float(data["intercept"])
+        features = data.get("features", "minilm")  # routers written before "hashing" existed were MiniLM's
+        if features not in FEATURES:
+            raise SlimlmError(f"{file} uses router features '{features}' this slimlm does not know: retrain it with "
+                              "`slimlm router train`")
+        dim = feature_dim(features)
+        if features == "minilm":
+            coef = data.get("coef")
+            ok = isinstance(coef, list) and len(coef) == dim
+        else:
+            index, value = data.get("coef_index"), data.get("coef_value")
+            ok = data.get("dim") == dim and isinstance(index, list) and isinstance(value, list) and \
+                len(index) == len(value) and all(0 <= i < dim for i in index)
+            if ok:
+                coef = np.zeros(dim)
+                coef[np.asarray(index, dtype=np.int64)] = value
+        if not ok:
+            raise SlimlmError(f"{file} holds weights for other features than {features}'s {dim} dimensions: retrain "
+                              "it with `slimlm router train`")
+        router = cls(threshold=data["threshold"], features=features)
+        router.coef, router.intercept = np.asarray(coef, dtype=np.float64), float(data["intercept"])
         router.meta = data.get("meta", {})
         return router
 

@@ -37,6 +37,8 @@ bench: setup
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/eval.py
 	$(BIN)/python bench/quantize.py
+	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/distill.py
 
 # Rewrite the README compatibility matrix from the last test run's results.
 matrix: setup

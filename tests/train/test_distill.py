@@ -238,3 +238,18 @@ def test_cli_end_to_end(models, other_student, text, tmp_path, capfd):
     assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and "--mode sequence" in err
     code, stdout, _ = run_cli(capfd, "distill", "--help")
     assert code == 0 and "--on-policy" in stdout and "--mode" in stdout
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "qwen2", "phi3", "gemma2", "gemma3_text",
+                                    "deepseek_v3"])
+def test_matrix_distill(family, tiny_models, tiny_tokenizer_dir, text, tmp_path):
+    """Logit distillation on each family: a second random model of the family (another seed)
+    moves toward the tiny teacher on text it was trained on, and the student written reloads."""
+    teacher = tiny_models(family)
+    student = build_tiny_model(family, tiny_tokenizer_dir, tmp_path / "student", seed=1)
+    data = text / "b.txt"
+    result = distill(teacher, student, data, tmp_path / "kd", config=quick(6, lr=1e-2), seq_len=SEQ,
+                     eval_fraction=0, record_run=False, progress=False)
+    blocks = load_data(data, load_torch(student)[1], seq_len=SEQ, eval_fraction=0).train
+    assert held_out_kl(teacher, tmp_path / "kd", blocks) < held_out_kl(teacher, student, blocks)
+    assert result.train.steps == 6 and read_manifest(tmp_path / "kd")["operation"] == "distill"

@@ -168,6 +168,15 @@ def test_hashed_features_are_the_direct_computation():
     np.testing.assert_allclose(h.encode([text]).toarray()[0], expect, rtol=1e-12)
 
 
+def test_the_serving_path_scores_as_the_batch_path():
+    """decide()'s one-prompt hashing path gives the probability score() computes through
+    scikit-learn, for prompts with and without n-grams (an empty prompt has none)."""
+    prompts, labels = synthetic(60, seed=8)
+    router = LearnedRouter(features="hashing").fit(prompts, labels)
+    for p in prompts[:20] + ["", "!!", "Ünïcode prompt – with ß and 中文", "x" * 5000]:
+        assert router.decide(p).score == pytest.approx(float(router.score([p])[0]), rel=1e-9, abs=1e-12), p
+
+
 def test_a_router_file_with_wrong_weights_is_refused(tmp_path):
     prompts, labels = synthetic(40, seed=7)
     path = LearnedRouter(features="hashing").fit(prompts, labels).save(tmp_path / "r")

@@ -219,6 +219,7 @@ class HashedNgrams:
         common = {"n_features": self.n_features, "alternate_sign": False, "norm": None, "lowercase": True}
         self.words = HashingVectorizer(analyzer="word", ngram_range=(1, 2), **common)
         self.chars = HashingVectorizer(analyzer="char_wb", ngram_range=(2, 4), **common)
+        self._analyzers = None
 
     @property
     def dim(self) -> int:
@@ -231,6 +232,27 @@ class HashedNgrams:
 
         texts = [t[:self.max_chars] for t in texts]
         return normalize(hstack([self.words.transform(texts), self.chars.transform(texts)]).tocsr())
+
+    def dot(self, text: str, coef: np.ndarray) -> float:
+        """encode([text]) @ coef for one prompt, the serving path. Half of encode's ~1 ms for one
+        short prompt is scikit-learn's input checks and scipy building three sparse matrices;
+        this uses the same analyzers and the same hash (murmurhash3, column |h| mod n, as
+        HashingVectorizer does) without them. A test holds it equal to encode."""
+        from sklearn.utils import murmurhash3_32
+
+        if self._analyzers is None:
+            self._analyzers = (self.words.build_analyzer(), self.chars.build_analyzer())
+        text, n, counts = text[:self.max_chars], self.n_features, {}
+        for offset, analyze in zip((0, n), self._analyzers):
+            for gram in analyze(text):
+                h = murmurhash3_32(gram)
+                column = offset + (abs(h) if h != -2 ** 31 else 2 ** 31 - 1 - (n - 1)) % n
+                counts[column] = counts.get(column, 0) + 1
+        if not counts:
+            return 0.0
+        index = np.fromiter(counts, dtype=np.int64, count=len(counts))
+        value = np.fromiter(counts.values(), dtype=np.float64, count=len(counts))
+        return float(coef[index] @ value / np.sqrt(value @ value))
 
 
 @functools.lru_cache(maxsize=1)
@@ -305,7 +327,11 @@ class LearnedRouter(Policy):
         return self._proba(featurize(prompts, self.features))
 
     def decide(self, prompt: str) -> Decision:
-        p = float(self.score([prompt])[0])
+        if self.features == "hashing" and self.coef is not None:  # one prompt: the lean path
+            z = _hashed_ngrams().dot(prompt, self.coef) + self.intercept
+            p = float(0.5 * (1.0 + np.tanh(0.5 * z)))
+        else:
+            p = float(self.score([prompt])[0])
         if p < self.threshold:
             return Decision("large", f"learned router: P(small is good enough) {p:.2f} < {self.threshold:.2f}", p)
         return Decision("local", f"learned router: P(small is good enough) {p:.2f} >= {self.threshold:.2f}", p)

@@ -139,9 +139,10 @@ def train(
     target_quality: Optional[float] = typer.Option(None, "--target-quality", help="Or: the least escalation "
                                                    "whose held-out quality reaches this."),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/held-out split."),
-    features: str = typer.Option("hashing", "--features", help="What the router reads from a prompt: hashing (word and "
-                                 "character n-grams; well under 1 ms) or minilm (MiniLM sentence embeddings: "
-                                 "knows synonyms, but tens of ms per prompt on a busy 2-core CPU)."),
+    features: str = typer.Option("minilm-static", "--features", help="What the router reads from a prompt: "
+                                 "minilm-static (MiniLM's token vectors, averaged; well under 1 ms), minilm "
+                                 "(MiniLM sentence embeddings in context: tens of ms per prompt on a busy 2-core "
+                                 "CPU) or hashing (word and character n-grams; no model)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else."),
 ):
     """Label your prompts with both models' answers, and fit the learned router on them.
@@ -152,8 +153,8 @@ def train(
     """
     from slimlm.serve.router import LearnedRouter, curve_auc, random_curve, router_curve
 
-    if features not in ("hashing", "minilm"):
-        raise SlimlmError(f"--features {features!r}: choose hashing or minilm")
+    if features not in ("minilm-static", "minilm", "hashing"):
+        raise SlimlmError(f"--features {features!r}: choose minilm-static, minilm or hashing")
     if not 0 <= holdout < 1:
         raise SlimlmError(f"--holdout must be in [0, 1) (got {holdout})")
     rows = label_rows(read_jsonl(prompts), small, large, large_model, api_key_env, scorer, max_tokens)

@@ -62,6 +62,7 @@ def test_models_health_and_metrics(client, tiny_engine):
                  "slimlm_time_to_first_token_seconds", "slimlm_escalations", "slimlm_queue_depth"):
         assert name in text
     assert 'slimlm_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in text
+    wait_for(lambda: client.records, what="the request's record")  # written by the worker just after the answer
     [record] = client.records
     assert record["route"] == "local" and record["status"] == "ok" and record["tokens_out"] == 3
     assert record["latency_s"] >= record["ttft_s"] > 0
@@ -260,6 +261,7 @@ def test_router_hook_escalates_and_falls_back(tiny_engine):
         assert easy["model"] == model
         router.upstream.fail = True
         assert c.post("/v1/chat/completions", json=hard).status_code == 200
+        wait_for(lambda: len(records) >= 4, what="the fallback's record")  # written just after the response
         assert [(r["route"], r["model_large"]) for r in records] == [
             ("large", "big-model"), ("large", "big-model"), ("local", None), ("local-fallback", None)]
         assert "upstream down" in records[-1]["reason"] and records[0]["tokens_in"] == 5
@@ -278,6 +280,7 @@ def test_router_hook_escalates_and_falls_back(tiny_engine):
         assert c.post("/v1/chat/completions", json={**hard, "messages": USER}).status_code == 200
         boom = {**hard, "messages": [{"role": "user", "content": "boom"}]}
         assert c.post("/v1/chat/completions", json=boom).status_code == 200  # a failing router answers locally
+        wait_for(lambda: len(records) >= 2, what="both records")
     assert [(r["route"], r["reason"].split(" (")[0]) for r in records] == [("local", "short prompt"),
                                                                           ("local", "the router failed")]
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from serve_helpers import FakeUpstream, closed_port_url, serving
+from serve_helpers import FakeUpstream, closed_port_url, serving, wait_for
 
 from slimlm.serve import Engine, ServeConfig, create_app
 from slimlm.serve.hybrid import LedgerWriter
@@ -57,13 +57,19 @@ def ask(s, content: str = "Name a prime number.", stream: bool = False, route: s
     args.update(messages=[{"role": "user", "content": content}]) if chat else args.update(prompt=content)
     if route:
         args["extra_body"] = {"slimlm": {"route": route}}
+    before = len(s.records)
     if not stream:
         raw = api.with_raw_response.create(**args)
         choice = raw.parse().choices[0]
-        return (choice.message.content if chat else choice.text), raw.headers
-    with api.with_streaming_response.create(stream=True, **args) as resp:
-        pieces = [(c.choices[0].delta.content if chat else c.choices[0].text) or "" for c in resp.parse() if c.choices]
-        return "".join(pieces), resp.headers
+        text, headers = (choice.message.content if chat else choice.text), raw.headers
+    else:
+        with api.with_streaming_response.create(stream=True, **args) as resp:
+            pieces = [(c.choices[0].delta.content if chat else c.choices[0].text) or "" for c in resp.parse()
+                      if c.choices]
+            text, headers = "".join(pieces), resp.headers
+    # the record is written by the engine's worker just after the answer is sent
+    wait_for(lambda: len(s.records) > before, what="the request's record")
+    return text, headers
 
 
 BOTH = [(e, st) for e in ("chat", "completions") for st in (False, True)]

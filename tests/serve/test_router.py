@@ -56,7 +56,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", params=["hashing", "minilm"])
+@pytest.fixture(scope="module", params=["minilm-static", "hashing", "minilm"])
 def trained(request):
     prompts, labels = synthetic(120, seed=1)
     return LearnedRouter(features=request.param).fit(prompts, labels)
@@ -153,7 +153,7 @@ def test_hashed_features_are_the_direct_computation():
     counts, each n-gram in the column its hash names (checked by counting the n-grams by hand)."""
     from sklearn.utils import murmurhash3_32
 
-    from slimlm.serve.router import HashedNgrams
+    from slimlm.serve.router_features import HashedNgrams
 
     h = HashedNgrams()
     text = "Hi Tom hi"
@@ -166,6 +166,20 @@ def test_hashed_features_are_the_direct_computation():
             expect[offset + abs(murmurhash3_32(g)) % h.n_features] += 1  # as HashingVectorizer
     expect /= np.linalg.norm(expect)
     np.testing.assert_allclose(h.encode([text]).toarray()[0], expect, rtol=1e-12)
+
+
+def test_static_minilm_rows_are_the_encoder_on_each_token_alone():
+    """A table row is MiniLM's sentence embedding of [CLS] token [SEP] (computed here by the
+    encoder on text, not ids); a prompt's features are the unit-length mean of its tokens' rows."""
+    from slimlm.serve.router_features import load_encoder, static_minilm
+
+    static, encoder = static_minilm(), load_encoder()
+    words = ["hello", "times", "compute", "maria"]
+    ids = [static.tokenizer.convert_tokens_to_ids(w) for w in words]
+    np.testing.assert_allclose(static.table[ids], encoder.encode(words), atol=2e-3)  # the table is float16
+    mean = static.table[ids].mean(0)
+    np.testing.assert_allclose(static.encode([" ".join(words)])[0], mean / np.linalg.norm(mean), rtol=1e-6)
+    assert not static.encode([""]).any()  # no tokens: a zero row, not NaN
 
 
 def test_the_serving_path_scores_as_the_batch_path():

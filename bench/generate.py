@@ -19,7 +19,6 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from results import append_section  # noqa: E402  (bench/results.py, beside this script)
 

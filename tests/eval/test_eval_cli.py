@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from slimlm import cli
 from tests.conftest import run_cli
 from slimlm.eval.tasks import TASK_KINDS
 

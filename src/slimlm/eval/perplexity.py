@@ -50,7 +50,6 @@ def _validate(context: int, stride: int, scorer: Scorer) -> None:
 
 def _kl_rows(ref_rows, rows) -> tuple[np.ndarray, np.ndarray]:
     """Per-token KL(reference || model) and top-1 agreement, from log-softmax rows."""
-    import torch
 
     kl = (ref_rows.exp() * (ref_rows - rows)).sum(-1).clamp_min(0)
     same = ref_rows.argmax(-1) == rows.argmax(-1)

@@ -198,3 +198,29 @@ def test_matrix_finetune(family, tiny_models, pairs, tmp_path):
     assert causal_lm_loss(result.model.eval(), batch)[0].item() < before
     reloaded = PeftModel.from_pretrained(load_torch(folder)[0], tmp_path / "lora")
     assert torch.allclose(logits(reloaded), logits(result.model), atol=1e-5)
+
+
+def test_qlora_on_a_slimlm_quantized_base(tiny_models, pairs, tmp_path):
+    """LoRA on a 4-bit packed base (QLoRA-style): the packed weights stay frozen and unchanged,
+    the adapter learns, and reloading it onto the quantized base gives the trained logits.
+    Merging, DoRA and full training are refused: they need float base weights."""
+    from slimlm.compress.quantize import quantize
+    from slimlm.train.qlora import load_adapter, packed_linear_class
+
+    q4 = tmp_path / "q4"
+    quantize(str(tiny_models("llama")), q4, method="rtn", format="hf", bits=4, check=False, record=False)
+    base, tok = load_torch(q4)
+    packed = [m for m in base.modules() if isinstance(m, packed_linear_class())]
+    assert packed and set(DEFAULT_TARGETS["llama"]) <= set(linear_names(base))
+    codes_before = [m.qweight.clone() for m in packed]
+    batch = collate(load_data(pairs, tok, eval_fraction=0).train)
+    before = causal_lm_loss(base, batch)[0].item()
+    result = finetune(q4, pairs, tmp_path / "qlora", config=quick(4, lr=2e-2), eval_fraction=0, record_run=False)
+    assert causal_lm_loss(result.model.eval(), batch)[0].item() < before
+    trained = [m for m in result.model.modules() if isinstance(m, packed_linear_class())]
+    assert all(torch.equal(m.qweight, c) for m, c in zip(trained, codes_before))
+    reloaded = load_adapter(load_torch(q4)[0], tmp_path / "qlora")
+    assert torch.allclose(logits(reloaded), logits(result.model), atol=1e-5)
+    for kw in ({"merge": True}, {"method": "dora"}, {"method": "full"}):
+        with pytest.raises(SlimlmError, match="quantized"):
+            finetune(q4, pairs, tmp_path / "no", config=quick(1), eval_fraction=0, record_run=False, **kw)

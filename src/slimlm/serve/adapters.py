@@ -38,7 +38,7 @@ class AdapterSet:
                 raise SlimlmError(f"--adapter {name}={path}: no adapter_config.json there: pass a folder "
                                   "written by PEFT's save_pretrained")
         try:
-            from peft import PeftModel
+            import peft  # noqa: F401  (present?)
         except ImportError:
             raise SlimlmError("serving adapters needs PEFT: pip install peft") from None
         if backend.plan.split:
@@ -49,7 +49,9 @@ class AdapterSet:
                                          "adapters: one copy of the weights")
         items = list(adapters.items())
         try:
-            self._peft = PeftModel.from_pretrained(backend.model, items[0][1], adapter_name=items[0][0])
+            from slimlm.train.qlora import load_adapter  # also on a slimlm-quantized base
+
+            self._peft = load_adapter(backend.model, items[0][1], adapter_name=items[0][0])
             for name, path in items[1:]:
                 self._peft.load_adapter(path, adapter_name=name)
         except (ValueError, KeyError, OSError, RuntimeError) as exc:

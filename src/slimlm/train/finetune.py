@@ -63,7 +63,10 @@ def linear_names(model) -> list[str]:
     """The distinct last names of the model's Linear modules: what --target can name."""
     import torch
 
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    from slimlm.train.qlora import packed_linear_class
+
+    kinds = (torch.nn.Linear, packed_linear_class())  # a slimlm-quantized base's linears are packed
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds)})
 
 
 def resolve_targets(model, target_modules: list[str] | None) -> list[str]:
@@ -90,8 +93,17 @@ def add_adapter(model, method: str, rank: int, alpha: float, dropout: float, tar
 
     if rank < 1:
         raise SlimlmError(f"rank {rank} must be at least 1 (8-64 is typical)")
+    from slimlm.train.qlora import has_packed, quiet_peft, register
+
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         use_dora=method == "dora", task_type="CAUSAL_LM")
+    if has_packed(model):  # QLoRA-style: a frozen, slimlm-quantized base
+        if method != "lora":
+            raise SlimlmError(f"--method {method} needs float base weights; this base is quantized: use --method lora "
+                              "(QLoRA-style), or train on the unquantized model")
+        register(config)
+        with quiet_peft():
+            return get_peft_model(model, config)
     return get_peft_model(model, config)
 
 
@@ -148,6 +160,15 @@ def finetune(model, data, out, method: str = "lora", rank: int = 16, alpha: floa
     state.wait_for_everyone()
     ref = resolve(model)
     base, tokenizer = load_torch(ref)
+    from slimlm.train.qlora import has_packed
+
+    if has_packed(base):  # QLoRA-style: only a LoRA adapter can train on packed, frozen weights
+        wrong = {"full": "--method full", "dora": "--method dora", "merge": "--merge", "gguf": "--gguf"}
+        asked = [wrong[k] for k, on in (("full", method == "full"), ("dora", method == "dora"), ("merge", merge),
+                                        ("gguf", gguf)) if on]
+        if asked:
+            raise SlimlmError(f"{model} is quantized (slimlm packed): {', '.join(asked)} needs float base weights; "
+                              "train a plain LoRA adapter on it (QLoRA-style), or use the unquantized model")
     if gguf:
         from slimlm.compress.gguf_export import ARCHS
 

@@ -5,9 +5,9 @@ adapter trains in full precision.
 plus scales, dequantized inside forward (compress/packed.py). peft does not know that module, so
 it is registered with peft's custom-module hook (`LoraConfig._register_custom_module`, which peft
 marks experimental) as an ordinary LoRA Linear around it: the LoRA arithmetic is peft's own;
-only the base's forward is ours. What this saves is memory: the base weights take a quarter
-(4-bit) of fp32 during training. Merging an adapter into packed codes would need a requantization,
-so merging is refused; merge into the unquantized model instead.
+only the base's forward is ours. What this saves is memory: at 4 bits the base weights take about
+an eighth of fp32's size during training (codes plus fp16 scales). Merging an adapter into packed
+codes would need a requantization, so merging is refused; merge into the unquantized model instead.
 """
 
 from __future__ import annotations

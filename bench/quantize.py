@@ -73,13 +73,16 @@ def llama_perplexity(tools: Path, path: Path, text: Path, base_kld: Path) -> dic
 
 
 def protocol_ids(path: Path, text: str) -> list[list[int]]:
-    """llama-perplexity's chunks: the text tokenized with BOS, cut into n_ctx pieces, each piece's
-    first token replaced by BOS."""
+    """llama-perplexity's chunks: the text tokenized as the model's vocabulary says (BOS first only
+    if it asks for one), cut into n_ctx pieces; only where the vocabulary adds BOS is each piece's
+    first token replaced by BOS (SmolLM2's does not, Gemma's does)."""
     engine = open_backend(str(path), "llamacpp", n_ctx=CONTEXT)
-    ids = engine.llm.tokenize(text.encode(), add_bos=True)
+    ids = engine.llm.tokenize(text.encode(), add_bos=True)  # llama_tokenize adds BOS only if the vocab wants it
     bos = engine.llm.token_bos()
     engine.close()
-    return [[bos] + ids[i * CONTEXT + 1:(i + 1) * CONTEXT] for i in range(len(ids) // CONTEXT)]
+    adds_bos = bool(ids) and ids[0] == bos
+    return [([bos] + ids[i * CONTEXT + 1:(i + 1) * CONTEXT]) if adds_bos else ids[i * CONTEXT:(i + 1) * CONTEXT]
+            for i in range(len(ids) // CONTEXT)]
 
 
 def slimlm_protocol(path: Path, chunks: list[list[int]], reference) -> dict:
@@ -206,6 +209,45 @@ def bench_packed(model: str, tmp: Path) -> list[str]:
     return table
 
 
+AGREEMENT_JOBS = [("rtn", "Q4_0"), ("gptq", "Q4_0"), ("rtn", "Q8_0"), ("llamacpp", "Q4_0"), ("llamacpp", "Q4_K_M")]
+
+
+def bench_agreement(model: str, tools: Path, tmp: Path) -> list[str]:
+    """Only the check that slimlm's perplexity and KL agree with llama-perplexity's on the same
+    tokens (both against the f32 GGUF on llama.cpp), over a few files: minutes, not the full table."""
+    folder = dense_folder(resolve(model))
+    held_out = tmp / "held-out.txt"
+    held_out.write_text("\n\n".join(python_docs()[-3:]))
+    f32 = export_gguf(folder, tmp / "f32.gguf", dtype="f32")
+    base_kld = tmp / "base.kld"
+    run_tool(tools, "llama-perplexity", "-m", f32, "-f", held_out, "-c", CONTEXT, "-b", CONTEXT,
+             "--kl-divergence-base", base_kld, "-t", 2)
+    chunks = protocol_ids(f32, held_out.read_text())
+    f32_reference = make_scorer(open_backend(str(f32), "llamacpp", logits_all=True, n_ctx=CONTEXT))
+    rows = [f"**{model}** ({len(chunks)} chunks of {CONTEXT}, {len(chunks) * (CONTEXT - 1 - CONTEXT // 2)} scored "
+            "tokens)", "", "| file | llama-perplexity ppl / KL | slimlm ppl / KL | agreement ppl / KL |",
+            "|---|---:|---:|---:|"]
+    for method, fmt in [("f32", "F32")] + AGREEMENT_JOBS:
+        if method == "f32":
+            out = f32
+        elif method == "llamacpp":
+            out = tmp / f"peer-{fmt}.gguf"
+            run_tool(tools, "llama-quantize", f32, out, fmt, 2)
+        else:
+            out = tmp / f"{method}-{fmt}.gguf"
+            quantize(str(folder), out, method=method, format=f"gguf:{fmt}", check=False, record=False, **CALIB)
+        peer = llama_perplexity(tools, out, held_out, base_kld)
+        same = slimlm_protocol(out, chunks, f32_reference)
+        d_ppl = abs(same["perplexity"] / peer["perplexity"] - 1)
+        d_kl = abs(same["kl_mean"] - peer["kl_mean"])
+        label = f"{'llama-quantize' if method == 'llamacpp' else 'slimlm ' + method} {fmt}"
+        rows.append(f"| {label} | {peer['perplexity']:.4f} / {peer['kl_mean']:.5f} | {same['perplexity']:.4f} / "
+                    f"{same['kl_mean']:.5f} | {d_ppl:.3%} / "
+                    + (f"{d_kl / peer['kl_mean']:.2%}" if peer["kl_mean"] > 1e-4 else f"{d_kl:.6f} nats") + " |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def _shapes(folder: Path) -> dict:
     from slimlm.compress.quantize import _tensor_shapes
 
@@ -216,8 +258,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2-135m-instruct,gemma3-270m")
     ap.add_argument("--packed", action="store_true", help="only the packed Hugging Face rows (bits 8..2, ternary)")
+    ap.add_argument("--agreement", action="store_true", help="only the agreement check with llama-perplexity")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    if args.agreement:
+        tools, body = build_llama_tools(), []
+        for model in args.models.split(","):
+            with tempfile.TemporaryDirectory() as tmp:
+                body += bench_agreement(model, tools, Path(tmp)) + [""]
+        if not args.no_write:
+            append_section("quantize, agreement with llama-perplexity", "slimlm's perplexity and mean KL on "
+                           "llama-perplexity's own chunks (its BOS rule, the second half of each 512-token chunk "
+                           "scored), both against the f32 GGUF on llama.cpp, held-out python-docs text. Command: "
+                           "`python bench/quantize.py --agreement`.", body)
+        return 0
     if args.packed:
         body = []
         for model in args.models.split(","):

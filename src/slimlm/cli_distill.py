@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from slimlm.cli import app, out
+from slimlm.cli_train import add_training_rows
 from slimlm.train.distill import MODES
 
 
@@ -90,7 +91,7 @@ def distill(
     if as_json:
         print(json.dumps(result.to_dict(), default=str))
         return
-    t, d = result.train, result.data
+    d = result.data
     table = Table(title=f"{teacher} → {student} → {result.out}", show_header=False, box=None)
     how = f"{result.mode}" + (f", {result.kind}" if result.mode == "logit" else "")
     table.add_row("distillation", how + (f", on-policy {on_policy:.0%} of steps" if on_policy else ""))
@@ -101,12 +102,7 @@ def distill(
     else:
         table.add_row("teacher answers", f"{result.cache} ({'reused' if result.cache_reused else 'generated'})")
     table.add_row("data", f"{d['train_examples']} training / {d['eval_examples']} held-out {d['kind']} examples")
-    table.add_row("steps, tokens", f"{t.steps} steps, {t.tokens:,} tokens in {t.seconds:.1f} s ({t.stopped})")
-    if t.train_loss is not None:
-        table.add_row("training loss (last step)", f"{t.train_loss:.4f}")
-    if t.eval_loss is not None:
-        table.add_row("held-out loss, perplexity", f"{t.eval_loss:.4f}, {t.perplexity:.3f}")
-    table.add_row("log, plot", f"{result.out / 'train_log.jsonl'}, {result.out / 'loss.png'}")
+    add_training_rows(table, result.train, result.out)
     out.print(table)
     if result.method == "full" or merge:
         out.print(f"[dim]next: slimlm eval {result.out} --task perplexity:python-docs --reference {teacher}[/dim]")

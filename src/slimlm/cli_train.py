@@ -13,6 +13,16 @@ from slimlm.cli import ModelArg, app, out
 from slimlm.train.finetune import METHODS
 
 
+def add_training_rows(table: Table, run, out_dir: Path) -> None:
+    """The rows every training verb (finetune, distill) ends its summary with; `run` is a TrainResult."""
+    table.add_row("steps, tokens", f"{run.steps} steps, {run.tokens:,} tokens in {run.seconds:.1f} s ({run.stopped})")
+    if run.train_loss is not None:
+        table.add_row("training loss (last step)", f"{run.train_loss:.4f}")
+    if run.eval_loss is not None:
+        table.add_row("held-out loss, perplexity", f"{run.eval_loss:.4f}, {run.perplexity:.3f}")
+    table.add_row("log, plot", f"{out_dir / 'train_log.jsonl'}, {out_dir / 'loss.png'}")
+
+
 @app.command()
 def finetune(
     model: str = ModelArg,
@@ -88,7 +98,7 @@ def finetune(
     if as_json:
         print(json.dumps(result.to_dict(), default=str))
         return
-    t, d = result.train, result.data
+    d = result.data
     table = Table(title=f"{model} → {result.out}", show_header=False, box=None)
     table.add_row("method", f"{result.method}" + (f" on {', '.join(result.targets)}" if result.targets else ""))
     table.add_row("trained parameters", f"{result.trainable_params:,} of {result.total_params:,} "
@@ -96,12 +106,7 @@ def finetune(
     table.add_row("data", f"{d['train_examples']} training / {d['eval_examples']} held-out {d['kind']} examples"
                           + (f", {d['truncated']} cut to --seq-len" if d["truncated"] else "")
                           + (f", {d['skipped']} bad lines skipped" if d["skipped"] else ""))
-    table.add_row("steps, tokens", f"{t.steps} steps, {t.tokens:,} tokens in {t.seconds:.1f} s ({t.stopped})")
-    if t.train_loss is not None:
-        table.add_row("training loss (last step)", f"{t.train_loss:.4f}")
-    if t.eval_loss is not None:
-        table.add_row("held-out loss, perplexity", f"{t.eval_loss:.4f}, {t.perplexity:.3f}")
-    table.add_row("log, plot", f"{result.out / 'train_log.jsonl'}, {result.out / 'loss.png'}")
+    add_training_rows(table, result.train, result.out)
     out.print(table)
     if result.method == "full" or result.merged:
         out.print(f"[dim]next: slimlm generate {result.out} \"...\"  or  "

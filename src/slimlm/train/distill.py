@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from slimlm.errors import SlimlmError
 from slimlm.train.core import TrainConfig, Trainer, TrainResult, process_state, token_count
 from slimlm.train.data import TrainData, load_data
+from slimlm.train.finetune import prepare_out
 
 MODES = {"logit": "match the teacher's next-token distributions (one vocabulary; cached top-k teacher)",
          "sequence": "fine-tune on the teacher's answers to the training prompts (any tokenizers)"}
 SETTINGS_FILE = "distill.json"
+DISTILL_FILES = (SETTINGS_FILE, "teacher_answers.jsonl")  # what marks a folder as a distill run's
 
 
 @dataclass
@@ -151,21 +152,6 @@ def ensure_cache(teacher_folder: Path, sequences: list, path: Path, k: int, toke
     return index, False
 
 
-def _prepare_out(out: Path, resume: bool, force: bool) -> None:
-    """finetune's rule: refuse to overwrite by accident; --force deletes only slimlm's own output."""
-    if not out.exists() or not any(out.iterdir()):
-        return
-    ours = any((out / n).exists() for n in ("slimlm.json", "checkpoints", "train_log.jsonl", SETTINGS_FILE,
-                                            "config.json", "teacher_answers.jsonl"))
-    if force and not resume:
-        if not ours:
-            raise SlimlmError(f"{out} is not a slimlm output folder; --force will not delete it: choose another --out")
-        shutil.rmtree(out)
-    elif not resume:
-        raise SlimlmError(f"{out} already exists: pass --resume to continue it, choose another --out, or pass "
-                          "--force to start over")
-
-
 def _check_settings(out: Path, settings: dict, resume: bool) -> None:
     """The distillation settings (the Trainer checks its own): a resumed run must use the same."""
     path = out / SETTINGS_FILE
@@ -253,7 +239,7 @@ def distill(teacher, student, data, out, mode: str = "logit", kind: str = "forwa
     if mode == "sequence":
         settings.update(prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, gen_temperature=gen_temperature)
     if state.is_main_process:
-        _prepare_out(out, resume, force)
+        prepare_out(out, resume, force, own=DISTILL_FILES, resumable=("checkpoints", *DISTILL_FILES))
         _check_settings(out, settings, resume)
     state.wait_for_everyone()
     loss_fn, reused, bytes_per_token = None, False, None

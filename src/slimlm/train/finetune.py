@@ -107,17 +107,20 @@ def add_adapter(model, method: str, rank: int, alpha: float, dropout: float, tar
     return get_peft_model(model, config)
 
 
-def _prepare_out(out: Path, resume: bool, force: bool) -> None:
-    """Refuse to overwrite work by accident; --force deletes only what looks like slimlm's output."""
+def prepare_out(out: Path, resume: bool, force: bool, own: tuple[str, ...] = (),
+                 resumable: tuple[str, ...] = ("checkpoints",)) -> None:
+    """Refuse to overwrite work by accident; --force deletes only what looks like slimlm's output.
+    `own`: more file names that mark a folder as slimlm's (distill adds its own); `resumable`: the
+    names whose presence makes --resume worth suggesting."""
     if not out.exists() or not any(out.iterdir()):
         return
-    ours = any((out / name).exists() for name in _RUN_FILES) or (out / "config.json").exists()
+    ours = any((out / name).exists() for name in (*_RUN_FILES, "config.json", *own))
     if force and not resume:
         if not ours:
             raise SlimlmError(f"{out} is not a slimlm output folder; --force will not delete it: choose another --out")
         shutil.rmtree(out)
     elif not resume:
-        hint = "pass --resume to continue from its newest checkpoint, " if (out / "checkpoints").is_dir() else ""
+        hint = "pass --resume to continue it, " if any((out / name).exists() for name in resumable) else ""
         raise SlimlmError(f"{out} already exists: {hint}choose another --out, or pass --force to start over")
 
 
@@ -156,7 +159,7 @@ def finetune(model, data, out, method: str = "lora", rank: int = 16, alpha: floa
                           "`slimlm export` a merged or fully fine-tuned model instead")
     out, state = Path(out), process_state()
     if state.is_main_process:
-        _prepare_out(out, resume, force)
+        prepare_out(out, resume, force)
     state.wait_for_everyone()
     ref = resolve(model)
     base, tokenizer = load_torch(ref)

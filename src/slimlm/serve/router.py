@@ -120,6 +120,11 @@ class CascadePolicy(Policy):
 
 
 # -- the learned router -------------------------------------------------------------------------
+def _logistic(z):
+    """1 / (1 + e^-z), written so that a large |z| cannot overflow."""
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
 def _threshold_for(scores: np.ndarray, k: int) -> float:
     """A threshold that escalates (score < t) exactly the k lowest of `scores` (ties aside)."""
     s = np.sort(scores)
@@ -166,8 +171,7 @@ class LearnedRouter(Policy):
     def _proba(self, x: np.ndarray) -> np.ndarray:
         if self.coef is None:
             raise SlimlmError("the router is not trained: fit it, or load one written by `slimlm router train`")
-        z = np.asarray(x @ self.coef, dtype=np.float64).ravel() + self.intercept
-        return 0.5 * (1.0 + np.tanh(0.5 * z))  # the logistic function, without overflow for large |z|
+        return _logistic(np.asarray(x @ self.coef, dtype=np.float64).ravel() + self.intercept)
 
     def score(self, prompts: Sequence[str]) -> np.ndarray:
         """P(the small model is good enough) for each prompt."""
@@ -175,8 +179,7 @@ class LearnedRouter(Policy):
 
     def decide(self, prompt: str) -> Decision:
         if self.features == "hashing" and self.coef is not None:  # one prompt: the lean path
-            z = hashed_ngrams().dot(prompt, self.coef) + self.intercept
-            p = float(0.5 * (1.0 + np.tanh(0.5 * z)))
+            p = float(_logistic(hashed_ngrams().dot(prompt, self.coef) + self.intercept))
         else:
             p = float(self.score([prompt])[0])
         if p < self.threshold:

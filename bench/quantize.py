@@ -112,27 +112,33 @@ def slimlm_scores(path: Path, reference, docs: list[str], name: str) -> dict:
     return {**result.metrics, "decode_tps": sorted(rates)[1]}
 
 
-def bench_model(model: str, tools: Path, tmp: Path) -> tuple[list[str], list[str], float]:
-    folder = dense_folder(resolve(model))
+def f32_baseline(folder: Path, tools: Path, tmp: Path):
+    """What both comparisons with llama-perplexity start from: the held-out text file, the f32 GGUF,
+    llama-perplexity's saved base logits (.kld), its chunks of the text, and slimlm's scorer on the
+    f32 GGUF. The agreement check compares computations, so slimlm takes llama-perplexity's reference
+    too: the f32 GGUF on llama.cpp (on SmolLM2 it gives the same KL as torch's fp32 logits to 4
+    decimals; the .kld file's own rounding costs about 1e-6 nats of KL)."""
     held_out = tmp / "held-out.txt"
     held_out.write_text("\n\n".join(python_docs()[-3:]))
-    calib = tmp / "calib.txt"
-    calib.write_text("\n\n".join(python_docs()[:-3]))
     f32 = export_gguf(folder, tmp / "f32.gguf", dtype="f32")
-    start = time.perf_counter()
-    run_tool(tools, "llama-imatrix", "-m", f32, "-f", calib, "-o", tmp / "imatrix.gguf", "-c", CALIB["calib_seq_len"],
-             "--chunks", CALIB["calib_samples"], "-t", 2)
-    imatrix_s = time.perf_counter() - start
     base_kld = tmp / "base.kld"
     run_tool(tools, "llama-perplexity", "-m", f32, "-f", held_out, "-c", CONTEXT, "-b", CONTEXT,
              "--kl-divergence-base", base_kld, "-t", 2)
     chunks = protocol_ids(f32, held_out.read_text())
-    reference = make_scorer(open_backend(str(folder), "torch", dtype="float32"))
-    # The agreement check compares computations, so slimlm takes llama-perplexity's reference too: the
-    # f32 GGUF on llama.cpp (on SmolLM2 it gives the same KL as torch's fp32 logits to 4 decimals).
-    # llama-perplexity keeps the base log-probs compressed in its .kld file, which slimlm does not
-    # imitate: that rounding is the floor of the KL disagreement for files with a tiny KL (Q8_0).
     f32_reference = make_scorer(open_backend(str(f32), "llamacpp", logits_all=True, n_ctx=CONTEXT))
+    return held_out, f32, base_kld, chunks, f32_reference
+
+
+def bench_model(model: str, tools: Path, tmp: Path) -> tuple[list[str], list[str], float]:
+    folder = dense_folder(resolve(model))
+    held_out, f32, base_kld, chunks, f32_reference = f32_baseline(folder, tools, tmp)
+    calib = tmp / "calib.txt"
+    calib.write_text("\n\n".join(python_docs()[:-3]))
+    start = time.perf_counter()
+    run_tool(tools, "llama-imatrix", "-m", f32, "-f", calib, "-o", tmp / "imatrix.gguf", "-c", CALIB["calib_seq_len"],
+             "--chunks", CALIB["calib_samples"], "-t", 2)
+    imatrix_s = time.perf_counter() - start
+    reference = make_scorer(open_backend(str(folder), "torch", dtype="float32"))
     docs = python_docs()[-3:]
 
     rows = []
@@ -216,14 +222,7 @@ def bench_agreement(model: str, tools: Path, tmp: Path) -> list[str]:
     """Only the check that slimlm's perplexity and KL agree with llama-perplexity's on the same
     tokens (both against the f32 GGUF on llama.cpp), over a few files: minutes, not the full table."""
     folder = dense_folder(resolve(model))
-    held_out = tmp / "held-out.txt"
-    held_out.write_text("\n\n".join(python_docs()[-3:]))
-    f32 = export_gguf(folder, tmp / "f32.gguf", dtype="f32")
-    base_kld = tmp / "base.kld"
-    run_tool(tools, "llama-perplexity", "-m", f32, "-f", held_out, "-c", CONTEXT, "-b", CONTEXT,
-             "--kl-divergence-base", base_kld, "-t", 2)
-    chunks = protocol_ids(f32, held_out.read_text())
-    f32_reference = make_scorer(open_backend(str(f32), "llamacpp", logits_all=True, n_ctx=CONTEXT))
+    held_out, f32, base_kld, chunks, f32_reference = f32_baseline(folder, tools, tmp)
     rows = [f"**{model}** ({len(chunks)} chunks of {CONTEXT}, {len(chunks) * (CONTEXT - 1 - CONTEXT // 2)} scored "
             "tokens)", "", "| file | llama-perplexity ppl / KL | slimlm ppl / KL | agreement ppl / KL |",
             "|---|---:|---:|---:|"]

@@ -248,12 +248,16 @@ def router_table(overhead: dict) -> list[str]:
             "| cascade: should_escalate() on 16 token log-probs | {:.3f} | {:.3f} |".format(*overhead["cascade"])]
 
 
+def router_verdict(overhead: dict) -> str:
+    return (f"- learned router p99 {overhead['learned'][1]:.2f} ms with MiniLM token vectors (target < 5 ms), "
+            f"{overhead['minilm'][1]:.1f} ms with MiniLM embeddings")
+
+
 def router_only(args, load_before: float) -> int:
     """The routing-decision timings alone: the router changes more often than the servers."""
     overhead = router_overhead()
     body = router_table(overhead) + [
-        "", f"- learned router p99 {overhead['learned'][1]:.2f} ms with MiniLM token vectors (target < 5 ms), "
-        f"{overhead['minilm'][1]:.1f} ms with MiniLM embeddings",
+        "", router_verdict(overhead),
         f"- 1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"]
     print("\n".join(body), flush=True)
     if not args.no_write:
@@ -333,8 +337,7 @@ def main() -> int:
     load_after = os.getloadavg()[0]
     body += ["", f"- slimlm streaming decode {ours:.1f} tok/s = {ours / raw_tps:.2f}x raw llama.cpp (target >= 0.9x) "
              f"and {ours / peer:.2f}x llama_cpp.server (target >= 1.0x)",
-             f"- learned router p99 {overhead['learned'][1]:.2f} ms with MiniLM token vectors (target < 5 ms), "
-             f"{overhead['minilm'][1]:.1f} ms with MiniLM embeddings",
+             router_verdict(overhead),
              f"- failed requests under load: {failed} (target 0)",
              f"- 1-minute load average {load_before:.1f} at the start, {load_after:.1f} at the end, on "
              f"{cpu.physical_cores} cores: anything above the core count means other work shared them"]

@@ -6,7 +6,9 @@ The text is the built-in corpus `python-docs` (Python's reference documentation)
 built-in SmolLM2-135M-Instruct. All paths score the same tokens:
   plain transformers loop (peer)  the loop of Hugging Face's perplexity guide over slimlm's windows
                                    (model(input_ids, labels=...) per window, fp32, batch 1)
-  slimlm torch                     slimlm.eval's scorer (LM head only on scored positions)
+  slimlm torch                     slimlm.eval's scorer (LM head only on scored positions), asked
+                                   for fp32 so both compute the same numbers; its kernels are
+                                   the backend's choice for this CPU (e.g. packed oneDNN weights)
   slimlm llamacpp                  the same windows through llama.cpp on the GGUF file
   lm-evaluation-harness (peer)     `lm_eval` with a local JSONL task (loglikelihood_rolling), if
                                    build/lmeval-venv exists (it is not a dependency of slimlm)
@@ -72,8 +74,10 @@ def plain_transformers(folder: Path, docs: list[str], context: int, stride: int)
 
 
 def slimlm_path(model: str, backend: str, docs: list[str], context: int, stride: int) -> dict:
-    kwargs = {"logits_all": True, "n_ctx": context} if backend == "llamacpp" else {}
+    # fp32 on torch: the default on a CPU with native bf16 would be bf16, and other numbers.
+    kwargs = {"logits_all": True, "n_ctx": context} if backend == "llamacpp" else {"dtype": "float32"}
     engine = open_backend(model, backend, **kwargs)
+    kernels = engine.plan.describe() if backend == "torch" else engine.precision()
     scorer = make_scorer(engine)
     run_perplexity(scorer, [docs[0][:300]], source="warm-up", context=context, stride=stride)  # untimed
     start = time.perf_counter()
@@ -81,7 +85,7 @@ def slimlm_path(model: str, backend: str, docs: list[str], context: int, stride:
     seconds = time.perf_counter() - start
     engine.close()
     return {"ppl": result.metrics["perplexity"], "tokens": result.metrics["tokens"], "seconds": seconds,
-            "bpb": result.metrics["bits_per_byte"]}
+            "bpb": result.metrics["bits_per_byte"], "kernels": kernels}
 
 
 LMEVAL_TASK = """task: slimlm_python_docs
@@ -163,7 +167,7 @@ def main() -> int:
         return 0
     description = (f"Perplexity of SmolLM2-135M-Instruct on python-docs (first {args.limit} of 79 documents, "
                    f"{plain['tokens']} tokens), context {args.context}, stride {stride}; torch paths fp32 on the dense "
-                   f"conversion; perplexity agreement slimlm torch vs plain loop {agree:.1e}. "
+                   f"conversion (slimlm torch: {torch_row['kernels']}); perplexity agreement slimlm torch vs plain loop {agree:.1e}. "
                    f"Command: `python bench/eval.py --limit {args.limit} --context {args.context}"
                    f"{'' if stride == args.context else f' --stride {stride}'}`.")
     print(f"appended to {append_section('eval', description, table)}")

@@ -5,9 +5,11 @@ the benchmarks, from the llama.cpp that llama-cpp-python's source distribution v
 Why build them: the bindings expose the quantizer but not the importance-matrix tool nor
 `llama-perplexity`, and those are the peer's yardsticks (issue 5 compares slimlm's KL and
 perplexity with `llama-perplexity --kl-divergence` on the same files). The tools are built from
-the same llama.cpp version slimlm runs, for this CPU (GGML_NATIVE, or native minus AMX on CPUs
-with AMX, like scripts/install_llama_cpp.py), into a cache folder outside the repository keyed by
-version and CPU, so a build is reused only on the same kind of CPU.
+the same llama.cpp version slimlm runs and with the same CMake flags as the bindings that
+scripts/install_llama_cpp.py installed on this CPU (its record names them), so both sides of a
+comparison run the same kernels: two builds with different SIMD paths round quantized dot
+products differently, which shows in KL divergences of a few thousandths of a nat. The build goes
+into a cache folder outside the repository keyed by version, flags and CPU.
 
     python bench/llama_tools.py            # build (several minutes on 2 cores) and print the folder
     python bench/llama_tools.py --check    # print the folder if built, exit 1 if not
@@ -16,6 +18,7 @@ version and CPU, so a build is reused only on the same kind of CPU.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import subprocess
 import sys
@@ -28,14 +31,24 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from install_llama_cpp import VERSION, build_plan, first_variant  # noqa: E402
 
-from slimlm.hardware import cpu_info, cpu_signature  # noqa: E402
+from slimlm.hardware import cpu_info, cpu_signature, llama_cpp_build  # noqa: E402
 
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
 
 
+def cmake_flags() -> list[str]:
+    """The installed bindings' flags, or (no record) the choice the installer would make first."""
+    recorded = (llama_cpp_build() or {}).get("cmake_args")
+    if recorded:
+        return list(recorded)
+    flags = cpu_info().flags
+    return build_plan(flags, first_variant(flags))
+
+
 def tools_dir() -> Path:
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return root / "slimlm" / "llama-tools" / f"{VERSION}-{cpu_signature()}"
+    key = hashlib.sha256(" ".join(cmake_flags()).encode()).hexdigest()[:8]
+    return root / "slimlm" / "llama-tools" / f"{VERSION}-{cpu_signature()}-{key}"
 
 
 def built() -> Path | None:
@@ -58,8 +71,7 @@ def build() -> Path:
         return folder
     work = Path(tempfile.mkdtemp(prefix="llama-tools-"))
     src = _sdist(work)
-    flags = cpu_info().flags
-    args = build_plan(flags, first_variant(flags))
+    args = cmake_flags()
     build_dir = work / "build"
     print(f"[llama-tools] building {', '.join(TOOLS)} {VERSION} with {' '.join(args)}", flush=True)
     subprocess.run(["cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",

@@ -42,11 +42,11 @@ class AdapterSet:
         except ImportError:
             raise SlimlmError("serving adapters needs PEFT: pip install peft") from None
         if backend.plan.split:
-            from slimlm.models.backends.precision import PrecisionPlan
+            from dataclasses import replace
 
             backend.decode_model = backend.model
-            backend.plan = PrecisionPlan(backend.plan.prefill, backend.plan.prefill,
-                                         "adapters: one copy of the weights")
+            backend.plan = replace(backend.plan, decode=backend.plan.prefill, reason="adapters: one copy of the weights",
+                                   onednn=tuple(d for d in backend.plan.onednn if d == backend.plan.prefill))
         items = list(adapters.items())
         try:
             from slimlm.train.qlora import load_adapter  # also on a slimlm-quantized base

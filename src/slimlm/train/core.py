@@ -204,7 +204,10 @@ class Trainer:
 
     @property
     def unwrapped_model(self):
-        return self.accelerator.unwrap_model(self.model)
+        """The trained model as a plain module, for after training: without DDP and without the
+        autocast wrapper that mixed precision puts on its forward (bf16 on CPUs with native bf16),
+        so it computes like the same weights loaded afresh."""
+        return self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
 
     # --- one optimizer step ------------------------------------------------------------------
     def _step(self, window: list[dict]) -> tuple[float, int]:

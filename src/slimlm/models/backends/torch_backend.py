@@ -4,7 +4,8 @@ The fast path is a plain decode loop over the model's forward with a KV cache (n
 machinery per step) and a precision plan measured on the CPU at hand (see precision.py): on a
 CPU without native bf16, prefill runs in fp32 (compute-bound, where emulated bf16 is several
 times slower) and decode in bf16 (memory-bound, where half the bytes per weight nearly doubles
-the speed), with the KV cache cast between the two.
+the speed), with the KV cache cast between the two. Where the probe finds oneDNN's kernels
+faster than the plain ones, the linear layers get their weights packed for it once (onednn.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class TorchBackend(Backend):
         super().__init__()
         import torch
 
+        from slimlm.models.backends.onednn import pack_linears
         from slimlm.models.loading import load_torch
 
         self.device = best_torch_device() if device == "auto" else device
@@ -52,6 +54,9 @@ class TorchBackend(Backend):
             self.decode_model = copy.deepcopy(self.model).to(self.plan.decode)
         else:
             self.decode_model = self.model
+        for model in {id(m): m for m in (self.model, self.decode_model)}.values():
+            if next(model.parameters()).dtype in self.plan.onednn:
+                pack_linears(model)  # last: .to() would not move the packed copies
         self.stop_ids = self._stop_ids()
 
     def _stop_ids(self) -> set[int]:

@@ -5,7 +5,8 @@ On the built-in SmolLM2-135M-Instruct GGUF, one machine, one run:
 
 1. single-stream decode tokens/s, streaming, greedy, --tokens new tokens, median over the
    prompts and --repeat rounds, for three paths measured in turn (interleaved, so a busy
-   moment of the machine hurts all three alike):
+   moment of the machine hurts all three alike), and the median of the paired ratios of slimlm
+   to each other path over back-to-back runs of one prompt:
      raw llama_cpp.Llama in this process (the ceiling: no HTTP, no server),
      `slimlm serve` over HTTP with the openai client (its default ledger on, in a temp file),
      `python -m llama_cpp.server` over HTTP with the openai client (the peer), started with
@@ -21,7 +22,7 @@ On the built-in SmolLM2-135M-Instruct GGUF, one machine, one run:
    (chat, --load-tokens new tokens): completion tokens/s, requests/s, latency p50/p99, and the
    failed requests, which must be zero.
 
-    python bench/serve.py [--duration 60] [--tokens 128] [--repeat 3] [--no-write]
+    python bench/serve.py [--duration 60] [--tokens 128] [--repeat 5] [--no-write]
 """
 
 from __future__ import annotations
@@ -133,22 +134,36 @@ def raw_runner(path: Path):
 
 
 def single_stream(paths: dict, tokens: int, repeat: int) -> dict:
+    """Each prompt of each round runs on every path back to back; besides each path's median rate,
+    every path gets the paired ratios of the first path (slimlm) to it, one per back-to-back
+    trio: on 2 shared cores single-stream rates drift by several percent between minutes, and a
+    ratio of two runs a second apart cancels most of that drift."""
     rows = {name: {"tps": [], "ttft": [], "n": []} for name in paths}
     for run in paths.values():
         run(PROMPTS[0], 8)  # warm-up
+    first = next(iter(paths))
+    pairs = {name: [] for name in paths if name != first}
     for r in range(repeat):
         for i, prompt in enumerate(PROMPTS):
             names = list(paths)
             k = (r * len(PROMPTS) + i) % len(names)
+            trio = {}
             for name in names[k:] + names[:k]:  # rotate who goes first
                 ttft, n, tps = paths[name](prompt, tokens)
                 rows[name]["tps"].append(tps)
                 rows[name]["ttft"].append(ttft)
                 rows[name]["n"].append(n)
+                trio[name] = tps
+            for name in pairs:
+                pairs[name].append(trio[first] / trio[name])
         print(f"  round {r + 1}/{repeat}: " + ", ".join(f"{n} {statistics.median(v['tps']):.1f} tok/s"
                                                        for n, v in rows.items()), flush=True)
-    return {name: {"tps": statistics.median(v["tps"]), "ttft_ms": 1000 * statistics.median(v["ttft"]),
-                   "tokens": statistics.median(v["n"])} for name, v in rows.items()}
+    out = {name: {"tps": statistics.median(v["tps"]), "ttft_ms": 1000 * statistics.median(v["ttft"]),
+                  "tokens": statistics.median(v["n"])} for name, v in rows.items()}
+    for name, ratios in pairs.items():
+        q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+        out[name].update(paired=float(median), paired_q1=float(q1), paired_q3=float(q3), pairs=len(ratios))
+    return out
 
 
 def percentiles_ms(samples: list[float]) -> tuple[float, float]:
@@ -272,7 +287,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=60, help="seconds per concurrency level")
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per single-stream answer")
     ap.add_argument("--load-tokens", type=int, default=64, help="new tokens per answer under load")
-    ap.add_argument("--repeat", type=int, default=3, help="rounds over the prompts (median reported)")
+    ap.add_argument("--repeat", type=int, default=5, help="rounds over the prompts (median reported)")
     ap.add_argument("--clients", default="1,4,16", help="concurrency levels")
     ap.add_argument("--router-only", action="store_true", help="only the routing-decision timings (no servers)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
@@ -293,8 +308,8 @@ def main() -> int:
             procs.append(peer_server(ports["peer"], path))
             raw, keep = raw_runner(path)
             print("single stream ...", flush=True)
-            single = single_stream({"raw llama.cpp (in-process)": raw,
-                                    "slimlm serve (HTTP)": lambda p, n: stream_http(ports["slimlm"], p, n),
+            single = single_stream({"slimlm serve (HTTP)": lambda p, n: stream_http(ports["slimlm"], p, n),
+                                    "raw llama.cpp (in-process)": raw,
                                     "llama_cpp.server (HTTP, peer)": lambda p, n: stream_http(ports["peer"], p, n)},
                                    args.tokens, args.repeat)
             keep[1].close()
@@ -320,10 +335,13 @@ def main() -> int:
 
     raw_tps = single["raw llama.cpp (in-process)"]["tps"]
     ours, peer = single["slimlm serve (HTTP)"]["tps"], single["llama_cpp.server (HTTP, peer)"]["tps"]
-    body = ["| path | decode tok/s | time to first token (ms) | tokens | slimlm vs this |", "|---|---:|---:|---:|---:|"]
+    body = ["| path | decode tok/s | time to first token (ms) | tokens | slimlm vs this: ratio of medians | "
+            "paired ratio, median (interquartile range) |", "|---|---:|---:|---:|---:|---:|"]
     for name, r in single.items():
         vs = "" if name.startswith("slimlm") else f"{ours / r['tps']:.2f}x"
-        body.append(f"| {name} | {r['tps']:.1f} | {r['ttft_ms']:.0f} | {r['tokens']:.0f} | {vs} |")
+        paired = (f"{r['paired']:.3f}x ({r['paired_q1']:.3f}-{r['paired_q3']:.3f}, {r['pairs']} pairs)"
+                  if "paired" in r else "")
+        body.append(f"| {name} | {r['tps']:.1f} | {r['ttft_ms']:.0f} | {r['tokens']:.0f} | {vs} | {paired} |")
     body += [""] + router_table(overhead) + [
              "", "| streamed answer | time to first token (ms) | total s |", "|---|---:|---:|"]
     for name, r in cascade.items():
@@ -335,8 +353,11 @@ def main() -> int:
                     f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} |")
     failed = sum(r["failed"] for r in loads)
     load_after = os.getloadavg()[0]
-    body += ["", f"- slimlm streaming decode {ours:.1f} tok/s = {ours / raw_tps:.2f}x raw llama.cpp (target >= 0.9x) "
-             f"and {ours / peer:.2f}x llama_cpp.server (target >= 1.0x)",
+    paired_raw = single["raw llama.cpp (in-process)"]["paired"]
+    paired_peer = single["llama_cpp.server (HTTP, peer)"]["paired"]
+    body += ["", f"- slimlm streaming decode {ours:.1f} tok/s = {ours / raw_tps:.2f}x raw llama.cpp by medians, "
+             f"{paired_raw:.3f}x paired (target >= 0.9x), and {ours / peer:.2f}x / {paired_peer:.3f}x paired of "
+             "llama_cpp.server (target >= 1.0x)",
              router_verdict(overhead),
              f"- failed requests under load: {failed} (target 0)",
              f"- 1-minute load average {load_before:.1f} at the start, {load_after:.1f} at the end, on "
@@ -346,7 +367,7 @@ def main() -> int:
         return 0
     description = (f"SmolLM2-135M-Instruct ({path.name}), n_ctx {N_CTX}, {default_threads()} llama.cpp threads for "
                    f"all three paths; single stream: {args.tokens} new tokens, greedy, {len(PROMPTS)} prompts x "
-                   f"{args.repeat} rounds interleaved, median; decode rate measured by the client over content "
+                   f"{args.repeat} rounds interleaved, median, and paired ratios of back-to-back runs; decode rate measured by the client over content "
                    f"chunks. Peer: `python -m llama_cpp.server` (llama-cpp-python) with slimlm's context, threads, "
                    f"batch and logits_all False. Load: chat, {args.load_tokens} new tokens, {args.duration:.0f} s "
                    f"per level. Command: `python bench/serve.py --duration {args.duration:.0f}`.")

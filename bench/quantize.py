@@ -47,6 +47,11 @@ from slimlm.models.loading import dense_folder
 from slimlm.models.reference import resolve
 
 CONTEXT = 512
+# llama-perplexity's settings for every call: slimlm's chunking, 2 threads, and flash attention
+# off, as llama-cpp-python opens models (flash_attn=False). The tool's default "auto" turns it on
+# on a CPU; its f16 attention then moved KL by up to 5.6% on Q8_0 files (0.00302 vs 0.00319),
+# while with it off slimlm and the tool agree to 0.3% (bench/RESULTS.md, 2026-12-01).
+PPL_ARGS = ("-c", CONTEXT, "-b", CONTEXT, "-t", 2, "-fa", "off")
 CALIB = dict(calib_samples=32, calib_seq_len=256)  # slimlm's GPTQ/AWQ and llama-imatrix get the same budget
 SLIMLM_JOBS = [("rtn", "Q4_0"), ("gptq", "Q4_0"), ("awq", "Q4_0"), ("rtn", "Q8_0"), ("gptq", "Q8_0")]
 PEER_JOBS = [("Q4_0", False), ("Q4_0", True), ("Q4_K_M", False), ("Q4_K_M", True), ("Q8_0", False)]
@@ -61,8 +66,8 @@ def run_tool(tools: Path, name: str, *args) -> str:
 
 def llama_perplexity(tools: Path, path: Path, text: Path, base_kld: Path) -> dict:
     """llama.cpp's own perplexity and KL divergence of `path` against the saved f32 logits."""
-    log = run_tool(tools, "llama-perplexity", "-m", path, "-f", text, "-c", CONTEXT, "-b", CONTEXT,
-                   "--kl-divergence-base", base_kld, "--kl-divergence", "-t", 2)
+    log = run_tool(tools, "llama-perplexity", "-m", path, "-f", text, *PPL_ARGS,
+                   "--kl-divergence-base", base_kld, "--kl-divergence")
     ppl = re.search(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", log)
     kld = re.search(r"Mean\s+KLD:\s*([-\d.]+)", log)
     top = re.search(r"Same top p:\s*([\d.]+)", log)
@@ -122,8 +127,7 @@ def f32_baseline(folder: Path, tools: Path, tmp: Path):
     held_out.write_text("\n\n".join(python_docs()[-3:]))
     f32 = export_gguf(folder, tmp / "f32.gguf", dtype="f32")
     base_kld = tmp / "base.kld"
-    run_tool(tools, "llama-perplexity", "-m", f32, "-f", held_out, "-c", CONTEXT, "-b", CONTEXT,
-             "--kl-divergence-base", base_kld, "-t", 2)
+    run_tool(tools, "llama-perplexity", "-m", f32, "-f", held_out, *PPL_ARGS, "--kl-divergence-base", base_kld)
     chunks = protocol_ids(f32, held_out.read_text())
     f32_reference = make_scorer(open_backend(str(f32), "llamacpp", logits_all=True, n_ctx=CONTEXT))
     return held_out, f32, base_kld, chunks, f32_reference
@@ -268,8 +272,9 @@ def main() -> int:
         if not args.no_write:
             append_section("quantize, agreement with llama-perplexity", "slimlm's perplexity and mean KL on "
                            "llama-perplexity's own chunks (its BOS rule, the second half of each 512-token chunk "
-                           "scored), both against the f32 GGUF on llama.cpp, held-out python-docs text. Command: "
-                           "`python bench/quantize.py --agreement`.", body)
+                           "scored), both against the f32 GGUF on llama.cpp, held-out python-docs text; llama-perplexity "
+                           "built with the bindings' CMake flags and run with `-fa off` (llama-cpp-python's default). "
+                           "Command: `python bench/quantize.py --agreement`.", body)
         return 0
     if args.packed:
         body = []

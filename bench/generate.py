@@ -7,7 +7,8 @@ Four paths on the built-in SmolLM2-135M-Instruct and the same prompts:
         (peer, dense folder, default dtype)
 
 For each: time to first token, decode tokens/s (after the first token) and prefill tokens/s on
-a 512-token prompt; median of --repeat runs. Prints the table with slimlm/peer ratios and
+a 1081-token prompt; median of --repeat runs. Each slimlm path runs back to back with its peer,
+prompt by prompt, and the paired ratios are reported too. Prints the table with the ratios and
 appends a dated row per path, with the CPU and its features, to bench/RESULTS.md.
 
     python bench/generate.py [--tokens 128] [--repeat 3] [--no-write]
@@ -117,18 +118,35 @@ def plain_transformers(folder):
     return run
 
 
-def measure(run, tokens, repeat):
-    decode, ttft, prefill = [], [], []
-    run(PROMPTS[0], 4)  # warm-up
+def _once(run, prompt, tokens, into):
+    t_first, n, total = run(prompt, tokens)
+    into["ttft"].append(t_first)
+    rate = (n - 1) / (total - t_first) if n > 1 else float("nan")
+    into["decode"].append(rate)
+    return rate
+
+
+def measure_pair(peer, ours, tokens, repeat):
+    """A peer and slimlm's path on the same prompts, back to back with the order alternating, so
+    that drift of a shared machine between minutes (seen here: 15%) hits both alike; the paired
+    ratio of each back-to-back couple is reported beside the ratio of the medians."""
+    runs = {"peer": peer, "ours": ours}
+    got = {k: {"decode": [], "ttft": [], "prefill": []} for k in runs}
+    ratios = []
+    for run in runs.values():
+        run(PROMPTS[0], 4)  # warm-up
     for i in range(repeat):
-        for prompt in PROMPTS:
-            t_first, n, total = run(prompt, tokens)
-            ttft.append(t_first)
-            if n > 1:
-                decode.append((n - 1) / (total - t_first))
-        t_first, _, _ = run(LONG_TEXT, 1, raw=True)
-        prefill.append(t_first)
-    return {"decode_tps": median(decode), "ttft_ms": 1000 * median(ttft), "prefill_s": median(prefill)}
+        for j, prompt in enumerate(PROMPTS):
+            order = ["peer", "ours"] if (i + j) % 2 == 0 else ["ours", "peer"]
+            rate = {k: _once(runs[k], prompt, tokens, got[k]) for k in order}
+            ratios.append(rate["ours"] / rate["peer"])
+        for k in runs:
+            got[k]["prefill"].append(runs[k](LONG_TEXT, 1, raw=True)[0])
+    out = {k: {"decode_tps": median(v["decode"]), "ttft_ms": 1000 * median(v["ttft"]), "prefill_s": median(v["prefill"])}
+           for k, v in got.items()}
+    out["paired"] = median(ratios)
+    out["paired_range"] = (min(ratios), max(ratios))
+    return out
 
 
 def main() -> int:
@@ -144,41 +162,45 @@ def main() -> int:
     build = (llama_cpp_build() or {}).get("variant", "unknown")
     print(f"{MODEL} on {cpu.describe()}; llama.cpp build: {build}; {default_threads()} threads", flush=True)
 
-    results = {}
     llama_run, llama_engine = slimlm_engine(MODEL, "llamacpp")
     engines = {}
-    plans = [
-        ("llama.cpp raw (peer)", lambda: raw_llama(ref.path, llama_engine)),
-        ("slimlm llamacpp", lambda: llama_run),
-        ("transformers generate (peer)", lambda: plain_transformers(folder)),
-        ("slimlm torch", lambda: _keep(engines, "torch", slimlm_engine(str(folder), "torch"))),
+    pairs = [
+        ("llama.cpp raw (peer)", "slimlm llamacpp", lambda: raw_llama(ref.path, llama_engine), lambda: llama_run),
+        ("transformers generate (peer)", "slimlm torch", lambda: plain_transformers(folder),
+         lambda: _keep(engines, "torch", slimlm_engine(str(folder), "torch"))),
     ]
     n_long = len(llama_engine.tokenize(LONG_TEXT))
-    for name, build_run in plans:
-        print(f"  measuring {name} ...", flush=True)
-        results[name] = measure(build_run(), args.tokens, args.repeat)
-        results[name]["prefill_tps"] = n_long / results[name]["prefill_s"]
+    results, ratios = {}, {}
+    for peer_name, ours_name, peer_run, ours_run in pairs:
+        print(f"  measuring {peer_name} and {ours_name}, interleaved ...", flush=True)
+        got = measure_pair(peer_run(), ours_run(), args.tokens, args.repeat)
+        for name, key in ((peer_name, "peer"), (ours_name, "ours")):
+            results[name] = got[key]
+            results[name]["prefill_tps"] = n_long / got[key]["prefill_s"]
+        ratios[ours_name] = (got["ours"]["decode_tps"] / got["peer"]["decode_tps"], got["paired"], got["paired_range"])
 
     torch_engine = engines["torch"]
-    ratios = {
-        "slimlm llamacpp": results["slimlm llamacpp"]["decode_tps"] / results["llama.cpp raw (peer)"]["decode_tps"],
-        "slimlm torch": results["slimlm torch"]["decode_tps"] / results["transformers generate (peer)"]["decode_tps"],
-    }
-    header = f"{'path':32} {'decode tok/s':>12} {'TTFT ms':>9} {'prefill tok/s':>14} {'decode vs peer':>15}"
-    print("\n" + header + "\n" + "-" * len(header))
+
+    def ratio_text(name):
+        if name not in ratios:
+            return "peer"
+        of_medians, paired, (low, high) = ratios[name]
+        return f"{of_medians:.2f}x; paired {paired:.2f}x ({low:.2f}-{high:.2f})"
+
+    header = f"{'path':32} {'decode tok/s':>12} {'TTFT ms':>9} {'prefill tok/s':>14}   decode vs peer"
+    print("\n" + header + "\n" + "-" * (len(header) + 20))
     for name, r in results.items():
-        ratio = f"{ratios[name]:.2f}x" if name in ratios else "peer"
-        print(f"{name:32} {r['decode_tps']:12.1f} {r['ttft_ms']:9.0f} {r['prefill_tps']:14.0f} {ratio:>15}")
+        print(f"{name:32} {r['decode_tps']:12.1f} {r['ttft_ms']:9.0f} {r['prefill_tps']:14.0f}   {ratio_text(name)}")
     print(f"\ntorch precision: {torch_engine.plan.describe()}; prefill prompt {n_long} tokens")
 
     if not args.no_write:
-        body = ["| path | decode tok/s | time to first token (ms) | prefill tok/s | decode ratio vs peer |",
-                "|---|---:|---:|---:|---:|"]
+        body = ["| path | decode tok/s | time to first token (ms) | prefill tok/s | decode ratio vs peer: of medians; "
+                "paired median (range) |", "|---|---:|---:|---:|---:|"]
         for name, r in results.items():
-            ratio = f"{ratios[name]:.2f}x" if name in ratios else "peer"
-            body.append(f"| {name} | {r['decode_tps']:.1f} | {r['ttft_ms']:.0f} | {r['prefill_tps']:.0f} | {ratio} |")
+            body.append(f"| {name} | {r['decode_tps']:.1f} | {r['ttft_ms']:.0f} | {r['prefill_tps']:.0f} | "
+                        f"{ratio_text(name)} |")
         path = append_section("generate", f"SmolLM2-135M-Instruct, {args.tokens} new tokens x {len(PROMPTS)} prompts, "
-                              f"greedy, median of {args.repeat}; prefill on a {n_long}-token prompt; llama.cpp build "
+                              f"greedy, {args.repeat} rounds, each pair of paths interleaved prompt by prompt; prefill on a {n_long}-token prompt; llama.cpp build "
                               f"`{build}`; torch precision: {torch_engine.plan.describe()}. "
                               "Command: `python bench/generate.py`.", body)
         print(f"appended to {path}")

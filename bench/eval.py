@@ -167,7 +167,8 @@ def main() -> int:
         return 0
     description = (f"Perplexity of SmolLM2-135M-Instruct on python-docs (first {args.limit} of 79 documents, "
                    f"{plain['tokens']} tokens), context {args.context}, stride {stride}; torch paths fp32 on the dense "
-                   f"conversion (slimlm torch: {torch_row['kernels']}); perplexity agreement slimlm torch vs plain loop {agree:.1e}. "
+                   f"conversion (slimlm torch: {torch_row['kernels']}); perplexity agreement slimlm torch vs plain "
+                   f"loop {agree:.1e}. "
                    f"Command: `python bench/eval.py --limit {args.limit} --context {args.context}"
                    f"{'' if stride == args.context else f' --stride {stride}'}`.")
     print(f"appended to {append_section('eval', description, table)}")

@@ -121,7 +121,9 @@ def plain_transformers(folder):
 def _once(run, prompt, tokens, into):
     t_first, n, total = run(prompt, tokens)
     into["ttft"].append(t_first)
-    rate = (n - 1) / (total - t_first) if n > 1 else float("nan")
+    if n < 2:  # no decode step to time (the model ended at once)
+        return None
+    rate = (n - 1) / (total - t_first)
     into["decode"].append(rate)
     return rate
 
@@ -139,13 +141,14 @@ def measure_pair(peer, ours, tokens, repeat):
         for j, prompt in enumerate(PROMPTS):
             order = ["peer", "ours"] if (i + j) % 2 == 0 else ["ours", "peer"]
             rate = {k: _once(runs[k], prompt, tokens, got[k]) for k in order}
-            ratios.append(rate["ours"] / rate["peer"])
+            if rate["ours"] and rate["peer"]:
+                ratios.append(rate["ours"] / rate["peer"])
         for k in runs:
             got[k]["prefill"].append(runs[k](LONG_TEXT, 1, raw=True)[0])
-    out = {k: {"decode_tps": median(v["decode"]), "ttft_ms": 1000 * median(v["ttft"]), "prefill_s": median(v["prefill"])}
-           for k, v in got.items()}
+    out = {k: {"decode_tps": median(v["decode"]), "ttft_ms": 1000 * median(v["ttft"]),
+               "prefill_s": median(v["prefill"])} for k, v in got.items()}
     out["paired"] = median(ratios)
-    out["paired_range"] = (min(ratios), max(ratios))
+    out["paired_range"] = (min(ratios), max(ratios)) if ratios else (float("nan"), float("nan"))
     return out
 
 
@@ -177,7 +180,8 @@ def main() -> int:
         for name, key in ((peer_name, "peer"), (ours_name, "ours")):
             results[name] = got[key]
             results[name]["prefill_tps"] = n_long / got[key]["prefill_s"]
-        ratios[ours_name] = (got["ours"]["decode_tps"] / got["peer"]["decode_tps"], got["paired"], got["paired_range"])
+        of_medians = got["ours"]["decode_tps"] / got["peer"]["decode_tps"]
+        ratios[ours_name] = (of_medians, got["paired"], got["paired_range"])
 
     torch_engine = engines["torch"]
 
@@ -200,7 +204,8 @@ def main() -> int:
             body.append(f"| {name} | {r['decode_tps']:.1f} | {r['ttft_ms']:.0f} | {r['prefill_tps']:.0f} | "
                         f"{ratio_text(name)} |")
         path = append_section("generate", f"SmolLM2-135M-Instruct, {args.tokens} new tokens x {len(PROMPTS)} prompts, "
-                              f"greedy, {args.repeat} rounds, each pair of paths interleaved prompt by prompt; prefill on a {n_long}-token prompt; llama.cpp build "
+                              f"greedy, {args.repeat} rounds, each pair of paths interleaved prompt by prompt; prefill "
+                              f"on a {n_long}-token prompt; llama.cpp build "
                               f"`{build}`; torch precision: {torch_engine.plan.describe()}. "
                               "Command: `python bench/generate.py`.", body)
         print(f"appended to {path}")

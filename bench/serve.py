@@ -367,7 +367,8 @@ def main() -> int:
         return 0
     description = (f"SmolLM2-135M-Instruct ({path.name}), n_ctx {N_CTX}, {default_threads()} llama.cpp threads for "
                    f"all three paths; single stream: {args.tokens} new tokens, greedy, {len(PROMPTS)} prompts x "
-                   f"{args.repeat} rounds interleaved, median, and paired ratios of back-to-back runs; decode rate measured by the client over content "
+                   f"{args.repeat} rounds interleaved, median, and paired ratios of back-to-back runs; decode rate "
+                   f"measured by the client over content "
                    f"chunks. Peer: `python -m llama_cpp.server` (llama-cpp-python) with slimlm's context, threads, "
                    f"batch and logits_all False. Load: chat, {args.load_tokens} new tokens, {args.duration:.0f} s "
                    f"per level. Command: `python bench/serve.py --duration {args.duration:.0f}`.")

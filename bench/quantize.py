@@ -50,7 +50,8 @@ CONTEXT = 512
 # llama-perplexity's settings for every call: slimlm's chunking, 2 threads, and flash attention
 # off, as llama-cpp-python opens models (flash_attn=False). The tool's default "auto" turns it on
 # on a CPU; its f16 attention then moved KL by up to 5.6% on Q8_0 files (0.00302 vs 0.00319),
-# while with it off slimlm and the tool agree to 0.3% (bench/RESULTS.md, 2026-12-01).
+# while with it off slimlm and the tool agree within 0.5% on every file of both models
+# (`--agreement`, bench/RESULTS.md, 2026-12-01).
 PPL_ARGS = ("-c", CONTEXT, "-b", CONTEXT, "-t", 2, "-fa", "off")
 CALIB = dict(calib_samples=32, calib_seq_len=256)  # slimlm's GPTQ/AWQ and llama-imatrix get the same budget
 SLIMLM_JOBS = [("rtn", "Q4_0"), ("gptq", "Q4_0"), ("awq", "Q4_0"), ("rtn", "Q8_0"), ("gptq", "Q8_0")]

@@ -32,6 +32,10 @@ _ONEDNN_GAIN, _ONEDNN_FLOOR = 1.1, 0.95
 _PROBE_VERSION = 2  # bump when probe_cpu() measures something new, so old caches are redone
 
 
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 @dataclass(frozen=True)
 class PrecisionPlan:
     prefill: object  # torch.dtype
@@ -44,12 +48,12 @@ class PrecisionPlan:
         return self.prefill != self.decode
 
     def short(self) -> str:
-        name = lambda d: str(d).replace("torch.", "").replace("float", "fp").replace("bfp16", "bf16")  # noqa: E731
+        name = lambda d: _dtype_name(d).replace("float", "fp").replace("bfp16", "bf16")  # noqa: E731
         text = f"{name(self.prefill)}/{name(self.decode)}" if self.split else name(self.prefill)
         return text + (" onednn" if self.onednn else "")
 
     def describe(self) -> str:
-        name = lambda d: str(d).replace("torch.", "")  # noqa: E731
+        name = _dtype_name
         if self.split:
             text = f"prefill {name(self.prefill)}, decode {name(self.decode)} ({self.reason})"
         else:
@@ -116,7 +120,7 @@ def _onednn_dtypes(plan: PrecisionPlan, probe: dict) -> tuple:
     dtype is used for (matmul for the prefill dtype, matvec for the decode dtype) and lose in none."""
     out = []
     for dtype in dict.fromkeys((plan.prefill, plan.decode)):
-        name = str(dtype).replace("torch.", "")
+        name = _dtype_name(dtype)
         if f"matvec_{name}_onednn" not in probe:
             continue
         used = [r for r, d in (("matmul", plan.prefill), ("matvec", plan.decode)) if d == dtype]

@@ -54,9 +54,10 @@ class TorchBackend(Backend):
             self.decode_model = copy.deepcopy(self.model).to(self.plan.decode)
         else:
             self.decode_model = self.model
-        for model in {id(m): m for m in (self.model, self.decode_model)}.values():
-            if next(model.parameters()).dtype in self.plan.onednn:
-                pack_linears(model)  # last: .to() would not move the packed copies
+        # Last: .to() would not move the packed copies. Packing a model twice (no split) is a no-op.
+        for model, dtype in ((self.model, self.plan.prefill), (self.decode_model, self.plan.decode)):
+            if dtype in self.plan.onednn:
+                pack_linears(model)
         self.stop_ids = self._stop_ids()
 
     def _stop_ids(self) -> set[int]:

@@ -82,7 +82,7 @@ def start(cmd: list[str], url: str, env: dict | None = None, timeout: float = 18
 
 
 def slimlm_server(port: int, tmp: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", "import slimlm.cli_serve; from slimlm.cli import main; main()", "serve", MODEL,
+    cmd = [sys.executable, "-c", "from slimlm.cli import main; main()", "serve", MODEL,
            "--port", str(port), "--n-ctx", str(N_CTX), "--ledger", str(tmp / f"ledger-{port}.db"), *extra]
     return start(cmd, f"http://127.0.0.1:{port}/health", {"SLIMLM_LOG": "warning"})
 

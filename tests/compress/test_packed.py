@@ -10,8 +10,17 @@ import numpy as np
 import pytest
 
 from slimlm.compress.blocks import FORMATS, rtn
-from slimlm.compress.packed import (bits_per_weight, for_width, int_format, int_rtn, pack_codes, packed_size,
-                                    save_packed, ternary_format, unpack_codes)
+from slimlm.compress.packed import (
+    bits_per_weight,
+    for_width,
+    int_format,
+    int_rtn,
+    pack_codes,
+    packed_size,
+    save_packed,
+    ternary_format,
+    unpack_codes,
+)
 from slimlm.errors import SlimlmError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

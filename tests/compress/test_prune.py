@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from slimlm.compress.prune import prune
-from slimlm.compress.prune_sparse import (input_sq_norms, magnitude_prune, sparsegpt_prune, wanda_scores)
+from slimlm.compress.prune_sparse import input_sq_norms, magnitude_prune, sparsegpt_prune, wanda_scores
 from slimlm.compress.prune_structured import _choose_heads, param_counts
 from slimlm.errors import SlimlmError
 from slimlm.eval.sources import python_docs
@@ -224,7 +224,7 @@ def test_sparsegpt_beats_magnitude_on_layer_output(kw):
 # --- CLI -------------------------------------------------------------------------------------
 
 def test_cli_prune(tiny_models, tmp_path, capsys):
-    import slimlm.cli_prune  # noqa: F401  (registers the verb)
+    import slimlm.cli  # noqa: F401 - registers every verb
     from tests.conftest import run_cli
 
     args = ["prune", tiny_models("llama"), "--out", tmp_path / "out", "--method", "wanda", "--pattern", "2:4",

@@ -8,8 +8,14 @@ from collections.abc import Iterator
 import pytest
 
 from slimlm.errors import SlimlmError
-from slimlm.eval.humaneval import (build_chat_program, build_program, extract_code, load_problems, pass_at_k,
-                                   run_humaneval)
+from slimlm.eval.humaneval import (
+    build_chat_program,
+    build_program,
+    extract_code,
+    load_problems,
+    pass_at_k,
+    run_humaneval,
+)
 from slimlm.eval.sandbox import run_many
 from slimlm.models.backends import open_backend
 from slimlm.models.backends.base import Backend, GenerationParams

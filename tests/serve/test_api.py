@@ -429,7 +429,7 @@ def test_lm_eval_local_completions_matches_slimlm_eval(tiny_engine, tmp_path, mo
 
 # -- the command line and the real model ------------------------------------------------------
 def test_serve_help_and_refusals(capsys):
-    import slimlm.cli_serve  # noqa: F401 - registers `serve` (cli.py imports it too)
+    import slimlm.cli  # noqa: F401 - registers every verb
     from tests.conftest import run_cli
 
     code, out, _ = run_cli(capsys, "serve", "--help")
@@ -449,7 +449,7 @@ def test_slimlm_serve_smollm2_with_the_openai_client(smollm2_gguf):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-c", "import slimlm.cli_serve; from slimlm.cli import main; main()", "serve",
+    cmd = [sys.executable, "-c", "from slimlm.cli import main; main()", "serve",
            "smollm2-135m-instruct", "--port", str(port), "--n-ctx", "1024", "--api-key-env", "SLIMLM_TEST_KEYS"]
     proc = subprocess.Popen(cmd, env={**os.environ, "SLIMLM_TEST_KEYS": "k1,k2", "SLIMLM_LOG": "warning"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -265,7 +265,7 @@ def test_a_second_local_engine_as_the_large_model(tiny_engine, tiny_models):
 
 
 def test_serve_routing_options_and_refusals(capsys):
-    import slimlm.cli_serve  # noqa: F401 - registers `serve`
+    import slimlm.cli  # noqa: F401 - registers every verb
     from tests.conftest import run_cli
 
     code, out, _ = run_cli(capsys, "serve", "--help")

@@ -8,11 +8,11 @@ import time
 
 import numpy as np
 import pytest
-from tests.conftest import run_cli
 
 from slimlm.errors import SlimlmError
 from slimlm.eval.cost import load_api_prices
 from slimlm.serve.ledger import Ledger, large_cost_usd, parse_since
+from tests.conftest import run_cli
 
 
 def _rows(n: int = 60, seed: int = 0) -> list[dict]:
@@ -114,7 +114,7 @@ def test_bad_rows_and_bad_since_are_refused():
 
 
 def test_cli_prints_the_summary(tmp_path, capsys):
-    import slimlm.cli_ledger  # noqa: F401 - registers `slimlm ledger` (until cli.py imports it)
+    import slimlm.cli  # noqa: F401 - registers every verb
 
     db = tmp_path / "ledger.db"
     book = Ledger(db)
@@ -135,7 +135,7 @@ def test_cli_prints_the_summary(tmp_path, capsys):
 
 
 def test_cli_default_is_under_the_data_folder(capsys):
-    import slimlm.cli_ledger  # noqa: F401
+    import slimlm.cli  # noqa: F401 - registers every verb
     from slimlm.serve.ledger import default_ledger_path
 
     Ledger().record(route="large", model_large="gpt-4o", tokens_in=3, tokens_out=4, latency_s=0.5)

@@ -9,14 +9,21 @@ import time
 
 import numpy as np
 import pytest
-from tests.conftest import run_cli
 
 from slimlm.errors import SlimlmError
 from slimlm.eval.scorers import exact_match
 from slimlm.serve.router import (
-    CascadePolicy, LargePolicy, LearnedRouter, LocalPolicy, build_labels, curve_auc, quality_at, random_curve,
+    CascadePolicy,
+    LargePolicy,
+    LearnedRouter,
+    LocalPolicy,
+    build_labels,
+    curve_auc,
+    quality_at,
+    random_curve,
     router_curve,
 )
+from tests.conftest import run_cli
 
 NAMES = ["Maria", "Tom", "Aiko", "Lars", "Fatima", "Diego", "Priya", "Olga", "Kwame", "Chen"]
 GREETINGS = ["Hello {n}, how are you today?", "Hi there {n}! Nice to meet you.",
@@ -264,7 +271,7 @@ def test_ties_give_the_random_line():
 
 # -- the CLI end to end, on tiny random models --------------------------------------------------
 def test_cli_train_and_eval(tiny_models, tmp_path, capsys):
-    import slimlm.cli_router  # noqa: F401 - registers `slimlm router` (until cli.py imports it)
+    import slimlm.cli  # noqa: F401 - registers every verb
 
     small, large = tiny_models("llama"), tiny_models("qwen2")
     prompts, kinds = synthetic(24, seed=7)
@@ -300,7 +307,7 @@ def test_cli_train_and_eval(tiny_models, tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line(tiny_models, tmp_path, capsys):
-    import slimlm.cli_router  # noqa: F401 - registers `slimlm router` (until cli.py imports it)
+    import slimlm.cli  # noqa: F401 - registers every verb
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no prompt"}\n')
@@ -317,10 +324,9 @@ def test_cli_errors_are_one_line(tiny_models, tmp_path, capsys):
 
 
 def test_cli_train_against_an_upstream_url(tiny_models, tmp_path, capsys, monkeypatch):
-    import slimlm.cli_router  # noqa: F401 - registers `slimlm router` (until cli.py imports it)
-
     import threading
 
+    import slimlm.cli  # noqa: F401 - registers every verb
     from tests.serve.test_upstream import FakeServer, _Handler  # the fake OpenAI-compatible server
 
     server = FakeServer(("127.0.0.1", 0), _Handler)

@@ -163,7 +163,7 @@ def test_output_folder_is_protected(tiny_models, pairs, tmp_path):
 
 
 def test_cli_end_to_end(tiny_models, pairs, tmp_path, capfd):
-    import slimlm.cli_train  # noqa: F401 - registers `finetune` on the CLI app (cli.py imports it too)
+    import slimlm.cli  # noqa: F401 - registers every verb
 
     folder, out = tiny_models("llama"), tmp_path / "cli"
     code, stdout, err = run_cli(capfd, "finetune", folder, "--data", pairs, "--out", out, "--max-steps", "2",

@@ -9,8 +9,18 @@ import torch
 from torch.distributions import Categorical, kl_divergence
 
 from slimlm.errors import SlimlmError
-from slimlm.train.losses import (KINDS, TopK, check_vocab_compat, distill_loss, divergence, forward_kl, jsd,
-                                 reverse_kl, skew_kl, skew_reverse_kl)
+from slimlm.train.losses import (
+    KINDS,
+    TopK,
+    check_vocab_compat,
+    distill_loss,
+    divergence,
+    forward_kl,
+    jsd,
+    reverse_kl,
+    skew_kl,
+    skew_reverse_kl,
+)
 
 V = 11
 

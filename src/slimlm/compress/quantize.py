@@ -22,8 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from slimlm.compress.blocks import BlockFormat
-from slimlm.compress.quant_steps import (KEEP, calibration_texts, chooser, resolve_format,
-                                          source_folder, write_gguf, write_hf)
+from slimlm.compress.quant_steps import (
+    KEEP,
+    calibration_texts,
+    chooser,
+    resolve_format,
+    source_folder,
+    write_gguf,
+    write_hf,
+)
 from slimlm.errors import SlimlmError
 
 METHODS = {"rtn": "round-to-nearest in the block format (llama.cpp's reference choice of codes and scales)",

@@ -21,9 +21,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from slimlm.eval.compare import (MiB, Comparison, compare_runs, fmt, num, primary_quality, short_label, systems_of,
-                                 task_of)
 from slimlm.errors import SlimlmError
+from slimlm.eval.compare import (
+    Comparison,
+    MiB,
+    compare_runs,
+    fmt,
+    num,
+    primary_quality,
+    short_label,
+    systems_of,
+    task_of,
+)
 from slimlm.runs import Run
 
 PAGE = "report.html"

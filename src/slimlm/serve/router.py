@@ -29,7 +29,12 @@ import numpy as np
 
 from slimlm.errors import SlimlmError
 from slimlm.serve.router_features import (
-    DEFAULT_FEATURES, ENCODER, FEATURES, feature_dim, featurize, hashed_ngrams,
+    DEFAULT_FEATURES,
+    ENCODER,
+    FEATURES,
+    feature_dim,
+    featurize,
+    hashed_ngrams,
 )
 
 FORMAT = "slimlm-router/1"

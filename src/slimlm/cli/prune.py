@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from slimlm.cli import ModelArg, app, out
+from slimlm.cli.app import ModelArg, app, out
 from slimlm.compress.prune import METHODS, WIDTH_AXES
 
 

@@ -1,8 +1,4 @@
-"""The `slimlm` command: parses arguments, calls the library, prints. No logic of its own.
-
-Errors the user can fix (SlimlmError) print one line on stderr and exit 1; --debug shows the
-traceback. The list of verbs is data (VERBS) so tests can check it against the real CLI.
-"""
+"""Verbs about one model: generate, chat, info, convert, runs, lineage, quickstart."""
 
 from __future__ import annotations
 
@@ -12,46 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from slimlm.cli.app import BackendOpt, ModelArg, _params, app, err, out, runs_app
 from slimlm.errors import SlimlmError
-
-VERBS = ["generate", "chat", "info", "convert", "eval", "bench", "compare", "report", "quantize", "export", "serve",
-         "router", "ledger", "finetune", "distill", "prune", "runs", "lineage", "quickstart"]
-
-app = typer.Typer(
-    name="slimlm", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-    help="Make a small language model good enough for the job, prove it, and run it on this machine.\n\n"
-         "MODEL is a Hugging Face folder, a .gguf file, or a built-in name "
-         "(smollm2-135m-instruct, gemma3-270m). Nothing is downloaded.")
-runs_app = typer.Typer(help="List recorded runs, or show one: `slimlm runs`, `slimlm runs show ID`.",
-                       invoke_without_command=True, no_args_is_help=False)
-app.add_typer(runs_app, name="runs")
-out = Console()
-err = Console(stderr=True)
-_STATE = {"debug": False}
-
-ModelArg = typer.Argument(..., help="Model folder, .gguf file, or built-in name (smollm2-135m-instruct, gemma3-270m).")
-BackendOpt = typer.Option("auto", "--backend", "-b",
-                          help="auto (llama.cpp for GGUF files, torch for folders), torch, or llamacpp.")
-
-
-@app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
-          runs_db: Optional[Path] = typer.Option(None, "--runs-db",
-                                                  help="Run registry (SQLite); default $SLIMLM_RUNS_DB, else "
-                                                       "runs.db under your data folder.")):
-    from slimlm.runs import set_runs_db
-
-    _STATE["debug"] = debug
-    set_runs_db(str(runs_db) if runs_db else None)
-
-
-def _params(max_tokens: int, temperature: float, seed: Optional[int], top_p: float = 1.0):
-    from slimlm.models.backends import GenerationParams
-
-    return GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed).validate()
 
 
 @app.command()
@@ -210,49 +170,3 @@ def quickstart(max_tokens: int = typer.Option(48, "--max-tokens", "-n", help="To
     from slimlm.quickstart import run_quickstart
 
     run_quickstart(out, max_tokens=max_tokens)
-
-
-# The measuring verbs live in their own module; importing it registers them on `app`.
-import slimlm.cli_compress  # noqa: E402,F401
-import slimlm.cli_distill  # noqa: E402,F401
-import slimlm.cli_eval  # noqa: E402,F401
-import slimlm.cli_ledger  # noqa: E402,F401
-import slimlm.cli_prune  # noqa: E402,F401
-import slimlm.cli_router  # noqa: E402,F401
-import slimlm.cli_serve  # noqa: E402,F401
-import slimlm.cli_train  # noqa: E402,F401
-
-
-def main() -> None:
-    from slimlm.runs import set_runs_db
-
-    debug = "--debug" in sys.argv
-    try:
-        app(standalone_mode=False)
-    except SlimlmError as exc:
-        if debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)  # one line, never wrapped
-        sys.exit(1)
-    except (typer.Exit, SystemExit) as exc:
-        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
-        sys.exit(code)
-    except typer.Abort:
-        sys.exit(130)
-    except Exception as exc:  # click usage errors and unexpected failures
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if debug:
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        set_runs_db(None)  # --runs-db applies to this invocation only
-
-
-if __name__ == "__main__":
-    main()

@@ -9,7 +9,8 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from slimlm.cli import app, out
+from slimlm.cli.app import app, out
+from slimlm.cli.train import add_training_rows
 from slimlm.train.distill import MODES
 
 
@@ -101,10 +102,6 @@ def distill(
     else:
         table.add_row("teacher answers", f"{result.cache} ({'reused' if result.cache_reused else 'generated'})")
     table.add_row("data", f"{d['train_examples']} training / {d['eval_examples']} held-out {d['kind']} examples")
-    # Imported here, not at the top: cli.py imports both verb modules, so a top-level import
-    # fails whenever cli_train is the first of them to be imported (it is then half-loaded).
-    from slimlm.cli_train import add_training_rows
-
     add_training_rows(table, result.train, result.out)
     out.print(table)
     if result.method == "full" or merge:

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from slimlm.cli import ModelArg, app, out
+from slimlm.cli.app import ModelArg, app, out
 from slimlm.compress.blocks import FORMATS
 from slimlm.compress.quantize import METHODS
 

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from slimlm.cli import app, out
+from slimlm.cli.app import app, out
 from slimlm.errors import SlimlmError
 
 

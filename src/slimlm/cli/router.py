@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from slimlm.cli import app, out
+from slimlm.cli.app import app, out
 from slimlm.errors import SlimlmError
 
 router_app = typer.Typer(no_args_is_help=True, help="Train the learned router on your prompts, and compare "

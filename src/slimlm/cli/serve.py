@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from slimlm.cli import BackendOpt, ModelArg, app, err
+from slimlm.cli.app import BackendOpt, ModelArg, app, err
 from slimlm.errors import SlimlmError
 
 

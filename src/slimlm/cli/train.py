@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from slimlm.cli import ModelArg, app, out
+from slimlm.cli.app import ModelArg, app, out
 from slimlm.train.finetune import METHODS
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import llama_cpp  # noqa: F401 - a required dependency: its absence fails these tests, never skips them
 import pytest
 
 from slimlm.quickstart import PROMPTS, run_backend
 from slimlm.runs import list_runs
 
 pytestmark = [pytest.mark.real_model, pytest.mark.llamacpp]
-pytest.importorskip("llama_cpp")
 
 
 def test_quickstart_row_is_measured_and_recorded():

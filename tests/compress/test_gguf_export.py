@@ -31,7 +31,7 @@ def _torch_logits(folder: Path, ids: list[int]) -> np.ndarray:
 
 
 def _llama_logits(path: Path, ids: list[int], n_ctx: int = 64) -> np.ndarray:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp  # required: fails, never skips, when missing
     # An f32 KV cache, so the only differences left are summation order.
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, verbose=False, n_gpu_layers=0,
                           type_k=0, type_v=0)
@@ -197,10 +197,9 @@ def test_broken_tokenizer_is_a_clear_error(tiny_models, tmp_path):
 @pytest.mark.llamacpp
 def test_smollm2_f16_generates_like_torch(smollm2_dense, tmp_path):
     """The built-in SmolLM2, round-tripped GGUF -> HF folder -> our GGUF, still answers like torch."""
+    import llama_cpp  # required: fails, never skips, when missing
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    llama_cpp = pytest.importorskip("llama_cpp")
     out = export_gguf(smollm2_dense, tmp_path / "smollm2-f16.gguf", dtype="f16")
     tok = AutoTokenizer.from_pretrained(smollm2_dense)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
@@ -258,9 +257,8 @@ def test_sliding_window_honoured_past_the_window(family, tiny_models, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_llamacpp_tokenizes_like_transformers(family, tiny_models, tmp_path):
     """Vocabulary, merges, special tokens and template are enough for llama.cpp on its own."""
+    import llama_cpp  # required: fails, never skips, when missing
     from transformers import AutoTokenizer
-
-    llama_cpp = pytest.importorskip("llama_cpp")
     folder = tiny_models(family)
     out = export_gguf(folder, tmp_path / "m.gguf", dtype="f16")
     tok = AutoTokenizer.from_pretrained(folder)
@@ -304,9 +302,8 @@ def _spm_style_folder(tiny_models, tmp_path) -> Path:
 @pytest.mark.llamacpp
 def test_sentencepiece_style_vocab_tokenizes_like_transformers(tiny_models, tmp_path):
     """Byte-fallback BPE is written as llama.cpp's "llama" tokenizer: same ids, bytes included."""
+    import llama_cpp  # required: fails, never skips, when missing
     from transformers import AutoTokenizer
-
-    llama_cpp = pytest.importorskip("llama_cpp")
     folder = _spm_style_folder(tiny_models, tmp_path)
     out = export_gguf(folder, tmp_path / "m.gguf", dtype="f32")
     fields, _ = _fields(out)
@@ -326,13 +323,12 @@ def test_sentencepiece_style_vocab_tokenizes_like_transformers(tiny_models, tmp_
 def test_gemma3_round_trip_tokenizes_and_predicts_like_torch(tmp_path):
     """The built-in Gemma 3 270M, GGUF -> HF folder -> our GGUF: the original file's token ids and
     torch's next-token choices."""
+    import llama_cpp  # required: fails, never skips, when missing
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slimlm.models.loading import convert
     from slimlm.models.reference import resolve
-
-    llama_cpp = pytest.importorskip("llama_cpp")
     original = resolve("gemma3-270m").path
     dense = convert(original, tmp_path / "dense")
     out = export_gguf(dense, tmp_path / "gemma3-f16.gguf", dtype="f16")

@@ -17,6 +17,7 @@ from slimlm.models.backends.torch_backend import TorchBackend
 from slimlm.models.families import FAMILIES
 from slimlm.models.info import model_info
 from slimlm.models.reference import resolve
+from tests.conftest import CHATML
 
 FAMILY_IDS = list(FAMILIES)
 PROMPT = "Lists are mutable sequences, typically used to store collections of items."
@@ -26,7 +27,7 @@ PROMPT = "Lists are mutable sequences, typically used to store collections of it
 def test_matrix_load(family, tiny_models):
     backend = TorchBackend(resolve(tiny_models(family)), dtype="float32")
     assert backend.model.config.model_type == family
-    assert backend.chat_template is not None
+    assert backend.chat_template == CHATML  # the template the fixture wrote, read back through the backend
 
 
 @pytest.mark.parametrize("family", FAMILY_IDS)

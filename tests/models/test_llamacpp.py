@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import llama_cpp  # a required dependency: its absence fails these tests, never skips them
 import numpy as np
 import pytest
 
 from slimlm.models.backends import GenerationParams, open_backend
 
 pytestmark = [pytest.mark.real_model, pytest.mark.llamacpp]
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make setup`")
 TEXT = ("The Python language reference describes the exact syntax and semantics of the language. "
         "It is terse, but attempts to be exact and complete. ") * 6
 

@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.slimlm-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup run test llama-cpp bench matrix clean
+.PHONY: setup run test lint llama-cpp bench matrix clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,7 +30,13 @@ llama-cpp: $(BIN)/python
 run: setup
 	$(BIN)/slimlm quickstart
 
-test: setup
+# The layering (ARCHITECTURE.md) and style are part of the tests: an upward import, an import
+# cycle or a ruff finding fails `make test` like a failing test does.
+lint: setup
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 bench: setup

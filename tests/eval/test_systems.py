@@ -108,3 +108,15 @@ def test_run_bench_rejects_bad_inputs_before_loading(tmp_path):
 def test_run_bench_times_the_load(tiny_models):
     out = run_bench(str(tiny_models("llama")), "torch", prompt_lengths=(16,), gen_tokens=4, repeat=1)
     assert out["load_s"] > 0 and out["backend"] == "torch"
+
+
+def test_run_bench_records_its_run(tiny_models):
+    """The library records the run (not the CLI), so `slimlm bench` and a Python caller both leave one."""
+    from slimlm.runs import get_run
+
+    out = run_bench(str(tiny_models("llama")), "torch", prompt_lengths=(16,), gen_tokens=4, repeat=1)
+    run = get_run(out["run_id"])
+    assert run.command == "bench" and run.params["prompt_lengths"] == [16]
+    assert run.metrics["systems"]["load_s"] == out["load_s"]
+    assert "run_id" not in run_bench(str(tiny_models("llama")), "torch", prompt_lengths=(16,), gen_tokens=4,
+                                     repeat=1, record=False)

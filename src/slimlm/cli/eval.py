@@ -152,8 +152,6 @@ def bench(
     Example: slimlm bench smollm2-135m-instruct --repeat 5
     """
     from slimlm.eval.systems import run_bench
-    from slimlm.models.reference import resolve
-    from slimlm.runs import record
 
     try:
         lengths = [int(x) for x in prompt_lengths.split(",") if x.strip()]
@@ -161,9 +159,6 @@ def bench(
         raise SlimlmError(f"--prompt-lengths must be numbers separated by commas (got '{prompt_lengths}')") from None
     result = run_bench(model, backend, prompt_lengths=lengths, gen_tokens=gen_tokens, repeat=repeat,
                        cost=_cost(watts, hardware, years, kwh, prices))
-    result["run_id"] = record("bench", resolve(model), params={"backend": result["backend"], "repeat": repeat,
-                                                               "prompt_lengths": lengths, "gen_tokens": gen_tokens},
-                              metrics={"systems": result})
     if as_json:
         print(json.dumps(result, default=str))
         return

@@ -210,15 +210,26 @@ def measure_systems(backend: Backend, *, load_s: float | None = None, prompt_len
     }
 
 
-def run_bench(model: str, backend_name: str = "auto", **kwargs) -> dict:
-    """Open `model` (timing the load), measure it with measure_systems(**kwargs), close it."""
+def run_bench(model: str, backend_name: str = "auto", *, record: bool = True, **kwargs) -> dict:
+    """Open `model` (timing the load), measure it with measure_systems(**kwargs), close it, and
+    record the run (its id is the result's `run_id`) as every verb's library function does."""
     from slimlm.models.backends import open_backend
+    from slimlm.models.reference import resolve
 
-    _check_inputs(kwargs.get("prompt_lengths", (128, 512)), kwargs.get("gen_tokens", 64), kwargs.get("repeat", 3))
+    lengths, gen_tokens, repeat = kwargs.get("prompt_lengths", (128, 512)), kwargs.get("gen_tokens", 64), kwargs.get("repeat", 3)
+    _check_inputs(lengths, gen_tokens, repeat)
+    ref = resolve(model)
     start = time.perf_counter()
     backend = open_backend(model, backend_name)
     load_s = time.perf_counter() - start
     try:
-        return measure_systems(backend, load_s=load_s, **kwargs)
+        result = measure_systems(backend, load_s=load_s, **kwargs)
     finally:
         backend.close()
+    if record:
+        from slimlm.runs import record as record_run
+
+        result["run_id"] = record_run("bench", ref, params={"backend": result["backend"], "repeat": repeat,
+                                                            "prompt_lengths": list(lengths), "gen_tokens": gen_tokens},
+                                      metrics={"systems": result})
+    return result

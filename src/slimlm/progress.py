@@ -11,14 +11,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
-def _enabled() -> bool:
+def enabled() -> bool:
     return os.environ.get("SLIMLM_PROGRESS", "1") != "0" and sys.stderr.isatty()
 
 
 @contextmanager
 def progress_bar(description: str, total: int | None):
     """Yields advance(n=1). Silent when stderr is not a terminal (logs, CI, tests)."""
-    if not _enabled():
+    if not enabled():
         yield lambda n=1: None
         return
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from slimlm.errors import ModelNotFound, SlimlmError
-from slimlm.models.loading import _check_gguf
+from slimlm.models.loading import check_gguf
 from slimlm.models.reference import BUILTINS, is_gguf, resolve
 
 
@@ -63,14 +63,14 @@ def test_truncated_gguf_is_detected(smollm2_gguf, tmp_path):
     with open(smollm2_gguf, "rb") as src, open(cut, "wb") as dst:
         dst.write(src.read(20_000_000))
     with pytest.raises(SlimlmError, match="truncated|not a readable"):
-        _check_gguf(cut)
+        check_gguf(cut)
 
 
 def test_corrupt_gguf_header_is_detected(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + bytes(range(256)) * 8)
     with pytest.raises(SlimlmError, match="not a readable GGUF"):
-        _check_gguf(bad)
+        check_gguf(bad)
 
 
 def test_builtins_name_their_packages():

@@ -43,7 +43,7 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on 
     set_runs_db(str(runs_db) if runs_db else None)
 
 
-def _params(max_tokens: int, temperature: float, seed: Optional[int], top_p: float = 1.0):
+def generation_params(max_tokens: int, temperature: float, seed: Optional[int], top_p: float = 1.0):
     from slimlm.models.backends import GenerationParams
 
     return GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed).validate()

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from slimlm.cli.app import BackendOpt, ModelArg, _params, app, err, out, runs_app
+from slimlm.cli.app import BackendOpt, ModelArg, app, err, generation_params, out, runs_app
 from slimlm.errors import SlimlmError
 
 
@@ -33,7 +33,7 @@ def generate(
     from slimlm.models.backends import open_backend
     from slimlm.runs import record
 
-    params = _params(max_tokens, temperature, seed, top_p)
+    params = generation_params(max_tokens, temperature, seed, top_p)
     if not prompt.strip():
         raise SlimlmError("the prompt is empty: give some text to complete")
     engine = open_backend(model, backend)
@@ -63,7 +63,7 @@ def chat(
     from slimlm.chat import ChatSession
     from slimlm.models.backends import open_backend
 
-    params = _params(max_tokens, temperature, seed)
+    params = generation_params(max_tokens, temperature, seed)
     engine = open_backend(model, backend)
     if not engine.chat_template:
         raise SlimlmError(f"{model} has no chat template: use `slimlm generate --raw` for plain completion")

@@ -95,8 +95,8 @@ def serve(
     from slimlm.serve.config import keys_from_env, parse_adapters
     from slimlm.serve.hybrid import LedgerWriter
     from slimlm.serve.large import is_url, open_large
-    from slimlm.serve.ledger import Ledger, _safe_url
-    from slimlm.serve.upstream import _without_userinfo
+    from slimlm.serve.ledger import Ledger, safe_url
+    from slimlm.serve.upstream import without_userinfo
 
     if large_api_key_env and not large:
         raise SlimlmError("--large-api-key-env is the key for --large URL: give --large too, or leave it out")
@@ -123,10 +123,10 @@ def serve(
         err.print(f"[dim]serving {names} on {engine.backend.name} at http://{host}:{port}/v1 ({auth}); "
                   "Ctrl-C stops[/dim]")
         if large:
-            where = _without_userinfo(large) if is_url(large) else f"{big.name} (in-process)"
+            where = without_userinfo(large) if is_url(large) else f"{big.name} (in-process)"
             guard = f", privacy {config.privacy}" if is_url(large) else ""
             err.print(f"[dim]routing: policy {config.policy}, large model {where}{guard}[/dim]")
-        err.print(f"[dim]ledger: {_safe_url(writer.ledger.url) if writer else 'off (--no-ledger)'}[/dim]")
+        err.print(f"[dim]ledger: {safe_url(writer.ledger.url) if writer else 'off (--no-ledger)'}[/dim]")
         uvicorn.run(app, host=host, port=port, log_level=os.environ.get("SLIMLM_LOG", "info"))
     finally:
         for opened in (big, engine):

@@ -92,9 +92,9 @@ def _gguf_field(reader, key: str):
 def _gguf_info(ref: ModelRef) -> ModelInfo:
     from gguf import GGUFReader
 
-    from slimlm.models.loading import _check_gguf
+    from slimlm.models.loading import check_gguf
 
-    _check_gguf(ref.path)
+    check_gguf(ref.path)
     reader = GGUFReader(ref.path)
     arch = _gguf_field(reader, "general.architecture") or "unknown"
     total, routed, types = 0, 0, Counter()

@@ -48,7 +48,7 @@ def _quiet():
     warnings.filterwarnings("ignore", module="transformers")
 
 
-def _check_gguf(path: Path) -> None:
+def check_gguf(path: Path) -> None:
     """Reject corrupt or truncated GGUF files before transformers or llama.cpp trips on them."""
     from gguf import GGUFReader
 
@@ -67,7 +67,7 @@ def _gguf_to_torch(ref: ModelRef, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_gguf(ref.path)
+    check_gguf(ref.path)
     _quiet()
     folder, name = str(ref.path.parent), ref.path.name
     try:

@@ -189,14 +189,14 @@ class Ledger:
             "energy_saved_j": sum(r["large_energy_j"] - r["energy_j"] for r in energies) if energies else None,
             "latency_p50_s": pct("latency_s", 50), "latency_p95_s": pct("latency_s", 95),
             "latency_p99_s": pct("latency_s", 99), "ttft_p50_s": pct("ttft_s", 50),
-            "since": parse_since(since), "prices_as_of": self.prices["as_of"], "url": _safe_url(self.url),
+            "since": parse_since(since), "prices_as_of": self.prices["as_of"], "url": safe_url(self.url),
         }
 
     def close(self) -> None:
         self.engine.dispose()
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL without a password, for printing."""
     return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", url)
 

@@ -51,7 +51,7 @@ class Upstream:
         import httpx
 
         if not re.match(r"^https?://", base_url or ""):
-            raise SlimlmError(f"upstream URL {_without_userinfo(base_url)!r} must start with http:// or https://")
+            raise SlimlmError(f"upstream URL {without_userinfo(base_url)!r} must start with http:// or https://")
         if retries < 0 or backoff_s < 0 or timeout_s <= 0:
             raise SlimlmError("upstream retries and backoff must be >= 0 and the timeout > 0")
         self.base_url = base_url.rstrip("/")
@@ -62,13 +62,13 @@ class Upstream:
             self._key = os.environ.get(api_key_env)
             if not self._key:
                 raise SlimlmError(f"the environment variable {api_key_env} is not set: export it with the API key "
-                                  f"for {_without_userinfo(self.base_url)}")
+                                  f"for {without_userinfo(self.base_url)}")
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
         self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, transport=transport,
                                          timeout=httpx.Timeout(timeout_s))
 
     def __repr__(self) -> str:  # never the key
-        return f"Upstream({_without_userinfo(self.base_url)!r}, api_key_env={self.api_key_env!r})"
+        return f"Upstream({without_userinfo(self.base_url)!r}, api_key_env={self.api_key_env!r})"
 
     async def __aenter__(self) -> Upstream:
         return self
@@ -145,7 +145,7 @@ class Upstream:
             delay = max(delay, min(float(retry_after), MAX_RETRY_AFTER_S)) if retry_after else delay
         except ValueError:  # Retry-After as an HTTP date: keep our own backoff
             pass
-        log.info("upstream %s: %s, try %d of %d, retrying in %.2fs", _without_userinfo(self.base_url), what,
+        log.info("upstream %s: %s, try %d of %d, retrying in %.2fs", without_userinfo(self.base_url), what,
                  tries, self.retries + 1, delay)
         await asyncio.sleep(delay)
 
@@ -159,7 +159,7 @@ class Upstream:
                                         f"{': ' + detail if detail else ''}{'; ' + hint if hint else ''}"), status)
 
     def _where(self) -> str:
-        return f"upstream {_without_userinfo(self.base_url)}"
+        return f"upstream {without_userinfo(self.base_url)}"
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
@@ -216,5 +216,5 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _without_userinfo(url: str | None) -> str:
+def without_userinfo(url: str | None) -> str:
     return re.sub(r"://[^/@]*@", "://", url or "")

@@ -40,6 +40,9 @@ RESUMABLE_CHANGES = {"out", "eval_every", "save_every", "keep_checkpoints"}
 
 @dataclass
 class TrainConfig:
+    """The optimisation settings of a training run: the `train` section of a finetune or distill
+    recipe, and what a checkpoint records so --resume can refuse a changed run."""
+
     lr: float = 2e-4
     epochs: float = 1.0
     max_steps: int | None = None  # optimizer steps; set, it replaces epochs
@@ -59,7 +62,9 @@ class TrainConfig:
     bf16: str | bool = "auto"  # "auto": only where the hardware computes bf16 natively
     out: str | None = None  # run folder: checkpoints/, train_log.jsonl, loss.png
 
-    def validate(self) -> TrainConfig:
+    def validate(self, need_out: bool = True) -> TrainConfig:
+        """Raise a one-line SlimlmError on a bad setting. need_out=False checks a recipe's settings
+        before the verb has filled in `out` (finetune and distill set it from their OUT)."""
         if self.schedule not in SCHEDULES:
             raise SlimlmError(f"unknown schedule '{self.schedule}': choose {', '.join(SCHEDULES)}")
         for name in ("batch_size", "grad_accum"):
@@ -67,7 +72,7 @@ class TrainConfig:
                 raise SlimlmError(f"{name.replace('_', '-')} must be at least 1")
         if self.lr <= 0 or (self.max_steps is None and self.epochs <= 0) or (self.max_steps or 1) < 1:
             raise SlimlmError("lr, epochs and max-steps must be positive")
-        if not self.out:
+        if need_out and not self.out:
             raise SlimlmError("TrainConfig.out is not set: give the folder for checkpoints and logs")
         return self
 
@@ -379,9 +384,9 @@ class Trainer:
 @contextmanager
 def _progress(total: int, done: int, main: bool):
     """A bar with loss and tokens/s on a terminal (stderr), nothing in logs, CI or tests."""
-    from slimlm.progress import _enabled
+    from slimlm.progress import enabled
 
-    if not (main and _enabled()):
+    if not (main and enabled()):
         yield lambda **kw: None
         return
     from rich.console import Console

@@ -38,9 +38,9 @@ from results import append_section  # noqa: E402  (bench/, beside this script)
 
 import slimlm  # noqa: F401  (switches hub access off before transformers is imported)
 from slimlm.compress.prune import prune
+from slimlm.data import calibration_docs, held_out_docs
 from slimlm.eval.loglik import make_scorer
 from slimlm.eval.perplexity import run_perplexity
-from slimlm.eval.sources import python_docs
 from slimlm.models.backends import llama_cpp_available, open_backend
 from slimlm.models.loading import dense_folder, load_torch
 from slimlm.models.reference import resolve
@@ -136,8 +136,7 @@ def main() -> int:
     args = ap.parse_args()
     t_all, load = time.perf_counter(), os.getloadavg()  # other jobs on the machine slow every number here
     teacher = dense_folder(resolve(TEACHER))
-    docs = python_docs()
-    train_docs, held_docs = docs[:-args.held_out_topics], docs[-args.held_out_topics:]
+    train_docs, held_docs = calibration_docs(args.held_out_topics), held_out_docs(args.held_out_topics)
     student, prune_s = student_folder(teacher, train_docs, args.held_out_topics)
     tok = load_torch(student)[1]
     blocks = training_blocks(tok, train_docs, args.seq_len, args.tokens)

@@ -34,9 +34,9 @@ from pathlib import Path
 from results import append_section  # noqa: E402  (bench/results.py, beside this script)
 
 import slimlm  # noqa: F401  (switches hub access off before transformers is imported)
+from slimlm.data import python_docs
 from slimlm.eval.loglik import make_scorer
 from slimlm.eval.perplexity import run_perplexity, sliding_windows
-from slimlm.eval.sources import python_docs
 from slimlm.hardware import default_threads
 from slimlm.models.backends import open_backend
 from slimlm.models.loading import dense_folder

@@ -39,9 +39,9 @@ from results import append_section  # noqa: E402
 import slimlm  # noqa: F401  (switches hub access off before transformers is imported)
 from slimlm.compress.gguf_export import export_gguf
 from slimlm.compress.quantize import quantize
+from slimlm.data import calibration_docs, held_out_docs
 from slimlm.eval.loglik import Request, make_scorer
 from slimlm.eval.perplexity import run_perplexity
-from slimlm.eval.sources import python_docs
 from slimlm.models.backends import GenerationParams, open_backend
 from slimlm.models.loading import dense_folder
 from slimlm.models.reference import resolve
@@ -125,7 +125,7 @@ def f32_baseline(folder: Path, tools: Path, tmp: Path):
     too: the f32 GGUF on llama.cpp (on SmolLM2 it gives the same KL as torch's fp32 logits to 4
     decimals; the .kld file's own rounding costs about 1e-6 nats of KL)."""
     held_out = tmp / "held-out.txt"
-    held_out.write_text("\n\n".join(python_docs()[-3:]))
+    held_out.write_text("\n\n".join(held_out_docs()))
     f32 = export_gguf(folder, tmp / "f32.gguf", dtype="f32")
     base_kld = tmp / "base.kld"
     run_tool(tools, "llama-perplexity", "-m", f32, "-f", held_out, *PPL_ARGS, "--kl-divergence-base", base_kld)
@@ -138,13 +138,13 @@ def bench_model(model: str, tools: Path, tmp: Path) -> tuple[list[str], list[str
     folder = dense_folder(resolve(model))
     held_out, f32, base_kld, chunks, f32_reference = f32_baseline(folder, tools, tmp)
     calib = tmp / "calib.txt"
-    calib.write_text("\n\n".join(python_docs()[:-3]))
+    calib.write_text("\n\n".join(calibration_docs()))
     start = time.perf_counter()
     run_tool(tools, "llama-imatrix", "-m", f32, "-f", calib, "-o", tmp / "imatrix.gguf", "-c", CALIB["calib_seq_len"],
              "--chunks", CALIB["calib_samples"], "-t", 2)
     imatrix_s = time.perf_counter() - start
     reference = make_scorer(open_backend(str(folder), "torch", dtype="float32"))
-    docs = python_docs()[-3:]
+    docs = held_out_docs()
 
     rows = []
     for method, fmt in SLIMLM_JOBS + [("llamacpp", job) for job in PEER_JOBS]:
@@ -200,7 +200,7 @@ def bench_packed(model: str, tmp: Path) -> list[str]:
     width and the ternary method cost, scored the same way against the fp32 reference."""
     folder = dense_folder(resolve(model))
     reference = make_scorer(open_backend(str(folder), "torch", dtype="float32"))
-    docs = python_docs()[-3:]
+    docs = held_out_docs()
     table = [f"**{model}**, packed Hugging Face folders (group size 64, symmetric), run on torch", "",
              "| method | bits | weights MiB | perplexity | bits/byte | KL mean | top-1 | quantize s |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]

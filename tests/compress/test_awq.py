@@ -33,9 +33,9 @@ def _logits(folder, ids):
 
 
 def _held_out(tok, n=256):
-    from slimlm.eval.sources import python_docs
+    from slimlm.data import held_out_docs
 
-    return tok("\n\n".join(python_docs()[-3:]), return_tensors="pt")["input_ids"][:, :n]
+    return tok("\n\n".join(held_out_docs()), return_tensors="pt")["input_ids"][:, :n]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])

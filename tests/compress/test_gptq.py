@@ -82,10 +82,10 @@ def test_collect_hessians_on_a_tiny_llama(tiny_models):
     import torch
     from torch import nn
 
-    from slimlm.eval.sources import python_docs
+    from slimlm.data import calibration_docs
 
     model, tok = _load(tiny_models("llama"))
-    hs = collect_hessians(model, tok, python_docs()[:-3], samples=4, seq_len=64, progress=False)
+    hs = collect_hessians(model, tok, calibration_docs(), samples=4, seq_len=64, progress=False)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
     assert set(hs) == set(linears) and len(linears) == 14
     for name, h in hs.items():
@@ -111,12 +111,12 @@ def _run(model, ids):
 def test_gptq_beats_rtn_on_a_tiny_llama(tiny_models):
     import torch
 
-    from slimlm.eval.sources import python_docs
+    from slimlm.data import held_out_docs
 
     folder = tiny_models("llama")
     g = GPTQ().prepare(folder, samples=32, seq_len=128, progress=False)
     model, tok = _load(folder)
-    held_out = tok("\n\n".join(python_docs()[-3:]), return_tensors="pt")["input_ids"][:, :256]
+    held_out = tok("\n\n".join(held_out_docs()), return_tensors="pt")["input_ids"][:, :256]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     losses, kl = {}, {}
     losses["fp32"], ref = _run(model, held_out)
@@ -165,14 +165,14 @@ def test_sequential_gptq_codes_and_weights(tiny_models):
 
     from slimlm.compress.gguf_export import layout_transform
     from slimlm.compress.gptq_sequential import sequential_gptq
-    from slimlm.eval.sources import python_docs
+    from slimlm.data import calibration_docs, held_out_docs
 
     folder = tiny_models("llama")
-    texts = python_docs()[:-3]
+    texts = calibration_docs()
     transform = layout_transform(folder)
     one_pass = GPTQ().prepare(folder, texts, samples=16, seq_len=128, progress=False)
     model, tok = _load(folder)
-    held_out = tok("\n\n".join(python_docs()[-3:]), return_tensors="pt")["input_ids"][:, :256]
+    held_out = tok("\n\n".join(held_out_docs()), return_tensors="pt")["input_ids"][:, :256]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     _, ref = _run(model, held_out)
     codes = sequential_gptq(model, tok, transform, "Q4_0", texts, samples=16, seq_len=128, progress=False)

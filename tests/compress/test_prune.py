@@ -13,8 +13,8 @@ import torch
 from slimlm.compress.prune import prune
 from slimlm.compress.prune_sparse import input_sq_norms, magnitude_prune, sparsegpt_prune, wanda_scores
 from slimlm.compress.prune_structured import _choose_heads, param_counts
+from slimlm.data import python_docs
 from slimlm.errors import SlimlmError
-from slimlm.eval.sources import python_docs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 # a short calibration text: tokenizing all of python-docs would dominate these tests
@@ -162,7 +162,7 @@ def test_width_target_params_and_hidden(tiny_models, tmp_path):
 
 def test_wanda_score_is_weight_times_input_norm(tiny_models):
     from slimlm.compress.gptq import _calibration_windows
-    from slimlm.eval.sources import python_docs
+    from slimlm.data import python_docs
     from slimlm.models.loading import load_torch
 
     model, tok = load_torch(tiny_models("llama"))

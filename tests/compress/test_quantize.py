@@ -160,7 +160,7 @@ def test_calibration_from_a_jsonl_field_and_its_errors(tiny_models, tmp_path):
     too little text, a missing field or a missing file fail before any model is loaded."""
     import json
 
-    from slimlm.eval.sources import python_docs
+    from slimlm.data import python_docs
 
     folder = str(tiny_models("llama"))
     data = tmp_path / "calib.jsonl"

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
+from slimlm.data import python_docs
 from slimlm.eval.loglik import TorchScorer
 from slimlm.eval.perplexity import run_perplexity, sliding_windows
-from slimlm.eval.sources import python_docs
 from slimlm.models.backends import open_backend
 
 DOCS = python_docs()[:3]

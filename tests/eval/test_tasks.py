@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from slimlm.data import JsonlReport
 from slimlm.errors import SlimlmError
 from slimlm.eval.prompts import load_examples
-from slimlm.eval.sources import JsonlReport
 from slimlm.eval.tasks import TASK_KINDS, TaskSpec, load_task_file, parse_task
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,5 +1,6 @@
 """Training data: chat templates, label masks, packing, the held-out split, and errors that
-name the file and line. The tokenizer is conftest's tiny byte-level BPE with a ChatML template."""
+name the file and line (each bad-line case is in tests/data/test_records.py, where the records are
+read). The tokenizer is conftest's tiny byte-level BPE with a ChatML template."""
 
 from __future__ import annotations
 
@@ -99,20 +100,6 @@ def test_truncation_and_examples_left_with_nothing_to_learn(tok, tmp_path):
     assert len(data.train[0]["input_ids"]) == 24
     with pytest.raises(SlimlmError, match="raise --seq-len"):
         load_data(write_jsonl(tmp_path / "u.jsonl", [long_prompt]), tok, seq_len=24)
-
-
-@pytest.mark.parametrize("rows, fragment", [
-    (["{\"prompt\": \"a\", \"completion\": \"b\"}", "{not json"], "bad.jsonl:2: not valid JSON"),
-    ([{"prompt": "a", "completion": "b"}, {"prompt": "a"}], "bad.jsonl:2: missing field 'completion'"),
-    ([{"messages": [{"role": "user", "content": "hi"}]}], "bad.jsonl:1: no assistant message"),
-    ([{"question": "a"}], "bad.jsonl:1: needs 'messages', or 'prompt' and 'completion', or 'text'"),
-    ([{"messages": [{"role": "user"}]}], "bad.jsonl:1: every message needs a string 'role' and 'content'"),
-])
-def test_bad_lines_name_file_and_line(tok, tmp_path, rows, fragment):
-    path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(SlimlmError) as info:
-        load_data(path, tok)
-    assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
 def test_empty_missing_and_skipped(tok, tmp_path):

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
+from slimlm.data import python_docs
 from slimlm.errors import SlimlmError
-from slimlm.eval.sources import python_docs
 from slimlm.models.loading import load_torch
 from slimlm.runs import list_runs, read_manifest
 from slimlm.train import TrainConfig, finetune

@@ -22,7 +22,7 @@ def teacher(tiny_models):
     from slimlm.models.loading import load_torch
 
     model, tok = load_torch(tiny_models("llama"))
-    from slimlm.eval.sources import python_docs
+    from slimlm.data import python_docs
 
     ids = tok("\n\n".join(python_docs()[:4]), add_special_tokens=False)["input_ids"]
     lengths = [7, 40, 1, 23, 31]

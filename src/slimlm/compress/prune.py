@@ -83,7 +83,7 @@ def prune(model: str | Path, out: str | Path, method: str = "layers", ratio: flo
     """Prune `model` (a Hugging Face folder or any model reference) into the folder `out`."""
     from slimlm.compress.gptq import _calibration_windows
     from slimlm.compress.prune_sparse import parse_pattern
-    from slimlm.eval.sources import python_docs
+    from slimlm.data import calibration_docs
     from slimlm.models.loading import load_torch
     from slimlm.models.reference import resolve
 
@@ -98,7 +98,7 @@ def prune(model: str | Path, out: str | Path, method: str = "layers", ratio: flo
     ref = resolve(str(model))
     start = time.perf_counter()
     torch_model, tokenizer = load_torch(ref)
-    texts = calib if calib is not None else python_docs()[:-3]
+    texts = calib if calib is not None else calibration_docs()
     total, nonemb = _counts(torch_model)
     result = PruneResult(out=str(out), method=method, ratio=ratio, target_params=target_params, pattern=pattern,
                          params_before=total, params_after=total, nonembedding_before=nonemb,

@@ -32,9 +32,9 @@ def calibration_texts(folder: Path, calib: str, calib_field: str | None, seq_len
     `python-docs` leaves out its last three topics: quick_fidelity scores those."""
     from transformers import AutoTokenizer
 
-    from slimlm.eval.sources import python_docs, text_documents
+    from slimlm.data import calibration_corpus
 
-    texts = python_docs()[:-3] if calib == "python-docs" else text_documents(calib, calib_field)
+    texts = calibration_corpus(calib, calib_field)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     n = len(tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"])
     if n < seq_len:

@@ -202,15 +202,15 @@ def _finish(result: QuantizeResult, ref, folder: Path, check: bool, record: bool
 def quick_fidelity(quantized: Path, reference: Path, tokens: int = 512) -> dict:
     """KL and top-1 agreement of `quantized` (llama.cpp) vs `reference` (torch, fp32) on the last
     python-docs topics, which calibration (when a method uses it) never sees."""
+    from slimlm.data import held_out_docs
     from slimlm.eval.loglik import make_scorer
     from slimlm.eval.perplexity import run_perplexity
-    from slimlm.eval.sources import python_docs
     from slimlm.models.backends import open_backend
 
     full = open_backend(str(reference), "torch", dtype="float32")
     ref_scorer = make_scorer(full)
     tokens = min(tokens, ref_scorer.max_length)
-    text = "\n\n".join(python_docs()[-3:])[: tokens * 6]
+    text = "\n\n".join(held_out_docs())[: tokens * 6]
     small = (open_backend(str(quantized), "torch", dtype="float32") if Path(quantized).is_dir()
              else open_backend(str(quantized), "llamacpp", logits_all=True, n_ctx=tokens))
     try:

@@ -43,7 +43,7 @@ def evaluate(model: str, task: str, *, backend: str = "auto", limit: int | None 
              reference_backend: str = "auto", skip_bad_lines: bool = False, samples: int = 1,
              systems: bool = True, record: bool = True, cost=None) -> EvalResult:
     """Run one task on one model. See TASK_KINDS for the tasks and `slimlm eval --help` for options."""
-    from slimlm.eval.sources import JsonlReport
+    from slimlm.data import JsonlReport
     from slimlm.models.reference import resolve
 
     kind, argument = parse_task(task)
@@ -57,7 +57,7 @@ def evaluate(model: str, task: str, *, backend: str = "auto", limit: int | None 
     # Read and validate the data before loading a model, so bad input fails in a second.
     docs = records = None
     if kind == "perplexity":
-        from slimlm.eval.sources import text_documents
+        from slimlm.data import text_documents
 
         docs = text_documents(argument, field, skip_bad_lines=skip_bad_lines, report=report)
     elif kind != "humaneval":

@@ -1,13 +1,10 @@
-"""Training data: records from a file (or the built-in corpus) to token ids with label masks.
+"""Training data: records (read by slimlm.data) to token ids with label masks.
 
-Three shapes of data are accepted, one JSON object per line or plain text:
-- chat: {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}
-- pairs: {"prompt": ..., "completion": ...} (one user turn, one assistant turn)
-- text: {"text": ...} lines, a .txt file, or the built-in `python-docs`
-Instruction data goes through the model's own chat template, because a model fine-tuned on a
-format it will not see at inference time learns the wrong thing. Only assistant turns are
-learned (labels are -100 elsewhere) unless `train_on_prompt`: the prompt is given at inference
-time, and spending capacity on predicting it teaches the model to write questions.
+The records come from slimlm.data.read_records: chat conversations, prompt/completion pairs
+and plain text. Instruction data goes through the model's own chat template, because a model
+fine-tuned on a format it will not see at inference time learns the wrong thing. Only assistant
+turns are learned (labels are -100 elsewhere) unless `train_on_prompt`: the prompt is given at
+inference time, and spending capacity on predicting it teaches the model to write questions.
 The held-out split is made before packing, so no held-out text leaks into a training block.
 """
 
@@ -19,8 +16,8 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slimlm.data import JsonlReport, read_records
 from slimlm.errors import SlimlmError
-from slimlm.eval.sources import BUILTIN_CORPORA, JsonlReport, python_docs, read_jsonl
 
 IGNORE = -100  # the label value torch's cross_entropy and transformers' losses skip
 
@@ -54,54 +51,6 @@ def fingerprint(examples: list[dict]) -> str:
         digest.update(array("i", ex["input_ids"]).tobytes())
         digest.update(array("i", ex.get("labels", ex["input_ids"])).tobytes())
     return digest.hexdigest()[:16]
-
-
-def _check_record(record: dict) -> str | None:
-    """What is wrong with a JSONL record, in words, or None (read_jsonl adds file and line)."""
-    if "messages" in record:
-        msgs = record["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            return "'messages' must be a non-empty list"
-        for m in msgs:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                return "every message needs a string 'role' and 'content'"
-        if not any(m["role"] == "assistant" for m in msgs):
-            return "no assistant message to learn from"
-        return None
-    if "prompt" in record or "completion" in record:
-        for key in ("prompt", "completion"):
-            if not isinstance(record.get(key), str):
-                return f"missing field '{key}' (a string)"
-        return None
-    if isinstance(record.get("text"), str):
-        return None
-    return "needs 'messages', or 'prompt' and 'completion', or 'text'"
-
-
-def read_records(source: str | Path, skip_bad_lines: bool = False, report: JsonlReport | None = None) -> list:
-    """Each record as a list of messages (instruction data) or a string (plain text)."""
-    name = str(source)
-    if name in BUILTIN_CORPORA:
-        return python_docs()
-    path = Path(source)
-    if not path.is_file():
-        builtins = ", ".join(BUILTIN_CORPORA)
-        raise SlimlmError(f"{path}: no such file: give a .jsonl or .txt file, or a built-in corpus ({builtins})")
-    if path.suffix != ".jsonl":
-        text = path.read_text(encoding="utf-8")
-        if not text.strip():
-            raise SlimlmError(f"{path}: the file is empty: give text to train on")
-        return [text]
-    records = read_jsonl(path, skip_bad_lines=skip_bad_lines, report=report, check=_check_record)
-    out = []
-    for r in records:
-        if "messages" in r:
-            out.append(r["messages"])
-        elif "prompt" in r:
-            out.append([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}])
-        else:
-            out.append(r["text"])
-    return out
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:

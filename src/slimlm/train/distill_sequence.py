@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from slimlm.data import read_records
 from slimlm.errors import SlimlmError
-from slimlm.train.data import IGNORE, TrainData, encode_chat, load_data, pack, read_records, split
+from slimlm.train.data import IGNORE, TrainData, encode_chat, load_data, pack, split
 
 FORMAT = "slimlm-teacher-generations/1"
 

@@ -1,4 +1,5 @@
-"""Reading evaluation data (JSONL, text, the built-in corpus) and building prompts from it."""
+"""Evaluation examples (each task kind's checks on its JSONL records) and the prompts built from them.
+The readers themselves (JSONL, text, the built-in corpus) are tested in tests/data/."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import pytest
 
 from slimlm.errors import SlimlmError
 from slimlm.eval.prompts import build_prompt, load_examples, pick_shots
-from slimlm.eval.sources import JsonlReport, read_jsonl, text_documents
 from slimlm.eval.tasks import TaskSpec
 from slimlm.models.backends import open_backend
 
@@ -20,53 +20,6 @@ def jsonl(tmp_path: Path, *lines, name: str = "file.jsonl") -> Path:
     path = tmp_path / name
     path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
     return path
-
-
-# --- read_jsonl ---------------------------------------------------------------------------
-
-def test_malformed_line_names_file_and_line(tmp_path):
-    path = jsonl(tmp_path, {"a": 1}, {"a": 2}, '{"a": 3', {"a": 4})
-    with pytest.raises(SlimlmError) as info:
-        read_jsonl(path)
-    assert f"{path}:3" in str(info.value) and "file.jsonl:3" in str(info.value)
-    assert "--skip-bad-lines" in str(info.value)
-
-
-def test_skip_bad_lines_keeps_the_good_ones_and_reports(tmp_path):
-    path = jsonl(tmp_path, {"a": 1}, {"a": 2}, '{"a": 3', {"a": 4})
-    report = JsonlReport()
-    assert read_jsonl(path, skip_bad_lines=True, report=report) == [{"a": 1}, {"a": 2}, {"a": 4}]
-    assert len(report.skipped) == 1 and f"{path}:3:" in report.skipped[0]
-
-
-def test_missing_required_field_names_field_and_line(tmp_path):
-    path = jsonl(tmp_path, {"question": "q", "answer": 1}, {"question": "q"})
-    with pytest.raises(SlimlmError, match=r"file\.jsonl:2: missing field 'answer'"):
-        read_jsonl(path, required=("question", "answer"))
-
-
-def test_non_object_line(tmp_path):
-    path = jsonl(tmp_path, {"a": 1}, "[1, 2]")
-    with pytest.raises(SlimlmError, match=r"file\.jsonl:2: not a JSON object"):
-        read_jsonl(path)
-
-
-def test_blank_lines_are_ignored_but_counted(tmp_path):
-    path = jsonl(tmp_path, {"a": 1}, "", "   ", {"a": 2})
-    assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
-    bad = jsonl(tmp_path, {"a": 1}, "", "oops", name="bad.jsonl")
-    with pytest.raises(SlimlmError, match=r"bad\.jsonl:3:"):  # the line in the file, blank ones included
-        read_jsonl(bad)
-
-
-def test_all_bad_or_missing_file_is_an_error(tmp_path):
-    path = jsonl(tmp_path, "oops", "[1]")
-    with pytest.raises(SlimlmError, match="no usable records"):
-        read_jsonl(path, skip_bad_lines=True)
-    with pytest.raises(SlimlmError, match="no usable records"):
-        read_jsonl(jsonl(tmp_path, "", name="empty.jsonl"))
-    with pytest.raises(SlimlmError, match="no such file"):
-        read_jsonl(tmp_path / "absent.jsonl")
 
 
 # --- load_examples: per-kind checks ---------------------------------------------------------
@@ -112,29 +65,6 @@ def test_template_fields_are_required(tmp_path):
     path = jsonl(tmp_path, {"prompt": "p", "reference": "r"})
     with pytest.raises(SlimlmError, match=r"file\.jsonl:1: missing field 'context'"):
         load_examples(spec_for("generation", path, template="{context}\n{prompt}"))
-
-
-# --- text_documents --------------------------------------------------------------------------
-
-def test_builtin_corpus():
-    docs = text_documents("python-docs")
-    assert len(docs) >= 50 and all(doc.strip() for doc in docs)
-    assert docs == text_documents("python-docs")  # a fixed order
-
-
-def test_text_and_jsonl_documents(tmp_path):
-    txt = tmp_path / "doc.txt"
-    txt.write_text("line one\n\nline two\n")
-    assert text_documents(str(txt)) == ["line one\n\nline two\n"]
-    path = jsonl(tmp_path, {"body": "first"}, {"body": "second"}, {"body": "  "}, {"body": "third"})
-    assert text_documents(str(path), field_name="body") == ["first", "second", "third"]
-    with pytest.raises(SlimlmError, match=r"file\.jsonl:1: missing field 'text'"):
-        text_documents(str(path))  # the default field
-
-
-def test_unknown_text_source_names_the_builtin_corpora(tmp_path):
-    with pytest.raises(SlimlmError, match="python-docs"):
-        text_documents(str(tmp_path / "nope.txt"))
 
 
 # --- few-shot examples and prompts ------------------------------------------------------------

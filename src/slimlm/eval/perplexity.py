@@ -21,9 +21,37 @@ import math
 import numpy as np
 
 from slimlm.errors import SlimlmError
+from slimlm.eval.kinds import EvalOptions, TaskKind, register_task_kind
 from slimlm.eval.loglik import Request, Scorer
 from slimlm.eval.result import EvalResult
 from slimlm.progress import progress_bar
+
+
+@register_task_kind("perplexity")
+class Perplexity(TaskKind):
+    help = "perplexity:SOURCE  perplexity and bits per byte over python-docs, a text file or a JSONL field"
+    needs_loglik = True
+    takes_reference = True
+
+    def load(self, source: str, options: EvalOptions, report) -> list[str]:
+        from slimlm.data import text_documents
+
+        return text_documents(source, options.field, skip_bad_lines=options.skip_bad_lines, report=report)
+
+    def run(self, source: str, docs: list[str], backend, options: EvalOptions) -> EvalResult:
+        scorer = self.scorer(backend, options)
+        if options.chat:
+            raise SlimlmError("perplexity scores plain text: drop --chat")
+        ref_scorer = ref_backend = None
+        if options.reference:
+            ref_backend = options.open_model(options.reference, options.reference_backend, self.name)
+            ref_scorer = self.scorer(ref_backend, options)
+        try:
+            return run_perplexity(scorer, docs, source=source, context=options.context, stride=options.stride,
+                                  limit=options.limit, reference=ref_scorer, reference_name=options.reference)
+        finally:
+            if ref_backend is not None:
+                ref_backend.close()
 
 
 def sliding_windows(doc_ids: list[int], prefix_id: int, context: int, stride: int) -> list[Request]:

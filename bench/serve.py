@@ -171,7 +171,7 @@ def percentiles_ms(samples: list[float]) -> tuple[float, float]:
 
 
 def router_overhead(n: int = 500) -> dict:
-    from slimlm.serve.router import CascadePolicy, LearnedRouter
+    from slimlm.routing import CascadePolicy, LearnedRouter
 
     rng = random.Random(0)
     greet = ["Hello {n}, how are you today?", "Hi there {n}! Nice to meet you.", "Good evening {n}, lovely to see you."]

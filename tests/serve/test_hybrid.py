@@ -13,11 +13,11 @@ import httpx
 import pytest
 from serve_helpers import FakeUpstream, closed_port_url, serving, wait_for
 
+from slimlm.routing import LearnedRouter
 from slimlm.serve import Engine, ServeConfig, create_app
 from slimlm.serve.hybrid import LedgerWriter
 from slimlm.serve.large import COMPLETIONS, Remote, Restorer
 from slimlm.serve.ledger import Ledger
-from slimlm.serve.router import LearnedRouter
 
 KEY_ENV, KEY = "SLIMLM_TEST_BIG_KEY", "sk-test-hybrid0123456789abcdefSECRET"
 EMAIL = "maria.rossi@example.com"

@@ -12,7 +12,7 @@ import pytest
 
 from slimlm.errors import SlimlmError
 from slimlm.eval.scorers import exact_match
-from slimlm.serve.router import (
+from slimlm.routing import (
     CascadePolicy,
     LargePolicy,
     LearnedRouter,
@@ -160,7 +160,7 @@ def test_hashed_features_are_the_direct_computation():
     counts, each n-gram in the column its hash names (checked by counting the n-grams by hand)."""
     from sklearn.utils import murmurhash3_32
 
-    from slimlm.serve.router_features import HashedNgrams
+    from slimlm.routing.features import HashedNgrams
 
     h = HashedNgrams()
     text = "Hi Tom hi"
@@ -178,7 +178,7 @@ def test_hashed_features_are_the_direct_computation():
 def test_static_minilm_rows_are_the_encoder_on_each_token_alone():
     """A table row is MiniLM's sentence embedding of [CLS] token [SEP] (computed here by the
     encoder on text, not ids); a prompt's features are the unit-length mean of its tokens' rows."""
-    from slimlm.serve.router_features import load_encoder, static_minilm
+    from slimlm.routing.features import load_encoder, static_minilm
 
     static, encoder = static_minilm(), load_encoder()
     words = ["hello", "times", "compute", "maria"]

@@ -160,7 +160,7 @@ def main() -> int:
         rows["(b) cross-entropy"] = score(tmp / "b", reference, held_docs)
         print(f"(b) {runs['b'].seconds:.0f} s: {rows['(b) cross-entropy']}", flush=True)
         start = time.perf_counter()
-        kd = distill(teacher, student, data, tmp / "c", kind="forward_kl", top_k=32, config=config, record_run=False)
+        kd = distill(teacher, student, data, tmp / "c", loss="forward_kl", top_k=32, train=config, record_run=False)
         kd.train.seconds = time.perf_counter() - start  # wall time including building (or reusing) the cache
         runs["c"], rows["(c) logit KD, cached top-32"] = kd.train, score(tmp / "c", reference, held_docs)
         print(f"(c) {kd.train.seconds:.0f} s: {rows['(c) logit KD, cached top-32']}", flush=True)
@@ -173,7 +173,7 @@ def main() -> int:
         sq = distill(gen_teacher, student, data, tmp / "d", mode="sequence", prompt_tokens=args.prompt_tokens,
                      cache=answers,  # kept between runs, resumable: generating is the slowest part here
                      max_new_tokens=args.seq_len - args.prompt_tokens, gen_batch_size=16, backend=args.gen_backend,
-                     config=config, record_run=False)
+                     train=config, record_run=False)
         sq.train.seconds = time.perf_counter() - start
         runs["d"], rows["(d) sequence KD"] = sq.train, score(tmp / "d", reference, held_docs)
         print(f"(d) {sq.train.seconds:.0f} s: {rows['(d) sequence KD']}", flush=True)

@@ -96,8 +96,8 @@ def held_out_kl(teacher, student, blocks) -> float:
 def test_logit_distillation_beats_cross_entropy_on_fidelity(models, text, tmp_path):
     teacher, student = models
     data = text / "a.txt"
-    kd = distill(teacher, student, data, tmp_path / "kd", config=quick(25, lr=1e-2), seq_len=SEQ, eval_fraction=0.2)
-    ce = finetune(student, data, tmp_path / "ce", method="full", config=quick(25, lr=1e-2), seq_len=SEQ,
+    kd = distill(teacher, student, data, tmp_path / "kd", train=quick(25, lr=1e-2), seq_len=SEQ, eval_fraction=0.2)
+    ce = finetune(student, data, tmp_path / "ce", method="full", train=quick(25, lr=1e-2), seq_len=SEQ,
                   eval_fraction=0.2)
     assert kd.train.steps == ce.train.steps == 25 and kd.train.tokens == ce.train.tokens
     held = load_data(data, load_torch(student)[1], seq_len=SEQ, eval_fraction=0.2).eval
@@ -118,9 +118,9 @@ def test_training_loss_is_the_loss_from_the_cache(models, text, tmp_path):
     data = text / "b.txt"
     tok = load_torch(student)[1]
     train = load_data(data, tok, seq_len=SEQ, eval_fraction=0).train
-    kw = {"kind": "jsd", "weight_ce": 0.3, "temperature": 2.0, "beta": 0.3}
-    result = distill(teacher, student, data, tmp_path / "one", top_k=16, eval_fraction=0, seq_len=SEQ,
-                     config=quick(1, batch_size=len(train), lr=1e-9), **kw)
+    kw = {"weight_ce": 0.3, "temperature": 2.0, "beta": 0.3}
+    result = distill(teacher, student, data, tmp_path / "one", loss="jsd", top_k=16, eval_fraction=0, seq_len=SEQ,
+                     train=quick(1, batch_size=len(train), lr=1e-9), **kw)
     logged = json.loads((tmp_path / "one" / "train_log.jsonl").read_text().splitlines()[0])["loss"]
     cache = TeacherCache.open(result.cache)
     batch = collate([dict(ex, index=i) for i, ex in enumerate(train)])
@@ -135,29 +135,29 @@ def test_training_loss_is_the_loss_from_the_cache(models, text, tmp_path):
         assert torch.allclose(live.gather(-1, top.ids), top.logprobs, atol=2e-3)
     with torch.no_grad():
         logits = load_torch(student)[0](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    direct = distill_loss(logits, batch["labels"], TopK(ids, lp), vocab_size=len(tok), alpha=0.1, **kw)
+    direct = distill_loss(logits, batch["labels"], TopK(ids, lp), vocab_size=len(tok), kind="jsd", alpha=0.1, **kw)
     assert logged == pytest.approx(float(direct), rel=1e-4)
 
 
 def test_cache_is_reused_and_refused_for_other_data(models, text, tmp_path):
     teacher, student = models
-    first = distill(teacher, student, text / "b.txt", tmp_path / "s1", config=quick(1), seq_len=SEQ)
+    first = distill(teacher, student, text / "b.txt", tmp_path / "s1", train=quick(1), seq_len=SEQ)
     shards = {p: p.stat().st_mtime_ns for p in first.cache.glob("shard-*")}
-    second = distill(teacher, tmp_path / "s1", text / "b.txt", tmp_path / "s2", config=quick(1), seq_len=SEQ)
+    second = distill(teacher, tmp_path / "s1", text / "b.txt", tmp_path / "s2", train=quick(1), seq_len=SEQ)
     assert not first.cache_reused and second.cache_reused and second.cache == first.cache
     assert {p: p.stat().st_mtime_ns for p in first.cache.glob("shard-*")} == shards  # nothing recomputed
     with pytest.raises(SlimlmError, match="other training sequences"):
-        distill(teacher, student, text / "a.txt", tmp_path / "s3", cache=first.cache, config=quick(1), seq_len=SEQ)
+        distill(teacher, student, text / "a.txt", tmp_path / "s3", cache=first.cache, train=quick(1), seq_len=SEQ)
 
 
 def test_vocabulary_mismatch_names_sequence_mode(models, other_student, text, tmp_path):
     with pytest.raises(SlimlmError, match="--mode sequence") as info:
-        distill(models[0], other_student, text / "b.txt", tmp_path / "x", config=quick(1))
+        distill(models[0], other_student, text / "b.txt", tmp_path / "x", train=quick(1))
     assert "\n" not in str(info.value)
 
 
 def test_sequence_mode_across_tokenizers_and_resume(models, other_student, text, tmp_path, monkeypatch):
-    import slimlm.train.distill_sequence as seq
+    import slimlm.models.backends.batch as seq  # the torch backend's batched generation (generate_batch)
 
     teacher, answers = models[0], tmp_path / "answers.jsonl"
     calls = []
@@ -166,7 +166,7 @@ def test_sequence_mode_across_tokenizers_and_resume(models, other_student, text,
                         real(m, prompts, *a, **k))
     opts = {"mode": "sequence", "cache": answers, "max_new_tokens": 6, "gen_batch_size": 3, "backend": "torch",
             "eval_fraction": 0.2, "seq_len": SEQ}
-    result = distill(teacher, other_student, text / "pairs.jsonl", tmp_path / "seq", config=quick(3), **opts)
+    result = distill(teacher, other_student, text / "pairs.jsonl", tmp_path / "seq", train=quick(3), **opts)
     lines = answers.read_text().splitlines()
     n = len(lines) - 1
     assert json.loads(lines[0])["teacher"] == str(teacher) and n == 8 and sum(calls) == n  # 10 pairs, 2 held out
@@ -180,22 +180,22 @@ def test_sequence_mode_across_tokenizers_and_resume(models, other_student, text,
 
     answers.write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])  # killed while writing the third answer
     calls.clear()
-    distill(teacher, other_student, text / "pairs.jsonl", tmp_path / "seq2", config=quick(1), **opts)
+    distill(teacher, other_student, text / "pairs.jsonl", tmp_path / "seq2", train=quick(1), **opts)
     assert sum(calls) == n - 2  # only the missing answers were generated
     assert [json.loads(x) for x in answers.read_text().splitlines()[1:]] == records  # greedy: the same answers
     with pytest.raises(SlimlmError, match="other settings"):
-        distill(teacher, other_student, text / "pairs.jsonl", tmp_path / "seq3", config=quick(1),
+        distill(teacher, other_student, text / "pairs.jsonl", tmp_path / "seq3", train=quick(1),
                 **dict(opts, max_new_tokens=7))
     shuffled = tmp_path / "shuffled.jsonl"
     shuffled.write_text("".join(reversed((text / "pairs.jsonl").read_text().splitlines(keepends=True))))
     with pytest.raises(SlimlmError, match="another prompt"):
-        distill(teacher, other_student, shuffled, tmp_path / "seq4", config=quick(1), **opts)
+        distill(teacher, other_student, shuffled, tmp_path / "seq4", train=quick(1), **opts)
 
 
 def test_on_policy_steps_sample_from_the_student(models, text, tmp_path):
     teacher, student = models
     result = distill(teacher, student, text / "pairs.jsonl", tmp_path / "gkd", on_policy=1.0, method="lora",
-                     kind="jsd", seq_len=SEQ, eval_fraction=0, config=quick(2, batch_size=4))
+                     loss="jsd", seq_len=SEQ, eval_fraction=0, train=quick(2, batch_size=4))
     assert result.data["on_policy_steps"] == 2 and result.train.steps == 2
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.train.history if "loss" in r)
     assert (tmp_path / "gkd" / "adapter_config.json").exists()
@@ -206,17 +206,17 @@ def test_on_policy_steps_sample_from_the_student(models, text, tmp_path):
 def test_resume_with_other_settings_is_refused(models, text, tmp_path):
     teacher, student = models
     out = tmp_path / "run"
-    distill(teacher, student, text / "b.txt", out, config=quick(2, save_every=1), seq_len=SEQ)
+    distill(teacher, student, text / "b.txt", out, train=quick(2, save_every=1), seq_len=SEQ)
     with pytest.raises(SlimlmError, match="kind 'forward_kl' -> 'jsd'"):
-        distill(teacher, student, text / "b.txt", out, kind="jsd", config=quick(2, save_every=1), seq_len=SEQ,
+        distill(teacher, student, text / "b.txt", out, loss="jsd", train=quick(2, save_every=1), seq_len=SEQ,
                 resume=True)
     with pytest.raises(SlimlmError, match="lr 0.003 -> 0.001"):
-        distill(teacher, student, text / "b.txt", out, config=quick(2, save_every=1, lr=1e-3), seq_len=SEQ,
+        distill(teacher, student, text / "b.txt", out, train=quick(2, save_every=1, lr=1e-3), seq_len=SEQ,
                 resume=True)
-    again = distill(teacher, student, text / "b.txt", out, config=quick(2, save_every=1), seq_len=SEQ, resume=True)
+    again = distill(teacher, student, text / "b.txt", out, train=quick(2, save_every=1), seq_len=SEQ, resume=True)
     assert again.train.steps == 2 and again.cache_reused
     with pytest.raises(SlimlmError, match="--resume"):
-        distill(teacher, student, text / "b.txt", out, config=quick(2), seq_len=SEQ)
+        distill(teacher, student, text / "b.txt", out, train=quick(2), seq_len=SEQ)
 
 
 def test_cli_end_to_end(models, other_student, text, tmp_path, capfd):
@@ -240,6 +240,33 @@ def test_cli_end_to_end(models, other_student, text, tmp_path, capfd):
     assert code == 0 and "--on-policy" in stdout and "--mode" in stdout
 
 
+def test_cli_config_file_with_an_override_equals_the_flags(models, text, tmp_path, capfd):
+    """`--config FILE` gives the settings and a typed option (--max-steps 2 over the file's 4) overrides
+    them: the student and the losses equal those of the same settings given as flags."""
+    from safetensors.torch import load_file
+
+    teacher, student = models
+    recipe = tmp_path / "distill.yaml"
+    recipe.write_text(f"loss: jsd\nbeta: 0.3\ntop_k: 16\nseq_len: {SEQ}\neval_fraction: 0.2\n"
+                      "train:\n  lr: 1e-2\n  max_steps: 4\n  batch_size: 8\n")
+    common = ["distill", "--teacher", teacher, "--student", student, "--data", text / "b.txt"]
+    code, by_flags, err = run_cli(capfd, *common, "--out", tmp_path / "flags", "--loss", "jsd", "--beta", "0.3",
+                                  "--top-k", "16", "--seq-len", SEQ, "--eval-fraction", "0.2", "--lr", "0.01",
+                                  "--max-steps", "2", "--batch-size", "8", "--json")
+    assert code == 0, err
+    code, by_file, err = run_cli(capfd, *common, "--out", tmp_path / "file", "--config", recipe, "--max-steps", "2",
+                                 "--json")
+    assert code == 0, err
+    a, b = json.loads(by_flags), json.loads(by_file)
+    assert b["train"]["steps"] == 2 and b["kind"] == "jsd" and b["cache_reused"]  # the flags run built it
+    assert {k: b["train"][k] for k in ("steps", "tokens", "train_loss", "eval_loss")} == \
+           {k: a["train"][k] for k in ("steps", "tokens", "train_loss", "eval_loss")}
+    weights = [load_file(tmp_path / run / "model.safetensors") for run in ("flags", "file")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    settings = [json.loads((tmp_path / run / "distill.json").read_text()) for run in ("flags", "file")]
+    assert settings[0] == settings[1] and settings[1]["beta"] == 0.3 and settings[1]["top_k"] == 16
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "qwen2", "phi3", "gemma2", "gemma3_text",
                                     "deepseek_v3"])
 def test_matrix_distill(family, tiny_models, tiny_tokenizer_dir, text, tmp_path):
@@ -248,7 +275,7 @@ def test_matrix_distill(family, tiny_models, tiny_tokenizer_dir, text, tmp_path)
     teacher = tiny_models(family)
     student = build_tiny_model(family, tiny_tokenizer_dir, tmp_path / "student", seed=1)
     data = text / "b.txt"
-    result = distill(teacher, student, data, tmp_path / "kd", config=quick(6, lr=1e-2), seq_len=SEQ,
+    result = distill(teacher, student, data, tmp_path / "kd", train=quick(6, lr=1e-2), seq_len=SEQ,
                      eval_fraction=0, record_run=False, progress=False)
     blocks = load_data(data, load_torch(student)[1], seq_len=SEQ, eval_fraction=0).train
     assert held_out_kl(teacher, tmp_path / "kd", blocks) < held_out_kl(teacher, student, blocks)

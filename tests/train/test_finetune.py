@@ -46,7 +46,7 @@ def test_lora_learns_and_the_adapter_reloads(tiny_models, pairs, tmp_path):
     base, tok = load_torch(folder)
     batch = collate(load_data(pairs, tok, eval_fraction=0).train)
     before = causal_lm_loss(base, batch)[0].item()
-    result = finetune(folder, pairs, tmp_path / "lora", config=quick(10, lr=2e-2), eval_fraction=0)
+    result = finetune(folder, pairs, tmp_path / "lora", train=quick(10, lr=2e-2), eval_fraction=0)
     after = causal_lm_loss(result.model.eval(), batch)[0].item()
     assert after < 0.5 * before  # a tiny repeated data set is learned
     assert result.targets == list(DEFAULT_TARGETS["llama"]) and 0 < result.trainable_params < result.total_params
@@ -66,7 +66,7 @@ def test_merged_model_equals_adapter_and_loads_in_slimlm(tiny_models, pairs, tmp
 
     folder = tiny_models("qwen2")
     out = tmp_path / "merged"
-    finetune(folder, pairs, out, merge=True, config=quick(), eval_fraction=0)
+    finetune(folder, pairs, out, merge=True, train=quick(), eval_fraction=0)
     merged, _ = load_torch(out)  # slimlm's torch backend path
     adapter = PeftModel.from_pretrained(load_torch(folder)[0], out / "adapter")
     assert torch.allclose(logits(merged), logits(adapter), atol=1e-4)
@@ -84,7 +84,7 @@ def test_gguf_adapter_in_llamacpp_equals_the_merged_model(tiny_models, pairs, tm
     from slimlm.compress.gguf_export import export_gguf
 
     folder, out = tiny_models("llama"), tmp_path / "tuned"
-    finetune(folder, pairs, out, merge=True, gguf=True, config=quick(5, lr=3e-2), eval_fraction=0)
+    finetune(folder, pairs, out, merge=True, gguf=True, train=quick(5, lr=3e-2), eval_fraction=0)
     export_gguf(folder, tmp_path / "base.gguf", dtype="f32")
     export_gguf(out, tmp_path / "merged.gguf", dtype="f32")
 
@@ -111,7 +111,7 @@ def test_dora_runs_on_other_families(tiny_models, pairs, tmp_path, family):
 
     folder = tiny_models(family)
     result = finetune(folder, pairs, tmp_path / "dora", method="dora", rank=4,
-                      config=quick(2, gradient_checkpointing=True))
+                      train=quick(2, gradient_checkpointing=True))
     assert json.loads((tmp_path / "dora" / "adapter_config.json").read_text())["use_dora"] is True
     assert result.targets == list(DEFAULT_TARGETS[family]) and result.train.eval_loss is not None
     reloaded = PeftModel.from_pretrained(load_torch(folder)[0], tmp_path / "dora")
@@ -120,7 +120,7 @@ def test_dora_runs_on_other_families(tiny_models, pairs, tmp_path, family):
 
 def test_full_finetuning_writes_a_dense_folder(tiny_models, pairs, tmp_path):
     folder = tiny_models("llama")
-    result = finetune(folder, pairs, tmp_path / "full", method="full", config=quick(2, lr=1e-3))
+    result = finetune(folder, pairs, tmp_path / "full", method="full", train=quick(2, lr=1e-3))
     assert result.adapter is None and result.trainable_params == result.total_params
     dense, _ = load_torch(tmp_path / "full")
     assert torch.allclose(logits(dense), logits(result.model), atol=1e-5)
@@ -139,26 +139,26 @@ def test_default_targets_exist_in_every_family():
 
 def test_bad_target_lists_the_linear_modules(tiny_models, pairs, tmp_path):
     with pytest.raises(SlimlmError) as info:
-        finetune(tiny_models("llama"), pairs, tmp_path / "x", target_modules=["q_proj,attn_qkv"], config=quick(1))
+        finetune(tiny_models("llama"), pairs, tmp_path / "x", target_modules=["q_proj,attn_qkv"], train=quick(1))
     message = str(info.value)
     assert "'attn_qkv' matches no module" in message and "down_proj, gate_proj, k_proj" in message
     with pytest.raises(SlimlmError, match="llama.cpp cannot apply DoRA|which dora is not"):
-        finetune(tiny_models("llama"), pairs, tmp_path / "y", method="dora", gguf=True, config=quick(1))
+        finetune(tiny_models("llama"), pairs, tmp_path / "y", method="dora", gguf=True, train=quick(1))
 
 
 def test_output_folder_is_protected(tiny_models, pairs, tmp_path):
     folder = tiny_models("llama")
     out = tmp_path / "run"
-    finetune(folder, pairs, out, config=quick(2, save_every=1))
+    finetune(folder, pairs, out, train=quick(2, save_every=1))
     with pytest.raises(SlimlmError, match="pass --resume to continue"):
-        finetune(folder, pairs, out, config=quick(2, save_every=1))
+        finetune(folder, pairs, out, train=quick(2, save_every=1))
     with pytest.raises(SlimlmError, match="lr 0.01 -> 0.02"):
-        finetune(folder, pairs, out, config=quick(2, save_every=1, lr=2e-2), resume=True)
+        finetune(folder, pairs, out, train=quick(2, save_every=1, lr=2e-2), resume=True)
     stranger = tmp_path / "notes"
     stranger.mkdir()
     (stranger / "todo.txt").write_text("keep me")
     with pytest.raises(SlimlmError, match="not a slimlm output folder"):
-        finetune(folder, pairs, stranger, config=quick(1), force=True)
+        finetune(folder, pairs, stranger, train=quick(1), force=True)
     assert (stranger / "todo.txt").exists()
 
 
@@ -183,6 +183,37 @@ def test_cli_end_to_end(tiny_models, pairs, tmp_path, capfd):
     assert code == 0 and "slimlm finetune ./dense --data" in stdout and "--merge" in stdout
 
 
+def test_cli_config_file_with_an_override_equals_the_flags(tiny_models, pairs, tmp_path, capfd):
+    """`--config FILE` gives the settings and an option typed on the command line overrides the
+    file's (--rank 4 over rank: 8, --max-steps 3 over 5): the run equals the one given as flags."""
+    from safetensors.torch import load_file
+
+    import slimlm.cli  # noqa: F401 - registers every verb
+
+    folder, recipe = tiny_models("llama"), tmp_path / "recipe.yaml"
+    recipe.write_text("rank: 8\ndropout: 0.0\ntarget_modules: [q_proj, v_proj]\neval_fraction: 0.25\n"
+                      "train:\n  lr: 2e-2\n  max_steps: 5\n  batch_size: 2\n  seed: 3\n")
+    flags = ["--rank", "4", "--dropout", "0", "--target", "q_proj", "--target", "v_proj", "--eval-fraction", "0.25",
+             "--lr", "0.02", "--max-steps", "3", "--batch-size", "2", "--seed", "3"]
+    code, by_flags, err = run_cli(capfd, "finetune", folder, "--data", pairs, "--out", tmp_path / "flags", *flags,
+                                  "--json")
+    assert code == 0, err
+    code, by_file, err = run_cli(capfd, "finetune", folder, "--data", pairs, "--out", tmp_path / "file", "--config",
+                                 recipe, "--rank", "4", "--max-steps", "3", "--json")
+    assert code == 0, err
+    a, b = json.loads(by_flags), json.loads(by_file)
+    assert b["train"]["steps"] == 3 and b["targets"] == ["q_proj", "v_proj"]
+    assert b["trainable_params"] == a["trainable_params"]  # rank 4, not the file's 8
+    assert {k: b["train"][k] for k in ("steps", "tokens", "train_loss", "eval_loss")} == \
+           {k: a["train"][k] for k in ("steps", "tokens", "train_loss", "eval_loss")}
+    weights = [load_file(tmp_path / run / "adapter_model.safetensors") for run in ("flags", "file")]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    params = [read_manifest(tmp_path / run)["params"] for run in ("flags", "file")]
+    for p in params:
+        p["train"].pop("out")
+    assert params[0] == params[1]
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "qwen2", "phi3", "gemma2", "gemma3_text",
                                     "deepseek_v3"])
 def test_matrix_finetune(family, tiny_models, pairs, tmp_path):
@@ -193,7 +224,7 @@ def test_matrix_finetune(family, tiny_models, pairs, tmp_path):
     base, tok = load_torch(folder)
     batch = collate(load_data(pairs, tok, eval_fraction=0).train)
     before = causal_lm_loss(base, batch)[0].item()
-    result = finetune(folder, pairs, tmp_path / "lora", config=quick(4, lr=2e-2), eval_fraction=0,
+    result = finetune(folder, pairs, tmp_path / "lora", train=quick(4, lr=2e-2), eval_fraction=0,
                       record_run=False)
     assert causal_lm_loss(result.model.eval(), batch)[0].item() < before
     reloaded = PeftModel.from_pretrained(load_torch(folder)[0], tmp_path / "lora")
@@ -215,7 +246,7 @@ def test_qlora_on_a_slimlm_quantized_base(tiny_models, pairs, tmp_path):
     codes_before = [m.qweight.clone() for m in packed]
     batch = collate(load_data(pairs, tok, eval_fraction=0).train)
     before = causal_lm_loss(base, batch)[0].item()
-    result = finetune(q4, pairs, tmp_path / "qlora", config=quick(4, lr=2e-2), eval_fraction=0, record_run=False)
+    result = finetune(q4, pairs, tmp_path / "qlora", train=quick(4, lr=2e-2), eval_fraction=0, record_run=False)
     assert causal_lm_loss(result.model.eval(), batch)[0].item() < before
     trained = [m for m in result.model.modules() if isinstance(m, packed_linear_class())]
     assert all(torch.equal(m.qweight, c) for m, c in zip(trained, codes_before))
@@ -223,4 +254,4 @@ def test_qlora_on_a_slimlm_quantized_base(tiny_models, pairs, tmp_path):
     assert torch.allclose(logits(reloaded), logits(result.model), atol=1e-5)
     for kw in ({"merge": True}, {"method": "dora"}, {"method": "full"}):
         with pytest.raises(SlimlmError, match="quantized"):
-            finetune(q4, pairs, tmp_path / "no", config=quick(1), eval_fraction=0, record_run=False, **kw)
+            finetune(q4, pairs, tmp_path / "no", train=quick(1), eval_fraction=0, record_run=False, **kw)

@@ -1,4 +1,10 @@
-"""The training verbs of the CLI: finetune. Parsing and printing only; the work is in slimlm.train."""
+"""The training verbs of the CLI: finetune. Parsing and printing only; the work is in slimlm.train.
+
+Each training verb builds its config dataclass (slimlm.train.configs) and hands it to the library:
+the `--config` YAML recipe's settings (or the defaults), then every option the user typed, so an
+option on the command line overrides the recipe. Click's parameter source tells a typed option
+from a default one; the defaults shown in --help are the dataclass's own.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,37 @@ import typer
 from rich.table import Table
 
 from slimlm.cli.app import ModelArg, app, out
-from slimlm.train.finetune import METHODS
+from slimlm.train.configs import METHODS, FinetuneConfig
+
+_F, _T = FinetuneConfig(), FinetuneConfig().train
+# CLI option (parameter name) -> config field; "train.x" is the TrainConfig section's field x.
+FINETUNE_FLAGS = {"method": "method", "rank": "rank", "alpha": "alpha", "dropout": "dropout", "target": "target_modules",
+                  "merge": "merge", "epochs": "train.epochs", "max_steps": "train.max_steps", "lr": "train.lr",
+                  "batch_size": "train.batch_size", "grad_accum": "train.grad_accum", "seq_len": "seq_len",
+                  "eval_fraction": "eval_fraction", "schedule": "train.schedule", "warmup_steps": "train.warmup_steps",
+                  "eval_every": "train.eval_every", "save_every": "train.save_every",
+                  "early_stop": "train.early_stop_patience", "seed": "train.seed", "pack": "pack", "gguf": "gguf",
+                  "gradient_checkpointing": "train.gradient_checkpointing", "train_on_prompt": "train_on_prompt",
+                  "skip_bad_lines": "skip_bad_lines"}
+ConfigOpt = typer.Option(None, "--config", help="YAML recipe of the settings (examples/recipes/); options "
+                         "given on the command line override it. An unknown key is an error.")
+
+
+def config_from_cli(ctx: typer.Context, cls, recipe: Optional[Path], flags: dict[str, str]):
+    """The verb's config: the recipe's settings (or the defaults), then the options the user typed.
+    The source is compared by name: typer vendors its own click, whose ParameterSource is not click's."""
+    from slimlm.config import load_config, replace_checked
+
+    config = load_config(cls, recipe) if recipe else cls()
+    typed: dict = {}
+    for param, name in flags.items():
+        if getattr(ctx.get_parameter_source(param), "name", None) not in ("COMMANDLINE", "ENVIRONMENT", "PROMPT"):
+            continue
+        value = ctx.params[param]
+        value = list(value) if isinstance(value, tuple) else value
+        section, _, key = name.rpartition(".")
+        (typed.setdefault(section, {}) if section else typed)[key] = value
+    return replace_checked(config, "command line", **typed)
 
 
 def add_training_rows(table: Table, run, out_dir: Path) -> None:
@@ -25,35 +61,46 @@ def add_training_rows(table: Table, run, out_dir: Path) -> None:
 
 @app.command()
 def finetune(
+    ctx: typer.Context,
     model: str = ModelArg,
     data: str = typer.Option(..., "--data", "-d", help="JSONL of {\"messages\": [...]} chats, {\"prompt\", "
                              "\"completion\"} pairs or {\"text\"} lines; a .txt file; or python-docs."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the result, checkpoints/, train_log.jsonl "
                                  "and loss.png."),
-    method: str = typer.Option("lora", "--method", help="; ".join(f"{k}: {v}" for k, v in METHODS.items())),
-    rank: int = typer.Option(16, "--rank", "-r", help="LoRA rank: adapter width (8-64 typical; more learns more)."),
-    alpha: float = typer.Option(32, "--alpha", help="LoRA scale; the update is multiplied by alpha/rank."),
-    dropout: float = typer.Option(0.05, "--dropout", help="Dropout on the adapter's input (regularizes small data)."),
+    method: str = typer.Option(_F.method, "--method", help="; ".join(f"{k}: {v}" for k, v in METHODS.items())),
+    rank: int = typer.Option(_F.rank, "--rank", "-r",
+                             help="LoRA rank: adapter width (8-64 typical; more learns more)."),
+    alpha: float = typer.Option(_F.alpha, "--alpha", help="LoRA scale; the update is multiplied by alpha/rank."),
+    dropout: float = typer.Option(_F.dropout, "--dropout",
+                                  help="Dropout on the adapter's input (regularizes small data)."),
     target: Optional[List[str]] = typer.Option(None, "--target", help="Module to adapt (repeat, or comma-separate); "
                                                "default: the family's attention and MLP projections."),
     merge: bool = typer.Option(False, "--merge", help="Also fold the adapter into the weights: OUT becomes a dense "
                                "model folder every slimlm command takes (the adapter stays in OUT/adapter)."),
-    epochs: float = typer.Option(1.0, "--epochs", help="Passes over the training data (ignored with --max-steps)."),
+    epochs: float = typer.Option(_T.epochs, "--epochs",
+                                 help="Passes over the training data (ignored with --max-steps)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps to train for."),
-    lr: float = typer.Option(2e-4, "--lr", help="Peak learning rate (LoRA 1e-4..1e-3; full fine-tuning ~1e-5)."),
-    batch_size: int = typer.Option(4, "--batch-size", "-b", help="Examples per micro-batch (per process)."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step: a bigger effective "
-                                   "batch without more memory."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per example (longer ones are cut) or packed block."),
-    eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="Share of the data held out to measure "
-                                        "held-out loss and perplexity (0 for none)."),
-    schedule: str = typer.Option("cosine", "--schedule", help="Learning-rate schedule: cosine, linear or constant."),
-    warmup_steps: int = typer.Option(0, "--warmup-steps", help="Steps of linear warm-up before the schedule."),
-    eval_every: int = typer.Option(50, "--eval-every", help="Steps between held-out evaluations (0: at the end)."),
-    save_every: int = typer.Option(100, "--save-every", help="Steps between checkpoints for --resume (0: none)."),
-    early_stop: int = typer.Option(0, "--early-stop", help="Stop after this many evaluations without a better "
-                                   "held-out loss (0: never)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the split, the data order, dropout and the adapter's init."),
+    lr: float = typer.Option(_T.lr, "--lr", help="Peak learning rate (LoRA 1e-4..1e-3; full fine-tuning ~1e-5)."),
+    batch_size: int = typer.Option(_T.batch_size, "--batch-size", "-b",
+                                   help="Examples per micro-batch (per process)."),
+    grad_accum: int = typer.Option(_T.grad_accum, "--grad-accum", help="Micro-batches per optimizer step: a bigger "
+                                   "effective batch without more memory."),
+    seq_len: int = typer.Option(_F.seq_len, "--seq-len",
+                                help="Tokens per example (longer ones are cut) or packed block."),
+    eval_fraction: float = typer.Option(_F.eval_fraction, "--eval-fraction", help="Share of the data held out to "
+                                        "measure held-out loss and perplexity (0 for none)."),
+    schedule: str = typer.Option(_T.schedule, "--schedule",
+                                 help="Learning-rate schedule: cosine, linear or constant."),
+    warmup_steps: int = typer.Option(_T.warmup_steps, "--warmup-steps",
+                                     help="Steps of linear warm-up before the schedule."),
+    eval_every: int = typer.Option(_T.eval_every, "--eval-every",
+                                   help="Steps between held-out evaluations (0: at the end)."),
+    save_every: int = typer.Option(_T.save_every, "--save-every",
+                                   help="Steps between checkpoints for --resume (0: none)."),
+    early_stop: int = typer.Option(_T.early_stop_patience, "--early-stop", help="Stop after this many evaluations "
+                                   "without a better held-out loss (0: never)."),
+    seed: int = typer.Option(_T.seed, "--seed",
+                             help="Seed for the split, the data order, dropout and the adapter's init."),
     pack: bool = typer.Option(False, "--pack", help="Pack chat/pair examples into --seq-len blocks (plain text "
                               "always is): no padding, masks kept."),
     gguf: bool = typer.Option(False, "--gguf", help="LoRA: also write the adapter for llama.cpp (adapter.gguf; "
@@ -67,6 +114,7 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in OUT from its newest "
                                 "checkpoint, with the same settings."),
     force: bool = typer.Option(False, "--force", help="Delete OUT (a previous slimlm run) and start over."),
+    config: Optional[Path] = ConfigOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else."),
 ):
     """Teach a model your task from examples: LoRA/DoRA adapters or full fine-tuning.
@@ -84,17 +132,12 @@ def finetune(
     OUT/loss.png: training loss falling while held-out loss rises means memorizing;
     stop earlier (--early-stop) or lower --lr. Interrupted? Rerun with --resume.
     Several processes: accelerate launch --multi_gpu --num_processes 2 -m slimlm finetune ...
+    Recipe: slimlm finetune ./dense --data chats.jsonl --out ./tuned --config examples/recipes/lora-finetune.yaml
     """
-    from slimlm.train.core import TrainConfig
     from slimlm.train.finetune import finetune as do_finetune
 
-    config = TrainConfig(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-                         schedule=schedule, warmup_steps=warmup_steps, eval_every=eval_every, save_every=save_every,
-                         early_stop_patience=early_stop, seed=seed, gradient_checkpointing=gradient_checkpointing)
-    result = do_finetune(model, data, out_dir, method=method, rank=rank, alpha=alpha, dropout=dropout,
-                         target_modules=target, merge=merge, train_on_prompt=train_on_prompt, config=config,
-                         resume=resume, force=force, seq_len=seq_len, eval_fraction=eval_fraction,
-                         pack=pack or None, skip_bad_lines=skip_bad_lines, gguf=gguf)
+    settings = config_from_cli(ctx, FinetuneConfig, config, FINETUNE_FLAGS)
+    result = do_finetune(model, data, out_dir, settings, resume=resume, force=force)
     if as_json:
         print(json.dumps(result.to_dict(), default=str))
         return

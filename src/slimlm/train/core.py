@@ -60,7 +60,8 @@ class TrainConfig:
     seed: int = 0
     gradient_checkpointing: bool = False
     bf16: str | bool = "auto"  # "auto": only where the hardware computes bf16 natively
-    out: str | None = None  # run folder: checkpoints/, train_log.jsonl, loss.png
+    # run folder: checkpoints/, train_log.jsonl, loss.png; not a recipe key (finetune/distill set it from OUT)
+    out: str | None = field(default=None, metadata={"recipe": False})
 
     def validate(self, need_out: bool = True) -> TrainConfig:
         """Raise a one-line SlimlmError on a bad setting. need_out=False checks a recipe's settings

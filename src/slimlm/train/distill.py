@@ -16,6 +16,7 @@
 The output folder is finetune's: the student (dense, or a LoRA adapter), checkpoints/ for --resume,
 train_log.jsonl, loss.png, and slimlm.json (written last) with the student as parent and the teacher
 in its params. Held-out loss is always plain cross-entropy on real data, comparable across methods.
+The settings are one `DistillConfig` (train/configs.py), which a YAML recipe can hold.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from slimlm.config import make_config
 from slimlm.errors import SlimlmError
-from slimlm.train.core import TrainConfig, Trainer, TrainResult, process_state, token_count
+from slimlm.train.configs import MODES, DistillConfig
+from slimlm.train.core import Trainer, TrainResult, process_state, token_count
 from slimlm.train.data import TrainData, load_data
 from slimlm.train.finetune import prepare_out
 
-MODES = {"logit": "match the teacher's next-token distributions (one vocabulary; cached top-k teacher)",
-         "sequence": "fine-tune on the teacher's answers to the training prompts (any tokenizers)"}
+__all__ = ["MODES", "DistillConfig", "DistillResult", "LogitLoss", "default_cache_path", "distill", "ensure_cache"]
 SETTINGS_FILE = "distill.json"
 DISTILL_FILES = (SETTINGS_FILE, "teacher_answers.jsonl")  # what marks a folder as a distill run's
 
@@ -177,19 +179,17 @@ def _vocab(teacher_tok, student_tok) -> int:
                           "--mode sequence (the student learns the teacher's generated answers) instead") from exc
 
 
-def distill(teacher, student, data, out, mode: str = "logit", kind: str = "forward_kl", weight_ce: float = 0.0,
-            temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1, top_k: int = 32, cache=None,
-            on_policy: float = 0.0, method: str = "full", rank: int = 16, lora_alpha: float = 32,
-            lora_dropout: float = 0.05, target_modules: list[str] | None = None, merge: bool = False,
-            config: TrainConfig | None = None, resume: bool = False, force: bool = False, seq_len: int = 512,
-            eval_fraction: float = 0.1, pack: bool | None = None, train_on_prompt: bool = False,
-            skip_bad_lines: bool = False, prompt_tokens: int = 64, max_new_tokens: int = 256,
-            gen_temperature: float = 0.0, gen_batch_size: int = 8, backend: str = "auto", cache_batch_size: int = 4,
-            record_run: bool = True, progress: bool = True) -> DistillResult:
+def distill(teacher, student, data, out, config: DistillConfig | str | Path | dict | None = None, *,
+            resume: bool = False, force: bool = False, record_run: bool = True, progress: bool = True,
+            **overrides) -> DistillResult:
     """Distill `teacher` into `student` (model references) on `data` (as finetune takes, or a TrainData)
-    and write the trained student to `out`. `cache`: the teacher top-k cache folder (logit) or the
-    teacher's answers JSONL (sequence) to build or reuse; by default a per-data path in slimlm's cache
-    (logit) or OUT/teacher_answers.jsonl (sequence)."""
+    and write the trained student to `out`.
+
+    config: a DistillConfig, a YAML recipe's path or a mapping (None: the defaults); `overrides` are
+    DistillConfig fields set on top of it (`loss="jsd"`, `train=TrainConfig(...)`), checked by name
+    and type. Its `cache`: the teacher top-k cache folder (logit) or the teacher's answers JSONL
+    (sequence) to build or reuse; by default a per-data path in slimlm's cache (logit) or
+    OUT/teacher_answers.jsonl (sequence)."""
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
@@ -198,46 +198,40 @@ def distill(teacher, student, data, out, mode: str = "logit", kind: str = "forwa
     from slimlm.runs import record, write_manifest
     from slimlm.train.finetune import _write as write_like_finetune
     from slimlm.train.finetune import add_adapter, resolve_targets
-    from slimlm.train.losses import KINDS
 
-    if mode not in MODES:
-        raise SlimlmError(f"unknown mode '{mode}': choose {', '.join(MODES)}")
-    if kind not in KINDS:
-        raise SlimlmError(f"unknown distillation loss '{kind}': choose one of {', '.join(KINDS)}")
-    if method not in ("full", "lora", "dora"):
-        raise SlimlmError(f"unknown method '{method}': choose full, lora or dora")
-    if not 0.0 <= on_policy <= 1.0 or (on_policy and mode != "logit"):
-        raise SlimlmError(f"--on-policy {on_policy} must be in [0, 1], and only with --mode logit (it needs the "
-                          "teacher's distribution on the student's own samples)")
-    if merge and method == "full":
-        raise SlimlmError("--merge folds an adapter into the weights: full training already writes dense weights")
-    out, state = Path(out), process_state()
-    seq_len = data.seq_len if isinstance(data, TrainData) else seq_len  # tokenized data brings its own
+    out = Path(out)
+    cfg = make_config(DistillConfig, config, "distill()", **overrides)
+    cfg = replace(cfg, train=replace(cfg.train, out=str(out))).validate()
+    tc, mode, kind, on_policy, method, merge = cfg.train, cfg.mode, cfg.loss, cfg.on_policy, cfg.method, cfg.merge
+    top_k, eval_fraction, train_on_prompt, pack = cfg.top_k, cfg.eval_fraction, cfg.train_on_prompt, cfg.pack
+    state = process_state()
+    seq_len = data.seq_len if isinstance(data, TrainData) else cfg.seq_len  # tokenized data brings its own
     t_ref, s_ref = resolve(teacher), resolve(student)
     t_folder = dense_folder(t_ref)
     model, s_tok = load_torch(s_ref)
-    config = replace(config or TrainConfig(), out=str(out))
     # Everything that can be wrong with the input is checked before OUT is touched.
     if mode == "logit":
         t_tok = AutoTokenizer.from_pretrained(t_folder, local_files_only=True)
         vocab = _vocab(t_tok, s_tok)  # a mismatch is a one-line error naming --mode sequence
         train_data = data if isinstance(data, TrainData) else load_data(
-            data, s_tok, seq_len=seq_len, eval_fraction=eval_fraction, seed=config.seed,
-            train_on_prompt=train_on_prompt, pack_examples=pack, skip_bad_lines=skip_bad_lines)
-        cache = Path(cache) if cache else default_cache_path(t_folder, train_data.train, top_k)
+            data, s_tok, seq_len=seq_len, eval_fraction=eval_fraction, seed=tc.seed,
+            train_on_prompt=train_on_prompt, pack_examples=pack, skip_bad_lines=cfg.skip_bad_lines)
+        cache = Path(cfg.cache) if cfg.cache else default_cache_path(t_folder, train_data.train, top_k)
     else:
         from slimlm.train.distill_sequence import answered, generate_answers, student_data, teacher_prompts
 
-        prompts, held, data_kind = teacher_prompts(data, s_tok, seq_len, eval_fraction, config.seed, prompt_tokens,
-                                                   skip_bad_lines)
-        cache = Path(cache) if cache else out / "teacher_answers.jsonl"
-    settings = {"mode": mode, "kind": kind, "weight_ce": weight_ce, "temperature": temperature, "beta": beta,
-                "alpha": alpha, "top_k": top_k, "on_policy": on_policy, "method": method, "rank": rank,
-                "lora_alpha": lora_alpha, "merged": merge, "teacher": str(t_ref.path), "student": str(s_ref.path),
-                "data": "TrainData" if isinstance(data, TrainData) else str(data), "seq_len": seq_len,
-                "eval_fraction": eval_fraction, "train_on_prompt": train_on_prompt}
+        prompts, held, data_kind = teacher_prompts(data, s_tok, seq_len, eval_fraction, tc.seed,
+                                                   cfg.prompt_tokens, cfg.skip_bad_lines)
+        cache = Path(cfg.cache) if cfg.cache else out / "teacher_answers.jsonl"
+    # distill.json's keys (checked on --resume) and the manifest's: the library's names, kind and alpha
+    settings = {"mode": mode, "kind": kind, "weight_ce": cfg.weight_ce, "temperature": cfg.temperature,
+                "beta": cfg.beta, "alpha": cfg.skew, "top_k": top_k, "on_policy": on_policy, "method": method,
+                "rank": cfg.rank, "lora_alpha": cfg.adapter_alpha, "merged": merge, "teacher": str(t_ref.path),
+                "student": str(s_ref.path), "data": "TrainData" if isinstance(data, TrainData) else str(data),
+                "seq_len": seq_len, "eval_fraction": eval_fraction, "train_on_prompt": train_on_prompt}
     if mode == "sequence":
-        settings.update(prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, gen_temperature=gen_temperature)
+        settings.update(prompt_tokens=cfg.prompt_tokens, max_new_tokens=cfg.max_new_tokens,
+                        gen_temperature=cfg.gen_temperature)
     if state.is_main_process:
         prepare_out(out, resume, force, own=DISTILL_FILES, resumable=("checkpoints", *DISTILL_FILES))
         _check_settings(out, settings, resume)
@@ -245,7 +239,7 @@ def distill(teacher, student, data, out, mode: str = "logit", kind: str = "forwa
     loss_fn, reused, bytes_per_token = None, False, None
     if mode == "logit":
         if state.is_main_process:  # the teacher is loaded inside, and freed before training starts
-            reused = ensure_cache(t_folder, train_data.train, cache, top_k, t_tok, cache_batch_size, progress)[1]
+            reused = ensure_cache(t_folder, train_data.train, cache, top_k, t_tok, cfg.cache_batch_size, progress)[1]
         state.wait_for_everyone()
         from slimlm.train.teacher_cache import TeacherCache
 
@@ -253,23 +247,24 @@ def distill(teacher, student, data, out, mode: str = "logit", kind: str = "forwa
         reader.check_tokenizer(s_tok)
         bytes_per_token = reader.bytes_per_token
         live = load_torch(t_folder)[0].requires_grad_(False) if on_policy else None
-        loss_fn = LogitLoss(reader, vocab, kind, weight_ce, temperature, beta, alpha, live, on_policy,
+        loss_fn = LogitLoss(reader, vocab, kind, cfg.weight_ce, cfg.temperature, cfg.beta, cfg.skew, live, on_policy,
                             s_tok.pad_token_id or 0, {s_tok.eos_token_id} - {None})
     else:
         reused = answered(cache) >= len(prompts)
         if state.is_main_process:
-            generate_answers(t_ref, prompts, cache, max_new_tokens, gen_temperature, gen_batch_size, backend,
-                             config.seed, progress)
+            generate_answers(t_ref, prompts, cache, cfg.max_new_tokens, cfg.gen_temperature, cfg.gen_batch_size,
+                             cfg.backend, tc.seed, progress)
         state.wait_for_everyone()
-        answers = generate_answers(t_ref, prompts, cache, max_new_tokens, gen_temperature, seed=config.seed,
+        answers = generate_answers(t_ref, prompts, cache, cfg.max_new_tokens, cfg.gen_temperature, seed=tc.seed,
                                    progress=False)  # all there now: read back, nothing generated
         train_data = student_data(answers, held, s_tok, seq_len, data_kind, train_on_prompt, pack, settings["data"])
     total = sum(p.numel() for p in model.parameters())
-    set_seed(config.seed)
-    targets = [] if method == "full" else resolve_targets(model, target_modules)
-    trained = model if method == "full" else add_adapter(model, method, rank, lora_alpha, lora_dropout, targets)
+    set_seed(tc.seed)
+    targets = [] if method == "full" else resolve_targets(model, cfg.target_modules)
+    trained = model if method == "full" else add_adapter(model, method, cfg.rank, cfg.adapter_alpha,
+                                                         cfg.lora_dropout, targets)
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-    trainer = Trainer(trained, config, train_data, loss_fn=loss_fn)
+    trainer = Trainer(trained, tc, train_data, loss_fn=loss_fn)
     result = trainer.train(resume=resume and bool(trainer.checkpoints()))  # killed before a checkpoint: start
     info = {"kind": train_data.kind, "train_examples": len(train_data.train), "eval_examples": len(train_data.eval),
             "train_tokens": train_data.train_tokens, "packed": train_data.packed, "targets": targets,
@@ -278,7 +273,7 @@ def distill(teacher, student, data, out, mode: str = "logit", kind: str = "forwa
                           trainable, total, result, info, trainer.unwrapped_model)
     if state.is_main_process:
         params = dict(settings, teacher={"spec": t_ref.spec, "path": str(t_ref.path)}, cache=str(cache),
-                      train=config.to_dict(), data_info=info)
+                      train=tc.to_dict(), data_info=info)
         metrics = dict(result.to_dict(), cache_bytes_per_token=bytes_per_token, cache_reused=reused)
         metrics.pop("out")
         # finetune's layout and atomic write; then the manifests say what was done: distillation

@@ -9,6 +9,7 @@ that every slimlm command (and `slimlm export`) takes.
 
 The run folder holds the result, `checkpoints/`, `train_log.jsonl` and `loss.png`; its
 `slimlm.json` is written last, so a folder without one is an unfinished run (--resume).
+The settings are one `FinetuneConfig` (train/configs.py), which a YAML recipe can hold.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import shutil
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from slimlm.config import make_config
 from slimlm.errors import SlimlmError
-from slimlm.train.core import TrainConfig, Trainer, TrainResult, process_state
+from slimlm.train.configs import METHODS, FinetuneConfig
+from slimlm.train.core import Trainer, TrainResult, process_state
 from slimlm.train.data import load_data
 
-METHODS = {"lora": "low-rank adapters beside the chosen projections; the model's weights stay frozen",
-           "dora": "LoRA plus a learned magnitude per weight column (closer to full fine-tuning)",
-           "full": "every weight is trained (needs ~4x the model's size in memory for Adam)"}
+__all__ = ["DEFAULT_TARGETS", "METHODS", "FinetuneConfig", "FinetuneResult", "add_adapter", "export_gguf_lora",
+           "finetune", "linear_names", "prepare_out", "resolve_targets"]
 _ATTN, _MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
 # Attention and MLP projections per family, by transformers' module names.
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
@@ -136,28 +138,23 @@ def _source_dtype(folder: Path):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
 
 
-def finetune(model, data, out, method: str = "lora", rank: int = 16, alpha: float = 32, dropout: float = 0.05,
-             target_modules: list[str] | None = None, merge: bool = False, train_on_prompt: bool = False,
-             config: TrainConfig | None = None, resume: bool = False, force: bool = False, seq_len: int = 512,
-             eval_fraction: float = 0.1, pack: bool | None = None, skip_bad_lines: bool = False,
-             gguf: bool = False, record_run: bool = True) -> FinetuneResult:
+def finetune(model, data, out, config: FinetuneConfig | str | Path | dict | None = None, *, resume: bool = False,
+             force: bool = False, record_run: bool = True, **overrides) -> FinetuneResult:
     """Train `model` on `data` (JSONL chat/pairs/text, .txt, or python-docs) and write the result to `out`.
 
-    gguf: also write the adapter as a llama.cpp LoRA (adapter.gguf beside adapter_config.json).
+    config: a FinetuneConfig, a YAML recipe's path or a mapping (None: the defaults); `overrides`
+    are FinetuneConfig fields set on top of it (`rank=8`, `train=TrainConfig(...)`), checked by name
+    and type. resume/force: continue the run in `out`, or delete it and start over.
     """
     from accelerate.utils import set_seed
 
     from slimlm.models.loading import dense_folder, load_torch
     from slimlm.models.reference import resolve
 
-    if method not in METHODS:
-        raise SlimlmError(f"unknown method '{method}': choose {', '.join(METHODS)}")
-    if merge and method == "full":
-        raise SlimlmError("--merge folds an adapter into the weights: full fine-tuning already writes dense weights")
-    if gguf and method != "lora":
-        raise SlimlmError(f"--gguf writes a llama.cpp LoRA adapter, which {method} is not: "
-                          "`slimlm export` a merged or fully fine-tuned model instead")
-    out, state = Path(out), process_state()
+    out = Path(out)
+    cfg = make_config(FinetuneConfig, config, "finetune()", **overrides)
+    cfg = replace(cfg, train=replace(cfg.train, out=str(out))).validate()
+    method, merge, gguf, state = cfg.method, cfg.merge, cfg.gguf, process_state()
     if state.is_main_process:
         prepare_out(out, resume, force)
     state.wait_for_everyone()
@@ -178,19 +175,20 @@ def finetune(model, data, out, method: str = "lora", rank: int = 16, alpha: floa
         if base.config.model_type not in ARCHS:
             raise SlimlmError(f"--gguf: llama.cpp export does not support {base.config.model_type}; "
                               f"supported: {', '.join(ARCHS)}")
-    config = replace(config or TrainConfig(), out=str(out))
-    train_data = load_data(data, tokenizer, seq_len=seq_len, eval_fraction=eval_fraction, seed=config.seed,
-                           train_on_prompt=train_on_prompt, pack_examples=pack, skip_bad_lines=skip_bad_lines)
+    tc = cfg.train
+    train_data = load_data(data, tokenizer, seq_len=cfg.seq_len, eval_fraction=cfg.eval_fraction, seed=tc.seed,
+                           train_on_prompt=cfg.train_on_prompt, pack_examples=cfg.pack,
+                           skip_bad_lines=cfg.skip_bad_lines)
     total = sum(p.numel() for p in base.parameters())
     targets: list[str] = []
-    set_seed(config.seed)  # the adapter's random initialization is part of the run
+    set_seed(tc.seed)  # the adapter's random initialization is part of the run
     if method == "full":
         trained = base
     else:
-        targets = resolve_targets(base, target_modules)
-        trained = add_adapter(base, method, rank, alpha, dropout, targets)
+        targets = resolve_targets(base, cfg.target_modules)
+        trained = add_adapter(base, method, cfg.rank, cfg.alpha, cfg.dropout, targets)
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-    trainer = Trainer(trained, config, train_data)
+    trainer = Trainer(trained, tc, train_data)
     result = trainer.train(resume=resume)
     info = {"kind": train_data.kind, "train_examples": len(train_data.train), "eval_examples": len(train_data.eval),
             "train_tokens": train_data.train_tokens, "packed": train_data.packed, "truncated": train_data.truncated,
@@ -198,9 +196,9 @@ def finetune(model, data, out, method: str = "lora", rank: int = 16, alpha: floa
     final = FinetuneResult(out, method, merge, None if method == "full" else (out / "adapter" if merge else out),
                            targets, trainable, total, result, info, trainer.unwrapped_model)
     if state.is_main_process:
-        params = {"method": method, "targets": targets, "rank": rank, "alpha": alpha, "dropout": dropout,
-                  "merged": merge, "train_on_prompt": train_on_prompt, "data": str(data), "seq_len": seq_len,
-                  "eval_fraction": eval_fraction, "train": config.to_dict(), "data_info": info}
+        params = {"method": method, "targets": targets, "rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
+                  "merged": merge, "train_on_prompt": cfg.train_on_prompt, "data": str(data), "seq_len": cfg.seq_len,
+                  "eval_fraction": cfg.eval_fraction, "train": tc.to_dict(), "data_info": info}
         metrics = {k: v for k, v in result.to_dict().items() if k not in ("out",)}
         final.model = _write(trainer.unwrapped_model, tokenizer, ref, out, method, merge, params, metrics,
                              dense_folder(ref), gguf)

@@ -124,9 +124,9 @@ def default_cache_path(teacher_folder: Path, sequences: list, k: int) -> Path:
     """Where a teacher cache lives unless --cache says: the slimlm cache folder, named by the teacher
     and the sequences' hash, so a second student on the same data finds it."""
     from slimlm.paths import cache_dir
-    from slimlm.train.teacher_cache import _as_ids, _sequences_hash
+    from slimlm.train.teacher_cache import as_ids, sequences_hash
 
-    key = hashlib.sha256(f"{teacher_folder}|{_sequences_hash([_as_ids(s) for s in sequences])}|{k}".encode())
+    key = hashlib.sha256(f"{teacher_folder}|{sequences_hash([as_ids(s) for s in sequences])}|{k}".encode())
     return cache_dir() / "teacher-cache" / f"{teacher_folder.name}-{key.hexdigest()[:16]}"
 
 
@@ -134,11 +134,11 @@ def ensure_cache(teacher_folder: Path, sequences: list, path: Path, k: int, toke
                  progress: bool = True) -> tuple[dict, bool]:
     """Build the teacher cache at `path`, resume an unfinished one, or reuse a finished one of the same
     teacher, sequences and k (returns (index, reused)); a cache of anything else is refused."""
-    from slimlm.train.teacher_cache import INDEX, _as_ids, _sequences_hash, build_teacher_cache, tokenizer_hash
+    from slimlm.train.teacher_cache import INDEX, as_ids, build_teacher_cache, sequences_hash, tokenizer_hash
 
     if (path / INDEX).exists():
         old = json.loads((path / INDEX).read_text())
-        want = {"sequences_hash": _sequences_hash([_as_ids(s) for s in sequences]), "k": k,
+        want = {"sequences_hash": sequences_hash([as_ids(s) for s in sequences]), "k": k,
                 "tokenizer_hash": tokenizer_hash(tokenizer), "teacher": str(teacher_folder)}
         names = {"sequences_hash": "training sequences", "k": "top-k", "tokenizer_hash": "tokenizer"}
         differ = [names.get(key, key) for key, value in want.items() if old.get(key) != value]
@@ -196,8 +196,7 @@ def distill(teacher, student, data, out, config: DistillConfig | str | Path | di
     from slimlm.models.loading import dense_folder, load_torch
     from slimlm.models.reference import resolve
     from slimlm.runs import record, write_manifest
-    from slimlm.train.finetune import _write as write_like_finetune
-    from slimlm.train.finetune import add_adapter, resolve_targets
+    from slimlm.train.finetune import add_adapter, resolve_targets, write_result
 
     out = Path(out)
     cfg = make_config(DistillConfig, config, "distill()", **overrides)
@@ -277,8 +276,8 @@ def distill(teacher, student, data, out, config: DistillConfig | str | Path | di
         metrics = dict(result.to_dict(), cache_bytes_per_token=bytes_per_token, cache_reused=reused)
         metrics.pop("out")
         # finetune's layout and atomic write; then the manifests say what was done: distillation
-        final.model = write_like_finetune(trainer.unwrapped_model, s_tok, s_ref, out, method, merge, params,
-                                          metrics, dense_folder(s_ref), False)
+        final.model = write_result(trainer.unwrapped_model, s_tok, s_ref, out, method, merge, params, metrics,
+                                   dense_folder(s_ref), False)
         for folder in [out, out / "adapter"] if merge else [out]:
             write_manifest(folder, parent=s_ref, operation="distill", params=params, metrics=metrics)
         if record_run:

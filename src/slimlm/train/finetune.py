@@ -27,7 +27,7 @@ from slimlm.train.core import Trainer, TrainResult, process_state
 from slimlm.train.data import load_data
 
 __all__ = ["DEFAULT_TARGETS", "METHODS", "FinetuneConfig", "FinetuneResult", "add_adapter", "export_gguf_lora",
-           "finetune", "linear_names", "prepare_out", "resolve_targets"]
+           "finetune", "linear_names", "prepare_out", "resolve_targets", "write_result"]
 _ATTN, _MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
 # Attention and MLP projections per family, by transformers' module names.
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
@@ -200,7 +200,7 @@ def finetune(model, data, out, config: FinetuneConfig | str | Path | dict | None
                   "merged": merge, "train_on_prompt": cfg.train_on_prompt, "data": str(data), "seq_len": cfg.seq_len,
                   "eval_fraction": cfg.eval_fraction, "train": tc.to_dict(), "data_info": info}
         metrics = {k: v for k, v in result.to_dict().items() if k not in ("out",)}
-        final.model = _write(trainer.unwrapped_model, tokenizer, ref, out, method, merge, params, metrics,
+        final.model = write_result(trainer.unwrapped_model, tokenizer, ref, out, method, merge, params, metrics,
                              dense_folder(ref), gguf)
         if record_run:
             from slimlm.runs import record
@@ -210,7 +210,7 @@ def finetune(model, data, out, config: FinetuneConfig | str | Path | dict | None
     return final
 
 
-def _write(model, tokenizer, ref, out: Path, method: str, merge: bool, params: dict, metrics: dict,
+def write_result(model, tokenizer, ref, out: Path, method: str, merge: bool, params: dict, metrics: dict,
            base: Path, gguf: bool):
     """Save into a temporary folder inside `out`, move the files up, and write the manifest last.
     Returns the model as written (merging replaces the peft wrapper with the dense model)."""

@@ -47,7 +47,7 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
-def _as_ids(seq) -> np.ndarray:
+def as_ids(seq) -> np.ndarray:
     ids = seq["input_ids"] if isinstance(seq, dict) else seq
     ids = np.asarray(ids.tolist() if hasattr(ids, "tolist") else ids, dtype=np.int64).reshape(-1)
     if ids.size == 0:
@@ -55,7 +55,7 @@ def _as_ids(seq) -> np.ndarray:
     return ids
 
 
-def _sequences_hash(seqs: list[np.ndarray]) -> str:
+def sequences_hash(seqs: list[np.ndarray]) -> str:
     digest = hashlib.sha256()
     for s in seqs:
         digest.update(len(s).to_bytes(8, "little"))
@@ -89,7 +89,7 @@ def build_teacher_cache(teacher, sequences, out: str | Path, *, k: int = 32, tok
         name, model = getattr(getattr(teacher, "config", None), "_name_or_path", "") or type(teacher).__name__, teacher
         if tokenizer is None:
             raise SlimlmError("a loaded teacher needs its tokenizer: pass tokenizer=")
-    seqs = [_as_ids(s) for s in sequences]
+    seqs = [as_ids(s) for s in sequences]
     if not seqs:
         raise SlimlmError("no sequences to run the teacher on")
     vocab = vocab_size or len(tokenizer)
@@ -104,7 +104,7 @@ def build_teacher_cache(teacher, sequences, out: str | Path, *, k: int = 32, tok
     plan = {"format": FORMAT, "k": k, "vocab_size": vocab, "model_vocab_size": model_vocab,
             "tokenizer_hash": tokenizer_hash(tokenizer), "teacher": name, "num_sequences": len(seqs),
             "num_tokens": int(sum(len(s) for s in seqs)), "shard_sequences": shard_sequences,
-            "sequences_hash": _sequences_hash(seqs), "ids_dtype": "int32", "logprobs_dtype": "float16"}
+            "sequences_hash": sequences_hash(seqs), "ids_dtype": "int32", "logprobs_dtype": "float16"}
     _prepare(out, plan, force)
     n_shards = -(-len(seqs) // shard_sequences)
     device = next(model.parameters()).device

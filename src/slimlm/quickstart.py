@@ -14,6 +14,7 @@ from rich.table import Table
 
 from slimlm.hardware import cpu_info
 from slimlm.models.backends import GenerationParams, open_backend
+from slimlm.models.reference import resolve
 
 MODEL = "smollm2-135m-instruct"
 PROMPTS = [
@@ -27,12 +28,15 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def run_backend(name: str, max_tokens: int) -> dict:
+def run_backend(which: str, max_tokens: int, ref=None) -> dict:
+    """Load the model (`ref`, a ModelRef resolved once by the caller; default MODEL) on the
+    backend `which`, answer the prompts, and record the run."""
     from slimlm.runs import record
 
+    ref = ref or resolve(MODEL)
     before = _rss_mb()
     start = time.perf_counter()
-    engine = open_backend(MODEL, name)
+    engine = open_backend(ref, which)
     load_s = time.perf_counter() - start
     params = GenerationParams(max_tokens=max_tokens, temperature=0.0)
     ttfts, rates, answers, peak = [], [], [], _rss_mb()
@@ -43,11 +47,11 @@ def run_backend(name: str, max_tokens: int) -> dict:
             rates.append(completion.timings.decode_tps)
         answers.append(completion.text.strip())
         peak = max(peak, _rss_mb())
-    row = {"backend": name, "detail": engine.precision(),
+    row = {"backend": engine.label, "detail": engine.precision(),
            "load_s": load_s, "ttft_ms": 1000 * sum(ttfts) / len(ttfts),
            "decode_tps": sum(rates) / len(rates) if rates else 0.0, "peak_mb": peak, "added_mb": peak - before,
            "answers": answers}
-    record("quickstart", engine.ref, params={"backend": name, "max_tokens": max_tokens},
+    record("quickstart", ref, params={"backend": engine.label, "max_tokens": max_tokens},
            metrics={k: v for k, v in row.items() if isinstance(v, float)})
     engine.close()
     return row
@@ -56,10 +60,10 @@ def run_backend(name: str, max_tokens: int) -> dict:
 def run_quickstart(console: Console | None = None, max_tokens: int = 48) -> list[dict]:
     console = console or Console()
     console.print(f"[bold]slimlm quickstart[/bold]: {MODEL} on {cpu_info().describe()}")
-    rows = []
-    for name in ("llamacpp", "torch"):
-        with console.status(f"loading {MODEL} on {name} and answering {len(PROMPTS)} prompts"):
-            rows.append(run_backend(name, max_tokens))
+    ref, rows = resolve(MODEL), []
+    for which in ("llamacpp", "torch"):
+        with console.status(f"loading {MODEL} on {which} and answering {len(PROMPTS)} prompts"):
+            rows.append(run_backend(which, max_tokens, ref))
     for i, prompt in enumerate(PROMPTS):
         console.print(f"\n[bold]> {prompt}[/bold]")
         for row in rows:

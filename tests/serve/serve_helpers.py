@@ -22,7 +22,7 @@ class FakeBackend(Backend):
 
     name = "fake"
     vocab_size = 256
-    n_ctx = 512
+    context_length = 512
 
     def __init__(self, delay: float = 0.0) -> None:
         super().__init__()
@@ -38,6 +38,9 @@ class FakeBackend(Backend):
 
     def tokenize(self, text):
         return list(text.encode())
+
+    def token_bytes(self, token):
+        return bytes([token])
 
     def _stream_tokens(self, prompt_ids, params):
         for _ in range(params.max_tokens):

@@ -19,7 +19,7 @@ from serve_helpers import FakeBackend, serving, wait_for
 from slimlm.errors import SlimlmError
 from slimlm.models.backends.base import GenerationParams
 from slimlm.serve import Engine, ServeConfig, create_app
-from slimlm.serve.api import Decision
+from slimlm.serve.types import Decision
 
 ROOT = Path(__file__).resolve().parents[2]
 USER = [{"role": "user", "content": "Name a prime number."}]
@@ -419,7 +419,8 @@ def test_lm_eval_local_completions_matches_slimlm_eval(tiny_engine, tmp_path, mo
                               task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
                               model_args=f"model={tiny_engine.name},base_url={url}/v1/completions,"
                                          f"tokenizer_backend=huggingface,tokenizer={folder},max_retries=1")
-    ours = evaluate(str(folder), str(ROOT / "examples" / "tasks" / "capitals.yaml"), backend="torch",
+    # The server computes in the backend's own plan (dtype auto); `slimlm eval` scores in fp32 unless asked.
+    ours = evaluate(str(folder), str(ROOT / "examples" / "tasks" / "capitals.yaml"), backend="torch", dtype="auto",
                     systems=False, record=False)
     assert out["results"]["capitals_served"]["acc,none"] == pytest.approx(ours.metrics["acc"])
     for sample in out["samples"]["capitals_served"]:

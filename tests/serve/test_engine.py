@@ -81,14 +81,29 @@ def test_generation_from_ids_matches_generation_from_text(tiny_engine):
     [result] = asyncio.run(main())
     assert result.text == expected
     assert result.completion_tokens == tiny_engine.backend.last_timings.generated_tokens
-    assert "tokenize" not in vars(tiny_engine.backend)  # the per-call override is gone
+
+
+def test_stream_ids_gives_what_stream_gives_on_the_same_prompt(tiny_engine):
+    """The engine generates from token ids through Backend.stream_ids: the same pieces, token
+    count and finish reason as stream() on the text those ids came from."""
+    backend = tiny_engine.backend
+    prompt, params = "def add(a, b):", GenerationParams(max_tokens=10, temperature=0, stop=["\n\n"])
+    from_text = list(backend.stream(prompt, params, raw=True))
+    text_timings = backend.last_timings
+    from_ids = list(backend.stream_ids(backend.tokenize(prompt), params))
+    ids_timings = backend.last_timings
+    assert from_ids == from_text and "".join(from_text)
+    assert ids_timings.prompt_tokens == text_timings.prompt_tokens == len(backend.tokenize(prompt))
+    assert ids_timings.generated_tokens == text_timings.generated_tokens
+    assert ids_timings.finish_reason == text_timings.finish_reason
+    assert "tokenize" not in vars(backend)  # nothing is patched on the instance any more
 
 
 def test_echo_scores_are_slimlm_scorer_numbers(tiny_engine):
-    from slimlm.eval.loglik import Request, make_scorer
+    from slimlm.models.backends.scoring import Request
 
     ids = tiny_engine.text_ids("Question: What is the capital of France?\nAnswer: Paris")
-    expected = make_scorer(tiny_engine.backend).score([Request(ids, 1)])[0].logprobs
+    expected = tiny_engine.backend.scorer().score([Request(ids, 1)])[0].logprobs
 
     async def main():
         task = Task(ids, GenerationParams(max_tokens=0), logprobs=2, echo_logprobs=True)
@@ -102,17 +117,22 @@ def test_echo_scores_are_slimlm_scorer_numbers(tiny_engine):
     assert result.text == "" and result.completion_tokens == 0
 
 
-def test_adapters_need_torch_and_names_come_from_the_model(tmp_path):
+def test_adapters_need_torch_and_names_come_from_the_model(tiny_engine, tmp_path):
     from types import SimpleNamespace
 
     from slimlm.errors import SlimlmError
+    from slimlm.models.backends.llamacpp import LlamaCppBackend
     from slimlm.serve.adapters import AdapterSet
     from slimlm.serve.engine import model_name
 
+    # The refusal needs no loaded model: a bare instance is enough to ask.
+    with pytest.raises(SlimlmError, match="torch backend .llamacpp opens LoRA files per model"):
+        AdapterSet(LlamaCppBackend.__new__(LlamaCppBackend), {"a": str(tmp_path)})
     with pytest.raises(SlimlmError, match="torch backend"):
-        AdapterSet(SimpleNamespace(name="llamacpp"), {"a": str(tmp_path)})
+        AdapterSet(FakeBackend(), {"a": str(tmp_path)})
     with pytest.raises(SlimlmError, match="adapter_config.json"):
-        AdapterSet(SimpleNamespace(name="torch"), {"a": str(tmp_path)})
+        AdapterSet(tiny_engine.backend, {"a": str(tmp_path)})
+    assert AdapterSet(FakeBackend(), {}).names == []
     gguf = tmp_path / "tiny-q4_0.gguf"
     gguf.write_bytes(b"GGUF")
     assert model_name(SimpleNamespace(builtin=None, path=gguf)) == "tiny-q4_0"

@@ -12,6 +12,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from slimlm.models.backends import backend_help
+
 VERBS = ["generate", "chat", "info", "convert", "eval", "bench", "compare", "report", "quantize", "export", "serve",
          "router", "ledger", "finetune", "distill", "prune", "runs", "lineage", "quickstart"]
 
@@ -28,8 +30,7 @@ err = Console(stderr=True)
 _STATE = {"debug": False}
 
 ModelArg = typer.Argument(..., help="Model folder, .gguf file, or built-in name (smollm2-135m-instruct, gemma3-270m).")
-BackendOpt = typer.Option("auto", "--backend", "-b",
-                          help="auto (llama.cpp for GGUF files, torch for folders), torch, or llamacpp.")
+BackendOpt = typer.Option("auto", "--backend", "-b", help=backend_help())  # from the registry, BACKENDS
 
 
 @app.callback()

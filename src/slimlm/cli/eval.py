@@ -76,6 +76,8 @@ def _print_result(result) -> None:
     for key, value in result.metrics.items():
         table.add_row(("★ " if key == result.primary else "  ") + key, _fmt(value))
     table.add_row("  examples", str(result.examples))
+    if result.params.get("precision"):
+        table.add_row("  precision", str(result.params["precision"]))
     for key, value in _systems_lines(result.systems):
         table.add_row(f"  {key}", value)
     out.print(table)
@@ -90,6 +92,10 @@ def eval_command(
     backend: str = BackendOpt,
     limit: Optional[int] = typer.Option(None, "--limit", "-l", help="Score only the first N documents / examples."),
     batch_size: int = typer.Option(1, "--batch-size", help="Sequences per forward pass when scoring (torch)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="auto|fp32|bf16",
+                                        help="Compute precision on torch (default: fp32 for log-likelihood tasks, so a "
+                                             "score does not change with the CPU; auto, the fastest here, for "
+                                             "generation)."),
     seed: int = typer.Option(0, "--seed", help="Seed for few-shot selection and sampling."),
     shots: Optional[int] = typer.Option(None, "--shots", help="Few-shot examples per question (default: the task's)."),
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Wrap prompts in the model's chat template "
@@ -124,7 +130,8 @@ def eval_command(
     cost = _cost(watts, hardware, years, kwh, prices)
     results = [evaluate(model, t, backend=backend, limit=limit, batch_size=batch_size, seed=seed, shots=shots,
                         chat=chat, context=context, stride=stride, field=field, reference=reference,
-                        skip_bad_lines=skip_bad_lines, samples=samples, systems=systems, cost=cost) for t in task]
+                        skip_bad_lines=skip_bad_lines, samples=samples, systems=systems, cost=cost,
+                        dtype=dtype) for t in task]
     if details:
         lines = [json.dumps({"task": r.task, **row}, default=str) for r in results for row in r.details]
         atomic_write_text(details, "".join(line + "\n" for line in lines))

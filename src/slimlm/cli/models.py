@@ -31,22 +31,24 @@ def generate(
     Example: slimlm generate smollm2-135m-instruct "Name three prime numbers."
     """
     from slimlm.models.backends import open_backend
+    from slimlm.models.reference import resolve
     from slimlm.runs import record
 
     params = generation_params(max_tokens, temperature, seed, top_p)
     if not prompt.strip():
         raise SlimlmError("the prompt is empty: give some text to complete")
-    engine = open_backend(model, backend)
+    ref = resolve(model)
+    engine = open_backend(ref, backend)
     for piece in engine.stream(prompt, params, raw=raw):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     t = engine.last_timings
-    record("generate", engine.ref, params={"backend": engine.name, **params.__dict__, "raw": raw},
+    record("generate", ref, params={"backend": engine.label, **params.__dict__, "raw": raw},
            metrics={"prompt_tokens": t.prompt_tokens, "generated_tokens": t.generated_tokens,
                     "ttft_s": t.ttft_s, "decode_tps": t.decode_tps})
     if stats:
-        err.print(f"[dim]{engine.name}: {t.prompt_tokens} prompt + {t.generated_tokens} generated tokens, "
+        err.print(f"[dim]{engine.label}: {t.prompt_tokens} prompt + {t.generated_tokens} generated tokens, "
                   f"first token {t.ttft_s * 1000:.0f} ms, {t.decode_tps:.1f} tokens/s[/dim]")
 
 
@@ -62,13 +64,15 @@ def chat(
     """Talk to a model in the terminal. /reset starts over, /exit (or Ctrl-D) leaves."""
     from slimlm.chat import ChatSession
     from slimlm.models.backends import open_backend
+    from slimlm.models.reference import resolve
 
     params = generation_params(max_tokens, temperature, seed)
-    engine = open_backend(model, backend)
+    ref = resolve(model)
+    engine = open_backend(ref, backend)
     if not engine.chat_template:
         raise SlimlmError(f"{model} has no chat template: use `slimlm generate --raw` for plain completion")
     session = ChatSession(engine, params, system=system)
-    err.print(f"[dim]{engine.ref.display_name} on {engine.name}. /reset to start over, /exit to leave.[/dim]")
+    err.print(f"[dim]{ref.display_name} on {engine.label}. /reset to start over, /exit to leave.[/dim]")
     while True:
         try:
             line = input(">>> ")

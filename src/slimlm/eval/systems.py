@@ -185,7 +185,7 @@ def measure_systems(backend: Backend, *, load_s: float | None = None, prompt_len
         notes.append(f"size and parameters unavailable: {exc}")
 
     return {
-        "model": backend.ref.spec, "backend": backend.name, "precision": backend.precision(),
+        "model": backend.ref.spec, "backend": backend.label, "precision": backend.precision(),
         "machine": cpu_info().to_dict(), "quick": quick, "repeat": repeat, "gen_tokens": gen_tokens,
         "load_s": load_s, "prompt_lengths": lengths,
         "prompt_tokens": {str(n): int(statistics.median(t.prompt_tokens for t in runs[n])) for n in lengths},
@@ -210,7 +210,7 @@ def measure_systems(backend: Backend, *, load_s: float | None = None, prompt_len
     }
 
 
-def run_bench(model: str, backend_name: str = "auto", *, record: bool = True, **kwargs) -> dict:
+def run_bench(model: str, choice: str = "auto", *, record: bool = True, **kwargs) -> dict:
     """Open `model` (timing the load), measure it with measure_systems(**kwargs), close it, and
     record the run (its id is the result's `run_id`) as every verb's library function does."""
     from slimlm.models.backends import open_backend
@@ -220,7 +220,7 @@ def run_bench(model: str, backend_name: str = "auto", *, record: bool = True, **
     _check_inputs(lengths, gen_tokens, repeat)
     ref = resolve(model)
     start = time.perf_counter()
-    backend = open_backend(model, backend_name)
+    backend = open_backend(ref, choice)  # the reference resolved once, above
     load_s = time.perf_counter() - start
     try:
         result = measure_systems(backend, load_s=load_s, **kwargs)

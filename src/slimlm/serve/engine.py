@@ -7,8 +7,10 @@ queue is bounded: when it is full a request fails at once with QueueFull (HTTP 4
 waiting behind an unbounded backlog. A job carries a cancel flag that the worker checks after
 every token, so a client that goes away stops costing compute within one token.
 
-Log-probabilities come from slimlm's own scorer (slimlm.eval.loglik), the same code
+Log-probabilities come from the backend's own scorer (Backend.scorer), the same code
 `slimlm eval` uses, so a harness scoring through the server gets the numbers `slimlm eval` gets.
+Everything the engine knows of its model (context, vocabulary, token bytes, generation from ids,
+adapters) it asks the backend interface for, whichever backend it is.
 """
 
 from __future__ import annotations
@@ -100,10 +102,11 @@ class Engine:
                  n_ctx: int | None = None, adapters: dict[str, str] | None = None) -> None:
         self.backend = backend
         ref = getattr(backend, "ref", None)
-        self.name = name or (model_name(ref) if ref is not None else backend.name)
+        self.name = name or (model_name(ref) if ref is not None else backend.label)
         self.queue_size = queue_size
-        self.context = _context_of(backend, n_ctx)
-        self.vocab_size = _vocab_of(backend)
+        native = backend.context_length
+        self.context = min(native, n_ctx) if n_ctx else native
+        self.vocab_size = backend.vocab_size
         self.adapters = AdapterSet(backend, adapters or {})
         self._lock = threading.Lock()  # the backend runs one request at a time, whatever the loop
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -113,11 +116,13 @@ class Engine:
         self.scoring = Scoring(backend, self.context)
 
     @classmethod
-    def open(cls, model: str, backend: str = "auto", *, name: str | None = None, queue_size: int = 16,
+    def open(cls, model, backend: str = "auto", *, name: str | None = None, queue_size: int = 16,
              n_ctx: int | None = None, adapters: dict[str, str] | None = None) -> "Engine":
+        """`model`: a ModelRef, or what the user typed (resolved here, once). n_ctx: llama.cpp
+        allocates that context at start; torch takes it as a cap on the model's own."""
         from slimlm.models.backends import open_backend
 
-        kwargs = {"n_ctx": n_ctx} if n_ctx and _is_gguf_backend(model, backend) else {}
+        kwargs = {"n_ctx": n_ctx} if n_ctx else {}
         return cls(open_backend(model, backend, **kwargs), name, queue_size=queue_size, n_ctx=n_ctx,
                    adapters=adapters)
 
@@ -152,11 +157,10 @@ class Engine:
         return self._tokenize(text)
 
     def _tokenize(self, text: str) -> list[int]:
-        # The class's method, not the instance attribute: the worker may be shadowing it (_generate).
-        return type(self.backend).tokenize(self.backend, text)
+        return self.backend.tokenize(text)
 
     def decode(self, ids: list[int]) -> str:
-        return b"".join(self.scoring.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
+        return b"".join(self.backend.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
 
     # -- the queue ---------------------------------------------------------------------------
     def submit(self, tasks: list[Task], adapter: str | None = None) -> Job:
@@ -240,12 +244,9 @@ class Engine:
         return res
 
     def _generate(self, ids: list[int], params: GenerationParams, cancelled: threading.Event):
-        """Backend.stream from token ids. stream() takes text and tokenizes it; shadowing
-        `tokenize` on the instance for this one call feeds it the exact ids (lm-eval sends ids),
-        and is safe because only this worker, under the lock, generates with the backend."""
-        backend = self.backend
-        backend.tokenize = lambda _text: list(ids)  # type: ignore[method-assign]
-        stream = backend.stream("<token ids>", params.validate(), raw=True)
+        """The backend's stream from the exact token ids (lm-eval sends ids; text prompts were
+        tokenized once, on the event loop), stopped within a token of a cancel."""
+        stream = self.backend.stream_ids(ids, params.validate())
         try:
             for piece in stream:
                 if piece:
@@ -254,37 +255,12 @@ class Engine:
                     break
         finally:
             stream.close()
-            vars(backend).pop("tokenize", None)
 
     def close(self) -> None:
         if self._worker is not None and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._worker.cancel)
         self.scoring.close()
         self.backend.close()
-
-
-def _is_gguf_backend(model: str, backend: str) -> bool:
-    from slimlm.models.backends import pick_backend
-    from slimlm.models.reference import resolve
-
-    return pick_backend(resolve(model), backend) == "llamacpp"
-
-
-def _context_of(backend: Backend, n_ctx: int | None) -> int:
-    if backend.name == "llamacpp":
-        return backend.llm.n_ctx()
-    model = getattr(backend, "model", None)
-    native = getattr(getattr(model, "config", None), "max_position_embeddings", None) or getattr(backend, "n_ctx", 4096)
-    return min(native, n_ctx) if n_ctx else native
-
-
-def _vocab_of(backend: Backend) -> int | None:
-    if backend.name == "llamacpp":
-        return backend.llm.n_vocab()
-    model = getattr(backend, "model", None)
-    if model is not None and hasattr(model, "get_output_embeddings"):
-        return int(model.get_output_embeddings().weight.shape[0])
-    return getattr(backend, "vocab_size", None)
 
 
 __all__ = ["Engine", "Job", "QueueFull", "Result", "Task", "TokenLogprob", "model_name"]

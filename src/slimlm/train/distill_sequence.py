@@ -22,46 +22,13 @@ from pathlib import Path
 
 from slimlm.data import read_records
 from slimlm.errors import SlimlmError
+from slimlm.models.backends.batch import generate_batch  # moved there: the torch backend batches with it too
 from slimlm.train.data import IGNORE, TrainData, encode_chat, load_data, pack, split
 
 FORMAT = "slimlm-teacher-generations/1"
 
 __all__ = ["answered", "generate_answers", "generate_batch", "sample_continuations", "student_data",
            "teacher_prompts"]
-
-
-def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, stop_ids,
-                   temperature: float = 0.0) -> list[tuple[list[int], bool]]:
-    """Continue each prompt (token ids) with a Hugging Face causal LM, all in one left-padded batch.
-    Returns (new tokens, stopped) per prompt; the stop token, when one came, ends the tokens.
-    temperature 0 is greedy; above it, plain sampling from the full distribution (no top-k/top-p)."""
-    import torch
-    from transformers import GenerationConfig
-
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):  # left padding: every row's next token is at the same column
-        ids[row, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
-        mask[row, width - len(p):] = 1
-    stops = sorted(set(stop_ids))
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                              temperature=temperature if temperature > 0 else 1.0, top_k=0, top_p=1.0,
-                              pad_token_id=pad_id, eos_token_id=stops or None)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=config)[:, width:].tolist()
-    finally:
-        model.train(was_training)
-    out = []
-    for row in new:
-        cut = next((i for i, t in enumerate(row) if t in stops), None)
-        out.append((row[:cut + 1], True) if cut is not None else (row, False))
-    return out
 
 
 def sample_continuations(model, batch: dict, pad_id: int, stop_ids) -> dict:
@@ -160,7 +127,7 @@ def generate_answers(teacher, prompts: list, path: str | Path, max_new_tokens: i
     at once; llama.cpp answers one prompt at a time."""
     import contextlib
 
-    from slimlm.models.backends import GenerationParams, open_backend, pick_backend
+    from slimlm.models.backends import BACKENDS, GenerationParams, open_backend, pick_backend
     from slimlm.models.reference import resolve
     from slimlm.progress import progress_bar
 
@@ -171,8 +138,9 @@ def generate_answers(teacher, prompts: list, path: str | Path, max_new_tokens: i
     done = _read_done(path, header, prompts) if path.exists() else {}
     todo = [i for i in range(len(prompts)) if i not in done]
     if todo:
-        fp32 = pick_backend(ref, backend) == "torch"  # one fp32 model, batched (no separate bf16 decode copy)
-        engine = open_backend(ref, backend, **({"dtype": "float32"} if fp32 else {}))
+        batched = BACKENDS[pick_backend(ref, backend)].supports("batch")
+        # one fp32 model, batched (no separate bf16 decode copy)
+        engine = open_backend(ref, backend, **({"dtype": "float32"} if batched else {}))
         if not done:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(header) + "\n", encoding="utf-8")
@@ -180,14 +148,10 @@ def generate_answers(teacher, prompts: list, path: str | Path, max_new_tokens: i
         with bar as advance, path.open("a", encoding="utf-8") as fh:
             for at in range(0, len(todo), batch_size):
                 part = todo[at:at + batch_size]
-                if engine.name == "torch":
+                if batched:
                     ids = [engine.tokenize(engine.prompt_text(prompts[i], raw=isinstance(prompts[i], str)))
                            for i in part]
-                    pad = engine.tokenizer.pad_token_id
-                    outs = generate_batch(engine.model, ids, max_new_tokens, 0 if pad is None else pad,
-                                          engine.stop_ids, temperature)
-                    texts = [(engine.tokenizer.decode([t for t in toks if t not in engine.stop_ids],
-                                                      skip_special_tokens=True), stopped) for toks, stopped in outs]
+                    texts = engine.generate_batch(ids, max_new_tokens, temperature)
                 else:
                     params = GenerationParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed)
                     texts = []

@@ -1,8 +1,14 @@
-"""The one interface both inference backends implement.
+"""The one interface every inference backend implements, and everything a consumer may ask of it.
 
 A backend turns a prompt (raw text, or chat messages rendered with the model's own template)
 into a stream of text pieces, and reports how long that took. Stop strings, timing and the
 text-vs-messages decision live here once; a backend only has to produce tokens.
+
+Everything else a consumer needs (the context length, the vocabulary, a token's bytes,
+generation from token ids, log-likelihood scoring, LoRA adapters) is a method or property of
+this class, and `supports(capability)` says which optional parts a backend has. Consumers ask;
+they never branch on a backend's name or reach into its model or handle, so a new backend is
+one module plus one line in `BACKENDS` (models/backends/__init__.py).
 """
 
 from __future__ import annotations
@@ -11,10 +17,22 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from slimlm.errors import SlimlmError
+from slimlm.errors import BackendUnavailable, SlimlmError
+
+if TYPE_CHECKING:
+    from slimlm.models.backends.scoring import Scorer
+    from slimlm.models.reference import ModelRef
 
 Messages = list[dict]
+
+# What `supports()` can be asked about:
+#   score     log-likelihoods of token sequences (`scorer()`)
+#   adapters  LoRA adapters on the loaded weights (`apply_adapters()`, `use_adapter()`)
+#   batch     several prompts generated in one batch (`generate_batch()`)
+#   dtype     a chosen compute precision (the `dtype=` of the constructor)
+CAPABILITIES = ("score", "adapters", "batch", "dtype")
 
 
 @dataclass
@@ -62,9 +80,12 @@ class Completion:
 
 
 class Backend(ABC):
-    """A loaded model that generates text. Subclasses implement the four abstract methods."""
+    """A loaded model that generates text. Subclasses implement the four abstract methods, and
+    override the optional parts they have (listing them in `capabilities`)."""
 
-    name: str = "base"
+    name: str = "base"  # the key in BACKENDS; for messages use `label`
+    capabilities: frozenset[str] = frozenset()
+    ref: ModelRef | None = None
 
     def __init__(self) -> None:
         self.last_timings = Timings()
@@ -91,6 +112,64 @@ class Backend(ABC):
         """A short label for how the weights are stored and computed (shown in tables)."""
         return "?"
 
+    def describe(self) -> str:
+        """A longer account of how this backend computes (benchmark notes); the precision by default."""
+        return self.precision()
+
+    @property
+    def label(self) -> str:
+        """The backend's name for messages, tables and run records."""
+        return self.name
+
+    @classmethod
+    def supports(cls, capability: str) -> bool:
+        """Whether this backend has an optional part (see CAPABILITIES): ask instead of testing names.
+        A class method, so a caller can ask BACKENDS[name] before opening a model."""
+        return capability in cls.capabilities
+
+    @classmethod
+    def scoring_options(cls, context: int) -> dict:
+        """Constructor settings for a backend opened mainly to score sequences of up to `context`
+        tokens (llama.cpp keeps every position's logits only when asked at open)."""
+        return {}
+
+    @property
+    def context_length(self) -> int:
+        """Most tokens (prompt plus generated) one sequence may hold."""
+        raise BackendUnavailable(f"the {self.label} backend does not report its context length")
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's output layer (log-probability rows have this many entries)."""
+        raise BackendUnavailable(f"the {self.label} backend does not report its vocabulary size")
+
+    def token_bytes(self, token: int) -> bytes:
+        """A token's own bytes, which may be part of a character (byte-level vocabularies): what
+        OpenAI's `bytes` field carries."""
+        raise BackendUnavailable(f"the {self.label} backend cannot give a token's bytes")
+
+    def token_text(self, token: int) -> str:
+        return self.token_bytes(token).decode("utf-8", errors="replace")
+
+    def scorer(self, batch_size: int = 1) -> Scorer:
+        """A log-likelihood scorer on this model (models/backends/scoring.py), computed natively."""
+        raise BackendUnavailable(f"the {self.label} backend cannot give log-likelihoods: use --backend torch")
+
+    def apply_adapters(self, adapters: dict[str, str], loader=None) -> None:
+        """Load LoRA adapters {name: folder} onto the weights; `use_adapter` then selects one."""
+        raise SlimlmError(f"adapters need the torch backend (the {self.label} backend cannot load them): serve a "
+                          "Hugging Face folder with --backend torch, or merge the adapter into the model")
+
+    def use_adapter(self, name: str | None) -> None:
+        """Select an adapter loaded by apply_adapters (None: the plain base model)."""
+        if name is not None:
+            raise SlimlmError(f"the {self.label} backend has no adapter '{name}'")
+
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int,
+                       temperature: float = 0.0) -> list[tuple[str, bool]]:
+        """Continue several prompts (token ids) at once: (text, stopped) per prompt."""
+        raise BackendUnavailable(f"the {self.label} backend generates one prompt at a time")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
@@ -110,10 +189,19 @@ class Backend(ABC):
 
     def stream(self, prompt: str | Messages, params: GenerationParams | None = None,
                raw: bool = False) -> Iterator[str]:
-        """Yield the completion as it is generated, honouring stop strings; fills last_timings."""
+        """Yield the completion as it is generated, honouring stop strings; fills last_timings.
+        The time to first token counts from here, so it includes rendering and tokenizing."""
         params = (params or GenerationParams()).validate()
         start = time.perf_counter()
         ids = self.tokenize(self.prompt_text(prompt, raw=raw))
+        yield from self._stream_from(ids, params, start)
+
+    def stream_ids(self, ids: list[int], params: GenerationParams | None = None) -> Iterator[str]:
+        """`stream` from token ids (a server that received ids, or scored a prompt it tokenized once)."""
+        params = (params or GenerationParams()).validate()
+        yield from self._stream_from(list(ids), params, time.perf_counter())
+
+    def _stream_from(self, ids: list[int], params: GenerationParams, start: float) -> Iterator[str]:
         timings = Timings(prompt_tokens=len(ids))
         self.last_timings = timings
         self._finish, self._generated = "length", 0

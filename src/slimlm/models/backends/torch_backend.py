@@ -6,11 +6,15 @@ CPU without native bf16, prefill runs in fp32 (compute-bound, where emulated bf1
 times slower) and decode in bf16 (memory-bound, where half the bytes per weight nearly doubles
 the speed), with the KV cache cast between the two. Where the probe finds oneDNN's kernels
 faster than the plain ones, the linear layers get their weights packed for it once (onednn.py).
+
+Scoring and token bytes are in torch_scoring.py, LoRA adapters in torch_adapters.py, batched
+generation in batch.py; this class is what consumers see of them.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterator
 
 from slimlm.hardware import best_torch_device, default_threads
@@ -33,11 +37,23 @@ def _cast_cache(cache, dtype) -> None:
             layer.dtype = dtype
 
 
+def _cache_keyword(model) -> str:
+    """transformers 5.x renamed forward's `past_key_values` to `cache` and warns on the old name;
+    a model class whose forward still has only the old name gets that."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class TorchBackend(Backend):
     name = "torch"
+    capabilities = frozenset({"score", "adapters", "batch", "dtype"})
+
+    @classmethod
+    def prefers(cls, ref: ModelRef) -> bool:
+        """Never `auto`'s first choice: torch is the fallback that runs whatever transformers loads."""
+        return False
 
     def __init__(self, ref: ModelRef, dtype: str = "auto", device: str = "auto",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, n_ctx: int | None = None) -> None:
         super().__init__()
         import torch
 
@@ -59,6 +75,10 @@ class TorchBackend(Backend):
             if dtype in self.plan.onednn:
                 pack_linears(model)
         self.stop_ids = self._stop_ids()
+        self.n_ctx = n_ctx  # a cap on the model's own context (serve --n-ctx)
+        self._peft = None  # the PeftModel around self.model once adapters are loaded
+        self._adapter: str | None = None
+        self._bytes_table: dict | None = None
 
     def _stop_ids(self) -> set[int]:
         ids = set()
@@ -76,6 +96,57 @@ class TorchBackend(Backend):
 
     def precision(self) -> str:
         return f"{self.plan.short()} ({self.device})"
+
+    def describe(self) -> str:
+        return self.plan.describe()
+
+    @property
+    def context_length(self) -> int:
+        native = getattr(self.model.config, "max_position_embeddings", None) or 4096
+        return min(native, self.n_ctx) if self.n_ctx else native
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def token_bytes(self, token: int) -> bytes:
+        from slimlm.models.backends.torch_scoring import byte_decoder, token_bytes
+
+        if self._bytes_table is None:
+            self._bytes_table = byte_decoder(self.tokenizer)
+        return token_bytes(self.tokenizer, self._bytes_table, token)
+
+    def scorer(self, batch_size: int = 1):
+        """Scores on the prefill copy of the weights (the full-precision one when the plan splits)."""
+        from slimlm.models.backends.torch_scoring import TorchScorer
+
+        return TorchScorer(self, batch_size=batch_size)
+
+    def apply_adapters(self, adapters: dict[str, str], loader=None) -> None:
+        from slimlm.models.backends.torch_adapters import load_adapters
+
+        if adapters:
+            self._peft, self._adapter = load_adapters(self, adapters, loader), "<none>"
+
+    def use_adapter(self, name: str | None) -> None:
+        from slimlm.models.backends.torch_adapters import switch
+
+        if self._peft is None or name == self._adapter:
+            return
+        switch(self._peft, name)
+        self._adapter = name
+
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int,
+                       temperature: float = 0.0) -> list[tuple[str, bool]]:
+        """One batch through transformers' generate on the prefill copy: the caller opens the
+        backend in fp32 when it wants one copy of the weights (no bf16 decode copy)."""
+        from slimlm.models.backends import batch
+
+        pad = self.tokenizer.pad_token_id
+        outs = batch.generate_batch(self.model, prompts, max_new_tokens, 0 if pad is None else pad,
+                                    self.stop_ids, temperature)
+        return [(self.tokenizer.decode([t for t in toks if t not in self.stop_ids], skip_special_tokens=True), stopped)
+                for toks, stopped in outs]
 
     def render_chat(self, messages: Messages) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -108,10 +179,11 @@ class TorchBackend(Backend):
         limit = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         max_new = max(0, min(params.max_tokens, limit - len(prompt_ids)))
         decoder = _Detokenizer(self.tokenizer)
+        prefill_kw, decode_kw = _cache_keyword(self.model), _cache_keyword(self.decode_model)
         with torch.inference_mode():
             cache = DynamicCache(config=self.model.config)
             ids = torch.tensor([prompt_ids], device=self.device)
-            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{prefill_kw: cache}).logits
             if self.plan.split:
                 _cast_cache(cache, self.plan.decode)
             for _ in range(max_new):
@@ -122,8 +194,8 @@ class TorchBackend(Backend):
                 self._generated += 1
                 yield decoder.add(token)
                 step = torch.tensor([[token]], device=self.device)
-                logits = self.decode_model(input_ids=step, past_key_values=cache, use_cache=True,
-                                           logits_to_keep=1).logits
+                logits = self.decode_model(input_ids=step, use_cache=True, logits_to_keep=1,
+                                           **{decode_kw: cache}).logits
         tail = decoder.flush()
         if tail:
             yield tail

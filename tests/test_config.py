@@ -103,8 +103,13 @@ def test_yaml_numbers_and_coercions(tmp_path):
 
 def test_bad_files_are_one_line_errors(tmp_path):
     assert "not found" in one_line_error(lambda: load_config(FinetuneConfig, tmp_path / "missing.yaml"))
+    assert "cannot be read" in one_line_error(lambda: load_config(FinetuneConfig, tmp_path))
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00rank")
+    assert "is not text" in one_line_error(lambda: load_config(FinetuneConfig, tmp_path / "binary.yaml"))
     assert "is not valid YAML at line 2" in one_line_error(
         lambda: load_config(FinetuneConfig, write(tmp_path, "rank: 4\n  seq_len: 5\n")))
+    assert "at line 3, column 3: key 'lr' is given twice" in one_line_error(
+        lambda: load_config(FinetuneConfig, write(tmp_path, "train:\n  lr: 1e-3\n  lr: 1e-4\n")))
     assert "a recipe is a mapping" in one_line_error(lambda: load_config(FinetuneConfig, write(tmp_path, "- 1\n")))
 
 

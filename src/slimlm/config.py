@@ -34,7 +34,19 @@ T = TypeVar("T")
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """SafeLoader that also reads YAML 1.2 floats without a dot (`1e-4`, `3E+2`) as floats."""
+    """SafeLoader that also reads YAML 1.2 floats without a dot (`1e-4`, `3E+2`) as floats, and
+    refuses a key given twice in one mapping (PyYAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):
+                continue  # not a setting's name: _build reports it as an unknown key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
@@ -53,8 +65,11 @@ def load_config(cls: type[T], source: str | os.PathLike | Mapping) -> T:
         text = path.read_text()
     except FileNotFoundError:
         raise SlimlmError(f"config file {path} not found: give the path of a YAML recipe") from None
-    except (IsADirectoryError, UnicodeDecodeError) as exc:
-        raise SlimlmError(f"config file {path} cannot be read as text ({type(exc).__name__}): give a YAML file") from None
+    except UnicodeDecodeError:
+        raise SlimlmError(f"config file {path} is not text: give a YAML file") from None
+    except OSError as exc:
+        raise SlimlmError(f"config file {path} cannot be read ({exc.strerror or type(exc).__name__}): give a YAML "
+                          "file") from None
     try:
         data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:

@@ -131,9 +131,9 @@ def test_llama_cpp_prefix_reuse_gives_the_same_logliks(smollm2_gguf):
 @pytest.mark.llamacpp
 def test_a_backend_that_cannot_give_logliks_is_refused(smollm2_gguf):
     from slimlm.errors import BackendUnavailable
-    from slimlm.eval.loglik import make_scorer
+    from slimlm.eval.loglik import LlamaCppScorer
 
     engine = open_backend(str(smollm2_gguf), "llamacpp", n_ctx=256)  # opened for generation only
     with pytest.raises(BackendUnavailable, match="logits"):
-        make_scorer(engine)
+        LlamaCppScorer(engine)  # engine.scorer() opens a second handle with the logits instead
     engine.close()

@@ -253,9 +253,9 @@ def bench_agreement(model: str, tools: Path, tmp: Path) -> list[str]:
 
 
 def _shapes(folder: Path) -> dict:
-    from slimlm.compress.quantize import _tensor_shapes
+    from slimlm.compress.quantize import tensor_shapes
 
-    return _tensor_shapes(folder)
+    return tensor_shapes(folder)
 
 
 def main() -> int:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from slimlm.compress.blocks import dequantize_codes, get_format, pack, rtn
-from slimlm.compress.gptq import GPTQ, collect_hessians, gptq_quantize
+from slimlm.compress.gptq import collect_hessians, gptq_quantize
+from slimlm.compress.quant_methods.gptq import GPTQ
 from slimlm.errors import SlimlmError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -19,9 +19,9 @@ from slimlm.compress.packed import (
     packed_size,
     save_packed,
     ternary_format,
-    unpack_codes,
 )
 from slimlm.errors import SlimlmError
+from slimlm.models.packed import unpack_codes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 FAMILIES = ["llama", "mistral", "qwen2", "gemma2", "gemma3_text", "phi3"]
@@ -125,8 +125,8 @@ MATRIX = [("llama", c) for c in CASES] + [(f, CASES[(i + 1) % len(CASES)]) for i
 def test_packed_model_computes_the_fake_quantized_model(family, case, tiny_models, tmp_path):
     import torch
 
-    from slimlm.compress.packed import PackedLinear
     from slimlm.models.loading import load_torch
+    from slimlm.models.packed import PackedLinear
 
     bits, group, symmetric = case
     fmt = int_format(bits, group, symmetric)
@@ -165,7 +165,7 @@ def test_fp16_model_and_plain_transformers_load(tiny_models, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from slimlm.compress.packed import load_packed
+    from slimlm.models.packed import load_packed
 
     folder = tiny_models("qwen2")  # q/k/v carry biases
     fmt = int_format(4, 32, True)
@@ -192,7 +192,7 @@ def test_save_from_a_model_in_memory_with_tied_embeddings(tiny_models, tmp_path)
     import torch
     from transformers import AutoModelForCausalLM
 
-    from slimlm.compress.packed import load_packed
+    from slimlm.models.packed import load_packed
 
     folder = tiny_models("gemma2")  # tie_word_embeddings: lm_head is the embedding
     fmt = int_format(4, 0, False)

@@ -161,12 +161,12 @@ def test_width_target_params_and_hidden(tiny_models, tmp_path):
 # --- sparsity --------------------------------------------------------------------------------
 
 def test_wanda_score_is_weight_times_input_norm(tiny_models):
-    from slimlm.compress.gptq import _calibration_windows
+    from slimlm.compress.calibration import calibration_windows
     from slimlm.data import python_docs
     from slimlm.models.loading import load_torch
 
     model, tok = load_torch(tiny_models("llama"))
-    windows = _calibration_windows(tok, python_docs()[:5], 3, 16)
+    windows = calibration_windows(tok, python_docs()[:5], 3, 16)
     captured = []
     layer = model.model.layers[1].mlp.down_proj
     handle = layer.register_forward_pre_hook(lambda m, args: captured.append(args[0].reshape(-1, 128).double()))

@@ -205,9 +205,9 @@ def test_packed_hf_output_loads_and_generates(method, bits, group, symmetric, ti
     import torch
     from safetensors import safe_open
 
-    from slimlm.compress.packed import unpack_codes
     from slimlm.models.backends import GenerationParams, open_backend
     from slimlm.models.loading import load_torch
+    from slimlm.models.packed import unpack_codes
 
     folder = tiny_models("llama")
     out = tmp_path / "packed"
@@ -218,7 +218,7 @@ def test_packed_hf_output_loads_and_generates(method, bits, group, symmetric, ti
     manifest = json.loads((out / "slimlm.json").read_text())
     assert manifest["params"]["method"] == method and manifest["params"]["group_size"] in (group, 0)
     assert result.size_after < result.size_before
-    model, _ = load_torch(out)
+    model, tokenizer = load_torch(out)
     name = "model.layers.1.mlp.down_proj"
     with safe_open(out / "model.safetensors", framework="pt") as st:
         packed, scales = st.get_tensor(f"{name}.qweight"), st.get_tensor(f"{name}.scales").float()
@@ -232,7 +232,13 @@ def test_packed_hf_output_loads_and_generates(method, bits, group, symmetric, ti
     with torch.no_grad():
         assert torch.allclose(model.get_submodule(name).dequantize().float(), w, atol=1e-6)
     engine = open_backend(str(out), "torch", dtype="float32")
-    assert engine.generate("def f(x):", GenerationParams(max_tokens=4), raw=True).text is not None
+    text = engine.generate("def f(x):", GenerationParams(max_tokens=4), raw=True).text
+    engine.close()
+    ids = tokenizer("def f(x):", return_tensors="pt")["input_ids"]  # the same greedy decode, by transformers
+    with torch.no_grad():
+        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    new_ids = [t for t in greedy[0, ids.shape[1]:].tolist() if t != tokenizer.eos_token_id]
+    assert text and text == tokenizer.decode(new_ids, skip_special_tokens=True)
     if method == "ternary":
         assert set(q.unique().tolist()) <= {0.0, 1.0, 2.0}
 

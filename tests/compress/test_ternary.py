@@ -77,9 +77,10 @@ def test_ternary_model_packed_and_loaded(tiny_models, tmp_path):
     from safetensors.numpy import load_file
     from transformers import AutoModelForCausalLM
 
-    from slimlm.compress.packed import PackedLinear, packed_size, save_packed, ternary_format
+    from slimlm.compress.packed import packed_size, save_packed, ternary_format
     from slimlm.compress.quantize import quantizable
     from slimlm.models.loading import load_torch
+    from slimlm.models.packed import PackedLinear
 
     folder = tiny_models("llama")
     tensors = load_file(folder / "model.safetensors")

@@ -10,15 +10,16 @@ import typer
 from rich.table import Table
 
 from slimlm.cli.app import ModelArg, app, out
+from slimlm.cli.choices import registry_option
 from slimlm.compress.blocks import FORMATS
-from slimlm.compress.quantize import METHODS
+from slimlm.compress.quant_methods import QUANT_METHODS
 
 
 @app.command()
 def quantize(
     model: str = ModelArg,
     out_path: Path = typer.Option(..., "--out", "-o", help="The file to write (e.g. model-q4_0.gguf)."),
-    method: str = typer.Option("rtn", "--method", help="; ".join(f"{k}: {v}" for k, v in METHODS.items())),
+    method: str = registry_option(QUANT_METHODS, "rtn", "--method"),
     fmt: str = typer.Option("gguf:Q4_0", "--format", help=f"gguf:TYPE (TYPE one of {', '.join(FORMATS)}; with "
                             "--method llamacpp any llama.cpp type, e.g. Q4_K_M), or hf: a Hugging Face folder "
                             "with packed weights that slimlm's torch backend loads (see --bits, --group-size)."),

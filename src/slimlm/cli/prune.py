@@ -12,14 +12,15 @@ import typer
 from rich.table import Table
 
 from slimlm.cli.app import ModelArg, app, out
-from slimlm.compress.prune import METHODS, WIDTH_AXES
+from slimlm.cli.choices import registry_option
+from slimlm.compress.prune import PRUNE_METHODS, WIDTH_AXES
 
 
 @app.command("prune")
 def prune_cmd(
     model: str = ModelArg,
     out_path: Path = typer.Option(..., "--out", "-o", help="The Hugging Face folder to write."),
-    method: str = typer.Option("layers", "--method", help="; ".join(f"{k}: {v}" for k, v in METHODS.items())),
+    method: str = registry_option(PRUNE_METHODS, "layers", "--method"),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction to remove: of the layers (layers), of "
                                           "MLP channels and heads (width), of each linear's weights (wanda, sparsegpt)."),
     keep_params: Optional[float] = typer.Option(None, "--keep-params", "--target-params",

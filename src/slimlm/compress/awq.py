@@ -39,14 +39,13 @@ original's on a calibration window, and a mismatch is an error, never a silently
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import time
 from pathlib import Path
 
 from slimlm.compress.blocks import BlockFormat, dequantize_codes, get_format, rtn
-from slimlm.compress.gptq import _calibration_windows, run_calibration
+from slimlm.compress.calibration import calibration_model, calibration_windows, find_decoder_layers, run_calibration
 from slimlm.errors import SlimlmError
 
 __all__ = ["apply_awq", "search_scale"]
@@ -55,19 +54,6 @@ _WEIGHT_FILES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".safetensors.i
 
 
 # --- the structure: which linears follow which op -------------------------------------------
-
-def _decoder_layers(model):
-    from torch import nn
-
-    with contextlib.suppress(Exception):
-        layers = model.get_decoder().layers
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.endswith("layers"):
-            return module
-    return None
-
 
 def _linear(parent, name):
     from torch import nn
@@ -265,12 +251,6 @@ def apply_awq(folder: str | Path, out: str | Path, fmt: str | BlockFormat,
     three topics (held out for fidelity checks). Returns a report: per scaled group its layer,
     kind (attn/mlp/down), linears, alpha, and calibration errors with AWQ and with plain RTN;
     "skipped" lists what was left alone and why."""
-    import gc
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from slimlm.eval.sources import python_docs
     from slimlm.models.loading import atomic_dir
 
     fmt = get_format(fmt)
@@ -278,63 +258,64 @@ def apply_awq(folder: str | Path, out: str | Path, fmt: str | BlockFormat,
     if out.exists() and not force:
         raise SlimlmError(f"{out} already exists: choose another output path or pass --force")
     start = time.perf_counter()
-    texts = calib_texts if calib_texts is not None else python_docs()[:-3]
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    windows = _calibration_windows(tokenizer, texts, samples, seq_len)  # raises on too little text
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device).eval()
-    report: dict = {"format": fmt.name, "model_type": getattr(model.config, "model_type", None),
-                    "variant": "non-sequential (full-precision inputs)", "scaled": [], "skipped": []}
-    try:
-        probe = windows[:1, :min(seq_len, 64)].to(device)
-        with torch.no_grad():
-            before = model(input_ids=probe, use_cache=False).logits.float()
-        layers = _decoder_layers(model)
-        groups: list[_Group] = []
-        if layers is None:
-            report["skipped"].append({"layer": None, "group": "all", "why": "no decoder layers found"})
-        else:
-            groups = _find_groups(model, layers, report["skipped"])
-        if groups:
-            _capture(model, windows, groups, max_tokens, batch_size, progress)
-        for g in groups:
-            width = g.linears[0].in_features
-            if g.count == 0 or not g.wired:
-                why = "never called on calibration" if g.count == 0 else \
-                      f"{g.prev_name}'s output is not what the linears receive"
-                report["skipped"].append({"layer": g.layer, "group": g.kind, "why": why})
-                continue
-            if width % fmt.block_size:
-                report["skipped"].append({"layer": g.layer, "group": g.kind,
-                                          "why": f"width {width} not a multiple of {fmt.name}'s block size"})
-                continue
-            X = torch.cat(g.rows).to(device)
-            x_mean = (g.abs_sum / g.count).float().to(device)
-            weights = [lin.weight.detach().float() for lin in g.linears]
-            s, alpha, err, err_rtn = search_scale(fmt, X, x_mean, weights, grid=grid)
-            if alpha > 0:
-                _apply_scale(g, s)
-            report["scaled"].append({"layer": g.layer, "group": g.kind, "prev": g.prev_name, "linears": g.names,
-                                     "alpha": alpha, "error": err, "error_rtn": err_rtn})
-            g.rows = []
-            del X
-        with torch.no_grad():
-            after = model(input_ids=probe, use_cache=False).logits.float()
-        diff = float((after - before).abs().max())
-        report["max_logit_diff"] = diff
-        if not torch.isfinite(after).all() or diff > 1e-3 * max(1.0, float(before.abs().max())):
-            raise SlimlmError(f"AWQ changed the full-precision model's logits (max difference {diff:.3g}): "
-                              f"the {report['model_type']} layout is not what AWQ assumed")
+    with calibration_model(folder, calib_texts) as (model, tokenizer, texts):
+        windows = calibration_windows(tokenizer, texts, samples, seq_len)  # raises on too little text
+        report = _scale(model.eval(), fmt, windows, seq_len, grid, max_tokens, progress, batch_size)
         with atomic_dir(out, force=force) as tmp:
             model.save_pretrained(tmp)
             for f in folder.iterdir():
                 if f.is_file() and not f.name.endswith(_WEIGHT_FILES) and not (tmp / f.name).exists():
                     shutil.copy2(f, tmp / f.name)
-    finally:
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
     report["seconds"] = time.perf_counter() - start
+    return report
+
+
+def _scale(model, fmt: BlockFormat, windows, seq_len: int, grid: int, max_tokens: int, progress: bool,
+           batch_size: int) -> dict:
+    """apply_awq's work on the loaded fp32 model, in place: find the groups, search and fold the
+    scales, and check that the logits did not move. Returns the report."""
+    import torch
+
+    device = next(model.parameters()).device
+    report: dict = {"format": fmt.name, "model_type": getattr(model.config, "model_type", None),
+                    "variant": "non-sequential (full-precision inputs)", "scaled": [], "skipped": []}
+    probe = windows[:1, :min(seq_len, 64)].to(device)
+    with torch.no_grad():
+        before = model(input_ids=probe, use_cache=False).logits.float()
+    layers = find_decoder_layers(model)
+    groups: list[_Group] = []
+    if layers is None:
+        report["skipped"].append({"layer": None, "group": "all", "why": "no decoder layers found"})
+    else:
+        groups = _find_groups(model, layers, report["skipped"])
+    if groups:
+        _capture(model, windows, groups, max_tokens, batch_size, progress)
+    for g in groups:
+        width = g.linears[0].in_features
+        if g.count == 0 or not g.wired:
+            why = "never called on calibration" if g.count == 0 else \
+                  f"{g.prev_name}'s output is not what the linears receive"
+            report["skipped"].append({"layer": g.layer, "group": g.kind, "why": why})
+            continue
+        if width % fmt.block_size:
+            report["skipped"].append({"layer": g.layer, "group": g.kind,
+                                      "why": f"width {width} not a multiple of {fmt.name}'s block size"})
+            continue
+        X = torch.cat(g.rows).to(device)
+        x_mean = (g.abs_sum / g.count).float().to(device)
+        weights = [lin.weight.detach().float() for lin in g.linears]
+        s, alpha, err, err_rtn = search_scale(fmt, X, x_mean, weights, grid=grid)
+        if alpha > 0:
+            _apply_scale(g, s)
+        report["scaled"].append({"layer": g.layer, "group": g.kind, "prev": g.prev_name, "linears": g.names,
+                                 "alpha": alpha, "error": err, "error_rtn": err_rtn})
+        g.rows = []
+        del X
+    with torch.no_grad():
+        after = model(input_ids=probe, use_cache=False).logits.float()
+    diff = float((after - before).abs().max())
+    report["max_logit_diff"] = diff
+    if not torch.isfinite(after).all() or diff > 1e-3 * max(1.0, float(before.abs().max())):
+        raise SlimlmError(f"AWQ changed the full-precision model's logits (max difference {diff:.3g}): "
+                          f"the {report['model_type']} layout is not what AWQ assumed")
     return report

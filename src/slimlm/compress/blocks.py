@@ -38,7 +38,8 @@ from gguf import GGMLQuantizationType
 
 from slimlm.errors import SlimlmError
 
-__all__ = ["BlockFormat", "FORMATS", "get_format", "pack", "unpack", "dequantize_codes", "rtn"]
+__all__ = ["BlockFormat", "FORMATS", "get_format", "pack", "unpack", "dequantize_codes", "rtn", "safe_inverse",
+           "roundf"]
 
 
 @dataclass(frozen=True)
@@ -246,13 +247,14 @@ def dequantize_codes(fmt: str | BlockFormat, q: np.ndarray, d: np.ndarray,
     return x.reshape(q.shape)
 
 
-def _inverse(d: np.ndarray) -> np.ndarray:
+def safe_inverse(d: np.ndarray) -> np.ndarray:
+    """1/d in float32, 0 where d is 0 (llama.cpp's `d ? 1/d : 0`, used by every RTN rule)."""
     out = np.zeros_like(d)
     np.divide(np.float32(1), d, out=out, where=d != 0)
     return out
 
 
-def _roundf(v: np.ndarray) -> np.ndarray:
+def roundf(v: np.ndarray) -> np.ndarray:
     """C's roundf: halves away from zero (np.round rounds them to even)."""
     a = np.abs(v)
     f = np.floor(a)
@@ -273,15 +275,15 @@ def rtn(fmt: str | BlockFormat, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     m = None
     if fmt.rtn_rule == "absmax":      # d = amax / qmax, q = round(x / d)
         d = np.abs(x).max(axis=1) / np.float32(fmt.qmax - fmt.zero)
-        q = _roundf(x * _inverse(d)[:, None]) + fmt.zero
+        q = roundf(x * safe_inverse(d)[:, None]) + fmt.zero
     elif fmt.rtn_rule == "signed_max":  # d = max / -zero: the largest-magnitude weight gets code 0
         mx = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)[:, 0]
         d = mx / np.float32(-fmt.zero)
-        q = np.floor(x * _inverse(d)[:, None] + np.float32(fmt.zero + 0.5))
+        q = np.floor(x * safe_inverse(d)[:, None] + np.float32(fmt.zero + 0.5))
     else:                             # min_max: d = (max - min) / qmax, m = min
         lo, hi = x.min(axis=1), x.max(axis=1)
         d = (hi - lo) / np.float32(fmt.qmax)
-        q = np.floor((x - lo[:, None]) * _inverse(d)[:, None] + np.float32(0.5))
+        q = np.floor((x - lo[:, None]) * safe_inverse(d)[:, None] + np.float32(0.5))
         m = lo.reshape(bshape)
     q = np.clip(q, fmt.qmin, fmt.qmax).astype(np.int8).reshape(w.shape)
     return q, d.reshape(bshape), m

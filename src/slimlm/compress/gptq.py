@@ -18,55 +18,21 @@ quantized layers), which needs only one forward pass and no per-layer re-run.
 Because H depends only on a layer's inputs, and GPTQ groups along input columns, the algorithm can
 run on the tensor exactly as llama.cpp lays it out (rows of q/k permuted for rotary, gemma's q
 scaled by a constant): row permutations and row scalings leave H, and the column blocks, as they
-are. `GPTQ.quantize_tensor` is meant for quantize()'s tensor hook.
+are. The `gptq` quantization method (quant_methods/gptq.py) drives this module for quantize().
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
-
 import numpy as np
 
-from slimlm.compress.blocks import BlockFormat, _inverse, _roundf, get_format, rtn
+from slimlm.compress.blocks import BlockFormat, get_format, roundf, rtn, safe_inverse
+from slimlm.compress.calibration import calibration_windows, run_calibration
 from slimlm.errors import SlimlmError
-from slimlm.progress import progress_bar
 
-__all__ = ["collect_hessians", "gptq_quantize", "GPTQ"]
+__all__ = ["collect_hessians", "gptq_quantize", "HessianHooks", "decoder_linears", "inverse_cholesky"]
 
 
 # --- Hessians --------------------------------------------------------------------------------
-
-def _calibration_windows(tokenizer, texts: list[str], samples: int, seq_len: int):
-    import torch
-
-    if samples < 1 or seq_len < 1:
-        raise SlimlmError(f"calibration needs samples >= 1 and seq_len >= 1, got {samples} and {seq_len}")
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt",
-                    verbose=False)["input_ids"][0]
-    if ids.numel() < seq_len:
-        raise SlimlmError(f"calibration text is shorter than one sequence: {ids.numel()} tokens for a "
-                          f"sequence of {seq_len}: give more text or a shorter --seq-len")
-    n = min(samples, ids.numel() // seq_len)
-    starts = np.linspace(0, ids.numel() - seq_len, n).round().astype(int)
-    return torch.stack([ids[s:s + seq_len] for s in starts])
-
-
-def run_calibration(model, windows, batch_size: int, label: str, progress: bool,
-                    after_batch: Callable[[], None] = lambda: None) -> None:
-    """Run the calibration windows through `model` in batches (hooks do the collecting); shared
-    by GPTQ's Hessians and AWQ's activation statistics."""
-    import torch
-
-    device = next(model.parameters()).device
-    bar = (progress_bar(label, len(range(0, len(windows), batch_size)))
-           if progress else contextlib.nullcontext(lambda n=1: None))
-    with torch.no_grad(), bar as advance:
-        for at in range(0, len(windows), batch_size):
-            model(input_ids=windows[at:at + batch_size].to(device), use_cache=False)
-            after_batch()
-            advance()
-
 
 class HessianHooks:
     """Forward hooks accumulating H = 2/N * sum x x^T (float64, on the CPU) of the inputs x of the
@@ -121,7 +87,7 @@ def collect_hessians(model, tokenizer, texts: list[str], samples: int = 32, seq_
     module name (the HF weight name without ".weight"). Up to `samples` windows of `seq_len`
     tokens are taken, evenly spread, from the concatenated `texts`, and run once through `model`
     (full precision: the non-sequential variant)."""
-    windows = _calibration_windows(tokenizer, texts, samples, seq_len)
+    windows = calibration_windows(tokenizer, texts, samples, seq_len)
     linears = decoder_linears(model)
     if not linears:
         raise SlimlmError("the model has no linear layers inside decoder layers ('.layers.' in their "
@@ -142,9 +108,9 @@ def collect_hessians(model, tokenizer, texts: list[str], samples: int = 32, seq_
 
 def _codes(fmt: BlockFormat, x: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
     """Codes for float32 x (rows,) given per-row d (and m): the same arithmetic as blocks.rtn."""
-    inv = _inverse(d)
+    inv = safe_inverse(d)
     if fmt.rtn_rule == "absmax":
-        q = _roundf(x * inv) + fmt.zero
+        q = roundf(x * inv) + fmt.zero
     elif fmt.rtn_rule == "signed_max":
         q = np.floor(x * inv + np.float32(fmt.zero + 0.5))
     else:
@@ -162,7 +128,7 @@ def _f16(x: np.ndarray) -> np.ndarray:
         return x.astype(np.float16).astype(np.float32)
 
 
-def _inverse_cholesky(H: np.ndarray, damp: float) -> np.ndarray:
+def inverse_cholesky(H: np.ndarray, damp: float) -> np.ndarray:
     """Upper Cholesky factor U of inv(H + damp*mean(diag H)*I), inv = U^T U."""
     H = H + np.eye(H.shape[0]) * (damp * float(np.mean(np.diag(H))))
     for extra in (0.0, 0.1, 1.0):
@@ -209,7 +175,7 @@ def gptq_quantize(fmt: str | BlockFormat, w: np.ndarray, H: np.ndarray, damp: fl
         d_fix, m_fix = rtn(fmt, W.astype(np.float32))[1:]  # static groups from the original weights
         perm = np.argsort(-np.diag(H), kind="stable")
         W, H = W[:, perm], H[np.ix_(perm, perm)]
-    U = _inverse_cholesky(H, damp)
+    U = inverse_cholesky(H, damp)
 
     Q = np.zeros((rows, cols), dtype=np.int16)
     D = np.zeros((rows, cols // bs), dtype=np.float32)
@@ -244,75 +210,3 @@ def gptq_quantize(fmt: str | BlockFormat, w: np.ndarray, H: np.ndarray, damp: fl
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     return Q.astype(np.uint8 if fmt.qmax > 127 else np.int8), D, M  # int8 as blocks.rtn, unless codes reach 255
-
-
-# --- the two verbs quantize() uses -----------------------------------------------------------
-
-class GPTQ:
-    """prepare() once (calibration), then quantize_tensor() per weight from quantize()'s hook."""
-
-    def __init__(self, damp: float = 0.01, act_order: bool = False):
-        self.damp, self.act_order = damp, act_order
-        self.hessians: dict = {}
-        self.codes: dict = {}  # from prepare_sequential: HF weight name -> (q, d, m)
-        self.notes: list[str] = []
-
-    def prepare_sequential(self, model_folder, fmt, calib_texts: list[str] | None = None, samples: int = 32,
-                           seq_len: int = 256, progress: bool = True, transform=None) -> "GPTQ":
-        """Choose every decoder linear's codes now, layer by layer (gptq_sequential.py); memory holds
-        one layer's Hessians at a time. Codes are for llama.cpp's layout (GGUF) unless `transform`
-        says otherwise (identity for a Hugging Face folder); `fmt` may be a function of the width."""
-        from slimlm.compress.gguf_export import layout_transform
-        from slimlm.compress.gptq_sequential import sequential_gptq
-
-        with _calibration_model(model_folder, calib_texts) as (model, tokenizer, texts):
-            self.codes = sequential_gptq(model, tokenizer, transform or layout_transform(model_folder), fmt, texts,
-                                         samples=samples, seq_len=seq_len, damp=self.damp,
-                                         act_order=self.act_order, progress=progress)
-        return self
-
-    def prepare(self, model_folder, calib_texts: list[str] | None = None, samples: int = 32,
-                seq_len: int = 256, progress: bool = True) -> "GPTQ":
-        """Collect the Hessians of every decoder linear in one full-precision pass (all kept)."""
-        with _calibration_model(model_folder, calib_texts) as (model, tokenizer, texts):
-            self.hessians = collect_hessians(model, tokenizer, texts, samples=samples, seq_len=seq_len,
-                                             progress=progress)
-        return self
-
-    def quantize_tensor(self, fmt: str | BlockFormat, name_hf: str, w: np.ndarray):
-        if name_hf in self.codes:
-            return self.codes[name_hf]
-        key = name_hf[:-len(".weight")] if name_hf.endswith(".weight") else name_hf
-        H = self.hessians.get(key)
-        w = np.asarray(w)
-        if H is None or w.ndim != 2 or tuple(H.shape) != (w.shape[1], w.shape[1]):
-            why = "no calibration Hessian" if H is None else f"Hessian {tuple(H.shape)} does not fit {w.shape}"
-            self.notes.append(f"{name_hf}: {why}, used round-to-nearest")
-            return rtn(fmt, w)
-        H = H.numpy() if hasattr(H, "numpy") else np.asarray(H)
-        return gptq_quantize(fmt, w, H, damp=self.damp, act_order=self.act_order)
-
-
-@contextlib.contextmanager
-def _calibration_model(model_folder, calib_texts: list[str] | None):
-    """(fp32 model on the GPU if there is one, tokenizer, texts), freed afterwards. calib_texts
-    defaults to python-docs without the last three topics (held out for the fidelity check)."""
-    import gc
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from slimlm.eval.sources import python_docs
-
-    texts = calib_texts if calib_texts is not None else python_docs()[:-3]
-    tokenizer = AutoTokenizer.from_pretrained(str(model_folder))
-    model = AutoModelForCausalLM.from_pretrained(str(model_folder), dtype=torch.float32)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    try:
-        yield model, tokenizer, texts
-    finally:
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()

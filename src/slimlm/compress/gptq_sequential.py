@@ -26,7 +26,8 @@ from contextlib import nullcontext
 import numpy as np
 
 from slimlm.compress.blocks import dequantize_codes, get_format
-from slimlm.compress.gptq import HessianHooks, _calibration_windows, decoder_linears, gptq_quantize
+from slimlm.compress.calibration import calibration_windows, find_decoder_layers
+from slimlm.compress.gptq import HessianHooks, decoder_linears, gptq_quantize
 from slimlm.errors import SlimlmError
 from slimlm.progress import progress_bar
 
@@ -93,14 +94,12 @@ def sequential_gptq(model, tokenizer, transform, fmt, texts: list[str], samples:
     holding their dequantized weights."""
     import torch
 
-    from slimlm.compress.awq import _decoder_layers
-
     fmt_of = fmt if callable(fmt) else (lambda cols, f=get_format(fmt): f)
-    layers = _decoder_layers(model)
+    layers = find_decoder_layers(model)
     if layers is None:
         raise SlimlmError("the model has no decoder layer list: sequential GPTQ cannot walk it")
     prefix = next(n for n, m in model.named_modules() if m is layers)
-    windows = _calibration_windows(tokenizer, texts, samples, seq_len)
+    windows = calibration_windows(tokenizer, texts, samples, seq_len)
     model.eval()
     hidden, kwargs = _capture_inputs(model, layers, windows, batch_size)
     codes: dict = {}

@@ -17,29 +17,30 @@ n codes takes ceil(n/4) + ceil(n/8) bytes, still 3 bits a weight. Rows are padde
 
 `config.json` records it under the standard `quantization_config` key with `quant_method: "slimlm"`:
 transformers only warns about a method it does not know (tested), and `load_torch` sees the key and
-calls `load_packed`, which builds the model without allocating its weights, swaps each quantized
-nn.Linear for a `PackedLinear` (which dequantizes in forward, so the fp32 weight lives only during
-the matmul) and loads the packed tensors. Plain `from_pretrained` cannot read these weights.
+calls `models.packed.load_packed`, which builds the model without allocating its weights, swaps each
+quantized nn.Linear for a `PackedLinear` (which dequantizes in forward, so the fp32 weight lives only
+during the matmul) and loads the packed tensors. Plain `from_pretrained` cannot read these weights.
+This module is the writing side; the reading side, and the bit layout both share (PLANES), is
+slimlm/models/packed.py, since models/ imports nothing from compress/.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from slimlm.compress.blocks import BlockFormat, _inverse
+from slimlm.compress.blocks import BlockFormat, safe_inverse
 from slimlm.errors import SlimlmError
+from slimlm.models.packed import PLANES
 
-__all__ = ["int_format", "ternary_format", "for_width", "int_rtn", "pack_codes", "unpack_codes",
-           "save_packed", "PackedLinear", "load_packed", "packed_size", "bits_per_weight"]
+__all__ = ["int_format", "ternary_format", "for_width", "int_rtn", "pack_codes", "save_packed", "packed_size",
+           "bits_per_weight", "SUPPORTED_BITS"]
 
 SUPPORTED_BITS = (8, 4, 3, 2)
-_PLANES = {8: ((0, 8),), 4: ((0, 4),), 3: ((0, 2), (2, 1)), 2: ((0, 2),)}  # (shift, width) per plane
 
 
 def _layout(bits: int, symmetric: bool, group: int) -> tuple[tuple[str, int], ...]:
@@ -104,23 +105,23 @@ def int_rtn(fmt: BlockFormat, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     m = None
     if fmt.rtn_rule == "absmax":
         d = np.abs(x).max(axis=1) / np.float32(fmt.qmax - fmt.zero)
-        a = np.abs(x * _inverse(d)[:, None])
+        a = np.abs(x * safe_inverse(d)[:, None])
         q = np.copysign(np.floor(a) + (a - np.floor(a) >= 0.5), x) + fmt.zero  # C roundf
     elif fmt.rtn_rule == "signed_max":
         mx = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)[:, 0]
         d = mx / np.float32(-fmt.zero)
-        q = np.floor(x * _inverse(d)[:, None] + np.float32(fmt.zero + 0.5))
+        q = np.floor(x * safe_inverse(d)[:, None] + np.float32(fmt.zero + 0.5))
     else:
         lo, hi = x.min(axis=1), x.max(axis=1)
         d = (hi - lo) / np.float32(fmt.qmax)
-        q = np.floor((x - lo[:, None]) * _inverse(d)[:, None] + np.float32(0.5))
+        q = np.floor((x - lo[:, None]) * safe_inverse(d)[:, None] + np.float32(0.5))
         m = lo.reshape(w.shape[0], -1)
     q = np.clip(q, fmt.qmin, fmt.qmax).astype(np.uint8).reshape(w.shape)
     return q, d.reshape(w.shape[0], -1), m
 
 
 def _nbytes(cols: int, bits: int) -> int:  # bytes of one packed row
-    return sum(-(-cols // (8 // width)) for _, width in _PLANES[bits])
+    return sum(-(-cols // (8 // width)) for _, width in PLANES[bits])
 
 
 def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
@@ -128,28 +129,12 @@ def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
     q = np.asarray(q).astype(np.uint8)
     rows, cols = q.shape
     planes = []
-    for shift, width in _PLANES[bits]:
+    for shift, width in PLANES[bits]:
         per = 8 // width
         c = (q >> shift) & ((1 << width) - 1)
         c = np.pad(c, ((0, 0), (0, -cols % per))).reshape(rows, -1, per)
         planes.append(np.bitwise_or.reduce(c << (width * np.arange(per, dtype=np.uint8)), axis=2))
     return np.concatenate(planes, axis=1).astype(np.uint8)
-
-
-def unpack_codes(packed, bits: int, cols: int):
-    """uint8 [rows, bytes] -> int32 codes [rows, cols]; numpy arrays or torch tensors (on any
-    device: the same vectorized shifts run on CUDA)."""
-    import torch
-
-    is_np = isinstance(packed, np.ndarray)
-    b = (torch.from_numpy(np.ascontiguousarray(packed)) if is_np else packed).to(torch.int32)
-    q, at = None, 0
-    for shift, width in _PLANES[bits]:
-        n = -(-cols // (8 // width))
-        shifts = torch.arange(0, 8, width, dtype=b.dtype, device=b.device)
-        c = ((b[:, at:at + n, None] >> shifts) & ((1 << width) - 1)).reshape(b.shape[0], -1)[:, :cols]
-        q, at = (c << shift) if q is None else q | (c << shift), at + n
-    return q.numpy() if is_np else q
 
 
 def bits_per_weight(fmt: BlockFormat, cols: int) -> float:
@@ -234,82 +219,3 @@ def save_packed(model, out: str | Path, choices: dict, fmt: BlockFormat, manifes
         write_manifest(tmp, parent=folder or "in-memory model", operation="quantize",
                        params={"format": f"hf-packed:{fmt.name}", **(manifest_extra or {})})
     return Path(out)
-
-
-@functools.cache
-def _packed_linear_class():
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    class PackedLinear(nn.Module):
-        """nn.Linear whose weight is stored packed; forward unpacks and dequantizes it (torch ops,
-        any device), so the dense weight exists only for the duration of the matmul."""
-
-        def __init__(self, in_features: int, out_features: int, bits: int, zero: int, qweight, scales,
-                     mins=None, bias=None):
-            super().__init__()
-            self.in_features, self.out_features, self.bits, self.zero = in_features, out_features, bits, zero
-            self.register_buffer("qweight", qweight)
-            self.register_buffer("scales", scales)
-            self.register_buffer("mins", mins)
-            self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-        def dequantize(self) -> torch.Tensor:
-            q = unpack_codes(self.qweight, self.bits, self.in_features).float()
-            rows, groups = self.scales.shape
-            w = (q.reshape(rows, groups, -1) - self.zero) * self.scales.float()[..., None]
-            if self.mins is not None:
-                w = w + self.mins.float()[..., None]
-            return w.view(rows, self.in_features)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.linear(x, self.dequantize().to(x.dtype), self.bias)
-
-        def extra_repr(self) -> str:
-            return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
-
-    return PackedLinear
-
-
-def __getattr__(name: str):  # PackedLinear is built on first use, so importing this module needs no torch
-    if name == "PackedLinear":
-        return _packed_linear_class()
-    raise AttributeError(name)
-
-
-def load_packed(folder: str | Path, dtype=None, device: str = "cpu", attn: str | None = None):
-    """The model of a folder written by save_packed, quantized linears as PackedLinear."""
-    import torch
-    from accelerate import init_empty_weights
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    folder, dtype = Path(folder), dtype or torch.float32
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    qc = config.quantization_config
-    del config.quantization_config  # else from_config warns that transformers has no "slimlm" quantizer
-    state = load_file(str(folder / "model.safetensors"))
-    kwargs = {"attn_implementation": attn} if attn else {}
-    with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers computed for real
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
-    cls = _packed_linear_class()
-    for base in qc["modules"]:
-        lin = model.get_submodule(base)
-        if not isinstance(lin, torch.nn.Linear) or base + ".qweight" not in state:
-            raise SlimlmError(f"{folder}: {base} is not a linear layer of {config.model_type} with packed "
-                              "weights in model.safetensors: the folder is damaged")
-        parent, _, child = base.rpartition(".")
-        bias = state.pop(base + ".bias", None)
-        setattr(model.get_submodule(parent), child, cls(
-            lin.in_features, lin.out_features, qc["bits"], qc["zero"], state.pop(base + ".qweight"),
-            state.pop(base + ".scales"), state.pop(base + ".mins", None), None if bias is None else bias.to(dtype)))
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
-    if unexpected:
-        raise SlimlmError(f"{folder}: tensors {', '.join(unexpected[:3])} do not fit {config.model_type}")
-    model.tie_weights()
-    model.config.quantization_config = qc  # the model says what it is; save_pretrained writes it packed again
-    if meta := [n for n, p in model.named_parameters() if p.is_meta]:
-        raise SlimlmError(f"{folder}: model.safetensors lacks {', '.join(meta[:3])}: the folder is incomplete")
-    return model.to(device).eval()

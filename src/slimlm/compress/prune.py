@@ -17,6 +17,9 @@ How much to remove is a `ratio` (fraction of layers, of channels/heads, or of we
 `target_params`: the fraction of *non-embedding* parameters to keep (0.5 = half of them), for which
 the cut is chosen to land as close as the method's granularity allows; the count reached is reported.
 Calibration text defaults to python-docs without its last three topics, as GPTQ uses.
+
+Each method is a class in prune_methods/, registered by name in PRUNE_METHODS; prune() looks it
+up, asks it what it accepts, and hands it the loaded model (no branch here names a method).
 """
 
 from __future__ import annotations
@@ -25,15 +28,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from slimlm.compress.prune_methods import PRUNE_METHODS, PruneJob, PruneMethod
+from slimlm.compress.prune_methods.width import WIDTH_AXES
+from slimlm.compress.prune_structured import param_counts
 from slimlm.errors import SlimlmError
 
-METHODS = {"layers": "drop whole decoder blocks with the least block influence (ShortGPT)",
-           "width": "narrow MLP channels and attention heads by activation importance (Minitron)",
-           "wanda": "zero the weights with the lowest |W|*||x|| (Wanda); dense zeros, no CPU speed-up",
-           "sparsegpt": "zero weights and compensate the rest from the input Hessian (SparseGPT); dense zeros"}
-WIDTH_AXES = ("mlp", "heads", "hidden")
+METHODS = PRUNE_METHODS  # the registry under its earlier name: {name: method class (with .help)}
 
-__all__ = ["prune", "PruneResult", "METHODS", "WIDTH_AXES"]
+__all__ = ["prune", "PruneResult", "PRUNE_METHODS", "METHODS", "WIDTH_AXES"]
 
 
 @dataclass
@@ -61,11 +63,11 @@ class PruneResult:
         return dict(asdict(self), kept_fraction=self.kept_fraction)
 
 
-def _check_amount(method: str, ratio, target_params, pattern) -> None:
-    if method not in METHODS:
-        raise SlimlmError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
-    if pattern is not None and method not in ("wanda", "sparsegpt"):
-        raise SlimlmError(f"--pattern is for wanda and sparsegpt, not {method}: use --ratio")
+def _check_amount(method: PruneMethod, ratio, target_params, pattern) -> None:
+    if pattern is not None and not method.takes_pattern:
+        takers = [name for name, cls in PRUNE_METHODS.items() if cls.takes_pattern]
+        takers_text = " and ".join([", ".join(takers[:-1]), takers[-1]] if len(takers) > 1 else takers)
+        raise SlimlmError(f"--pattern is for {takers_text}, not {method.name}: use --ratio")
     given = sum(v is not None for v in (ratio, target_params, pattern))
     if given != 1:
         raise SlimlmError("say how much to prune with exactly one of --ratio, --keep-params or --pattern")
@@ -81,17 +83,15 @@ def prune(model: str | Path, out: str | Path, method: str = "layers", ratio: flo
           calib: list[str] | None = None, calib_samples: int = 32, calib_seq_len: int = 256,
           force: bool = False, record: bool = True, progress: bool = True) -> PruneResult:
     """Prune `model` (a Hugging Face folder or any model reference) into the folder `out`."""
-    from slimlm.compress.gptq import _calibration_windows
     from slimlm.compress.prune_sparse import parse_pattern
     from slimlm.data import calibration_docs
     from slimlm.models.loading import load_torch
     from slimlm.models.reference import resolve
 
-    _check_amount(method, ratio, target_params, pattern)
+    pruner = PRUNE_METHODS.create(method)
+    _check_amount(pruner, ratio, target_params, pattern)
     nm = parse_pattern(pattern)
-    bad_axes = set(axes) - set(WIDTH_AXES)
-    if method == "width" and (bad_axes or not axes):
-        raise SlimlmError(f"width axes must be some of {', '.join(WIDTH_AXES)}, got {', '.join(axes) or 'none'}")
+    pruner.check(tuple(axes))
     out = Path(out)
     if out.exists() and not force:
         raise SlimlmError(f"{out} already exists: choose another output path or pass --force")
@@ -99,18 +99,12 @@ def prune(model: str | Path, out: str | Path, method: str = "layers", ratio: flo
     start = time.perf_counter()
     torch_model, tokenizer = load_torch(ref)
     texts = calib if calib is not None else calibration_docs()
-    total, nonemb = _counts(torch_model)
+    total, nonemb = param_counts(torch_model)
     result = PruneResult(out=str(out), method=method, ratio=ratio, target_params=target_params, pattern=pattern,
                          params_before=total, params_after=total, nonembedding_before=nonemb,
                          nonembedding_after=nonemb, seconds=0.0)
-    if method in ("wanda", "sparsegpt"):
-        new_model = _sparse(torch_model, tokenizer, texts, method, ratio, target_params, nm, result,
-                            calib_samples, calib_seq_len, progress)
-    else:
-        windows = _calibration_windows(tokenizer, texts, calib_samples, calib_seq_len)
-        run = _layers if method == "layers" else _width
-        new_model = run(torch_model, windows, ratio, target_params, tuple(axes), result, progress)
-        result.params_after, result.nonembedding_after = _counts(new_model)
+    new_model = pruner.prune(PruneJob(torch_model, tokenizer, texts, ratio, target_params, nm, tuple(axes),
+                                      calib_samples, calib_seq_len, result, progress))
     result.seconds = time.perf_counter() - start
     _save(new_model, tokenizer, ref, out, force, result, calib_samples, calib_seq_len, axes)
     if record:
@@ -122,104 +116,12 @@ def prune(model: str | Path, out: str | Path, method: str = "layers", ratio: flo
     return result
 
 
-def _counts(model) -> tuple[int, int]:
-    from slimlm.compress.prune_structured import param_counts
-
-    return param_counts(model)
-
-
-def _layers(model, windows, ratio, target_params, axes, result: PruneResult, progress: bool):
-    from slimlm.compress.prune_structured import block_influence, decoder_layers, drop_layers, materialize
-
-    layers, _ = decoder_layers(model)
-    n = len(layers)
-    bi = block_influence(model, windows, progress=progress)
-    order = sorted(range(n), key=lambda i: bi[i])  # least influential first
-    if ratio is not None:
-        drop = int(ratio * n + 0.5)
-    else:  # the number of blocks whose removal lands closest to the target
-        sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-        goal, left, best = target_params * result.nonembedding_before, result.nonembedding_before, []
-        for k in range(n):
-            best.append((abs(left - goal), k))
-            left -= sizes[order[k]]
-        drop = min(best)[1]
-    if drop >= n:
-        raise SlimlmError(f"--ratio {ratio} removes all {n} decoder layers: use a smaller --ratio")
-    keep = sorted(order[drop:])
-    result.importance = [round(v, 6) for v in bi]
-    result.removed = {"layers": sorted(order[:drop]), "num_hidden_layers": f"{n} -> {len(keep)}"}
-    return materialize(*drop_layers(model, keep))
-
-
-def _width(model, windows, ratio, target_params, axes, result: PruneResult, progress: bool):
-    from slimlm.compress.prune_structured import materialize, narrow, plan_width, width_importance
-
-    importance = width_importance(model, windows, progress=progress)
-    if ratio is not None:
-        config = plan_width(model.config, ratio, axes)
-    else:  # bisect the ratio on the non-embedding count of the planned shape (built on the meta device)
-        goal = target_params * result.nonembedding_before
-        lo, hi, seen = 0.0, 0.99, {}
-        for _ in range(14):
-            mid = (lo + hi) / 2
-            try:
-                cfg = plan_width(model.config, mid, axes)
-            except SlimlmError:
-                hi = mid
-                continue
-            count = _meta_counts(cfg)
-            seen[count] = (mid, cfg)
-            lo, hi = (mid, hi) if count > goal else (lo, mid)
-        seen.setdefault(result.nonembedding_before, (0.0, plan_width(model.config, 0.0, axes)))
-        count = min(seen, key=lambda c: abs(c - goal))
-        ratio, config = seen[count]
-        result.notes.append(f"--keep-params {target_params}: cut ratio {ratio:.3f} on {', '.join(axes)}")
-    keys = ("intermediate_size", "num_attention_heads", "num_key_value_heads", "hidden_size")
-    result.removed = {k: f"{getattr(model.config, k)} -> {getattr(config, k)}" for k in keys}
-    result.removed["head_dim"] = getattr(config, "head_dim", None)
-    if "hidden" in axes and config.hidden_size != model.config.hidden_size:
-        result.notes.append("hidden size narrowed: RMSNorm statistics change, so quality drops more than "
-                            "the other axes; distill afterwards")
-    return materialize(*narrow(model, importance, config))
-
-
-def _meta_counts(config) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return _counts(AutoModelForCausalLM.from_config(config))[1]
-
-
-def _sparse(model, tokenizer, texts, method, ratio, target_params, nm, result: PruneResult,
-            samples, seq_len, progress):
-    from slimlm.compress.prune_sparse import decoder_linears, sparsify
-
-    prunable = sum(m.weight.numel() for m in decoder_linears(model).values())
-    sparsity = ratio
-    if target_params is not None:  # zero enough linear weights that the non-zero non-embedding count hits it
-        sparsity = (1.0 - target_params) * result.nonembedding_before / prunable
-        if sparsity >= 1.0:
-            raise SlimlmError(f"--keep-params {target_params} needs more zeros than the linear layers hold: "
-                              "use a larger fraction")
-    per_layer = sparsify(model, tokenizer, texts, method, sparsity, nm, samples, seq_len, progress)
-    sizes = {n: m.weight.numel() for n, m in decoder_linears(model).items()}
-    zeros = sum(per_layer[n] * sizes[n] for n in per_layer)
-    result.sparsity = {"overall": zeros / prunable, "layers": per_layer}
-    result.nonembedding_after = result.nonembedding_before - round(zeros)
-    result.notes.append("zeros are stored densely: the file is no smaller and CPU inference is no faster "
-                        "without sparse kernels")
-    return model
-
-
 def _save(model, tokenizer, ref, out: Path, force: bool, result: PruneResult, samples, seq_len, axes) -> None:
     import torch
 
-    from slimlm.models.loading import _quiet, atomic_dir, dense_folder, read_config
+    from slimlm.models.loading import atomic_dir, dense_folder, read_config
     from slimlm.runs import write_manifest
 
-    _quiet()
     source = read_config(dense_folder(ref))
     dtype = getattr(torch, str(source.get("dtype") or source.get("torch_dtype") or "float32"), torch.float32)
     if dtype in (torch.float16, torch.bfloat16):

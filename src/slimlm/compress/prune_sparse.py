@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from slimlm.compress.gptq import _calibration_windows, _inverse_cholesky, collect_hessians, run_calibration
+from slimlm.compress.calibration import run_calibration
+from slimlm.compress.gptq import inverse_cholesky
 from slimlm.errors import SlimlmError
 
 __all__ = ["parse_pattern", "wanda_scores", "prune_mask", "magnitude_prune", "sparsegpt_prune",
-           "input_sq_norms", "sparsify", "decoder_linears", "inverse_factor"]
+           "input_sq_norms", "sparsify", "decoder_linears", "inverse_factor", "check_pattern", "wanda_prune"]
 
 
 def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
@@ -126,7 +127,7 @@ def inverse_factor(H, damp: float = 0.01) -> np.ndarray:
     H = np.array(H.numpy() if hasattr(H, "numpy") else H, dtype=np.float64)
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
-    return _inverse_cholesky(H, damp)
+    return inverse_cholesky(H, damp)
 
 
 def decoder_linears(model) -> dict:
@@ -159,40 +160,38 @@ def input_sq_norms(model, windows, batch_size: int = 4, progress: bool = False) 
     return sums
 
 
-def sparsify(model, tokenizer, texts: list[str], method: str, sparsity: float | None = None,
-             nm: tuple[int, int] | None = None, samples: int = 32, seq_len: int = 256,
-             progress: bool = False) -> dict[str, float]:
-    """Zero weights of every decoder linear in place; returns the fraction of zeros per layer."""
-    import torch
-
-    from slimlm.progress import track
-
+def check_pattern(model, nm: tuple[int, int] | None) -> None:
+    """Refuse an N:M pattern that some decoder linear's input width does not divide (before any
+    calibration)."""
     linears = decoder_linears(model)
     if nm is not None:
         bad = [n for n, m in linears.items() if m.in_features % nm[1]]
         if bad:
             raise SlimlmError(f"{bad[0]} has {linears[bad[0]].in_features} inputs, not a multiple of {nm[1]}: "
                               f"the {nm[0]}:{nm[1]} pattern does not fit this model")
-    if method == "wanda":
-        stats = input_sq_norms(model, _calibration_windows(tokenizer, texts, samples, seq_len), progress=progress)
-    elif method == "sparsegpt":
-        stats = collect_hessians(model, tokenizer, texts, samples=samples, seq_len=seq_len, progress=progress)
-    else:
-        raise SlimlmError(f"unknown sparsity method '{method}': use wanda or sparsegpt")
-    report, factors = {}, {}
+
+
+def wanda_prune(weight, sq_norm, sparsity: float | None = None, nm: tuple[int, int] | None = None):
+    """Wanda on one weight: zero the lowest |W| * ||X||, given the inputs' per-channel sum of squares."""
+    return weight.masked_fill(prune_mask(wanda_scores(weight.float(), sq_norm), sparsity, nm), 0)
+
+
+def sparsify(model, stats: dict, prune_weight, method: str, progress: bool = False) -> dict[str, float]:
+    """Zero weights of every decoder linear in place: `prune_weight(weight, stat)` returns the new
+    weight from the linear's calibration statistic `stats[name]` (what `method`, the name shown in
+    progress and errors, collected). Returns the fraction of zeros per layer."""
+    import torch
+
+    from slimlm.progress import track
+
+    linears = decoder_linears(model)
+    report = {}
     items = track(linears.items(), f"{method} pruning", total=len(linears)) if progress else linears.items()
     with torch.no_grad():
         for name, module in items:
             w = module.weight
             if name not in stats:
                 raise SlimlmError(f"{name} saw no calibration input: it cannot be pruned by {method}")
-            if method == "wanda":
-                new = w.masked_fill(prune_mask(wanda_scores(w.float(), stats[name]), sparsity, nm), 0)
-            else:
-                H = stats[name]  # q/k/v (gate/up) share one H object, so one factorization
-                if id(H) not in factors:
-                    factors[id(H)] = inverse_factor(H)
-                new = sparsegpt_prune(w, H, sparsity, nm, factor=factors[id(H)])
-            w.copy_(new)
+            w.copy_(prune_weight(w, stats[name]))
             report[name] = float((w == 0).double().mean())
     return report

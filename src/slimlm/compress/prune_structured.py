@@ -1,7 +1,7 @@
 """Structured pruning: drop whole decoder blocks, or narrow every block, into a smaller dense model.
 
 Both methods measure importance on calibration text in one full-precision pass (the calibration
-loop is gptq.run_calibration, shared with GPTQ and AWQ) and return a new config and state dict of
+loop is calibration.run_calibration, shared with GPTQ and AWQ) and return a new config and state dict of
 the *same family*, so `AutoModelForCausalLM.from_pretrained` loads the result with no custom code
 and every later slimlm verb (eval, quantize, export) works on it unchanged.
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 
-from slimlm.compress.gptq import run_calibration
+from slimlm.compress.calibration import find_decoder_layers, run_calibration
 from slimlm.errors import SlimlmError
 
 __all__ = ["block_influence", "drop_layers", "width_importance", "plan_width", "narrow", "materialize",
@@ -45,9 +45,7 @@ _UNTOUCHED = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "qkv_proj.bias", "gat
 
 def decoder_layers(model):
     """(the ModuleList of decoder blocks, its state-dict prefix such as 'model.layers')."""
-    from slimlm.compress.awq import _decoder_layers
-
-    layers = _decoder_layers(model)
+    layers = find_decoder_layers(model)
     if layers is None:
         raise SlimlmError(f"{type(model).__name__} has no list of decoder layers: it cannot be pruned")
     return layers, next(n for n, m in model.named_modules() if m is layers)

@@ -1,11 +1,10 @@
-"""The steps of quantize() that depend on the method and the output: which format, which
-calibration text, which folder's weights get rounded (AWQ rewrites them first), how each weight's
-codes are chosen, and how they are written (a GGUF file, or a packed Hugging Face folder)."""
+"""The steps of quantize() that every method shares: which output format, which calibration
+text, which tensors get quantized, and how the chosen codes are written (a GGUF file, or a
+packed Hugging Face folder). What differs between methods (the codes, a rewritten source folder,
+a format constraint) is asked of the method's class (quant_methods/), never branched on here."""
 
 from __future__ import annotations
 
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -43,27 +42,27 @@ def calibration_texts(folder: Path, calib: str, calib_field: str | None, seq_len
     return texts
 
 
-def resolve_format(format: str, method: str, bits: int | None, group_size: int | None,
+def resolve_format(format: str, method, bits: int | None, group_size: int | None,
                    symmetric: bool) -> tuple[str, BlockFormat]:
     """("gguf" | "hf", format). GGUF block formats fix bits and group size; `hf` (a packed Hugging
-    Face folder) takes any of bits 8/4/3/2 (or ternary), group size (0: per channel) and symmetry."""
-    from slimlm.compress.packed import int_format, ternary_format
-
+    Face folder) takes any of bits 8/4/3/2 (or ternary), group size (0: per channel) and symmetry.
+    `method` (a QuantMethod) picks its own format for `hf` and bare `gguf`, and rejects formats
+    it cannot write (`check_format`)."""
     kind, sep, name = format.partition(":")
     if kind.lower() == "hf":
         if sep:
             raise SlimlmError(f"unsupported output format '{format}': --format hf takes no type; "
                               "choose the bits with --bits (8, 4, 3, 2) or --method ternary")
-        group = HF_GROUP if group_size is None else group_size
-        return "hf", ternary_format(group) if method == "ternary" else int_format(bits or 4, group, symmetric)
+        fmt = method.hf_format(bits, HF_GROUP if group_size is None else group_size, symmetric)
+        method.check_format("hf", fmt)
+        return "hf", fmt
     if not sep and kind.lower() == "gguf":  # --format gguf --bits N
-        name, sep = GGUF_BY_BITS.get("ternary" if method == "ternary" else bits or 4, ""), ":"
+        name, sep = method.gguf_type(bits), ":"
         if not name:
             raise SlimlmError(f"no {bits}-bit llama.cpp block format that slimlm writes: use --format hf, or "
                               f"--method llamacpp --format gguf:Q{bits}_K_M for llama.cpp's K-quants")
     fmt = parse_format(format if name == "" else f"gguf:{name}")
-    if method == "ternary" and not fmt.name.startswith("TQ"):
-        raise SlimlmError(f"the ternary method writes TQ1_0 or TQ2_0 (or --format hf), not {fmt.name}")
+    method.check_format("gguf", fmt)
     if bits is not None and bits != fmt.bits:
         raise SlimlmError(f"{fmt.name} holds {fmt.bits}-bit codes, not {bits}: drop --bits or use --format hf")
     if group_size is not None and group_size != fmt.block_size:
@@ -73,54 +72,41 @@ def resolve_format(format: str, method: str, bits: int | None, group_size: int |
 
 
 HF_GROUP = 64  # divides the widths of every small model slimlm ships or tests (576, 640, 896, 1536, 2048)
-GGUF_BY_BITS = {8: "Q8_0", 5: "Q5_0", 4: "Q4_0", "ternary": "TQ2_0"}
+GGUF_BY_BITS = {8: "Q8_0", 5: "Q5_0", 4: "Q4_0"}  # `--format gguf --bits N` (ternary: TQ2_0)
 
 
-@contextmanager
-def source_folder(method, folder: Path, fmt, out: Path, texts, samples: int, seq_len: int):
-    """(the folder whose weights get rounded, notes): the input, or for AWQ an fp32-equivalent copy
-    whose weights round better, removed afterwards."""
-    if method != "awq":
-        yield folder, []
-        return
-    import tempfile
-
-    from slimlm.compress.awq import apply_awq
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.awq-", dir=out.parent))
-    try:
-        report = apply_awq(folder, tmp / "model", fmt, texts, samples=samples, seq_len=seq_len, progress=True)
-        notes = [f"AWQ scaled {len(report['scaled'])} groups"] + [
-            f"AWQ skipped layer {s['layer']} {s['group']}: {s['why']}" for s in report["skipped"]
-            if s["group"] != "v->o"]
-        yield tmp / "model", notes
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    return len(shape) == 2 and name.endswith(".weight") and not any(k in name for k in KEEP)
 
 
-def chooser(method, kind, fmt, source: Path, texts, samples, seq_len, sequential, notes):
-    """choose(name, w) -> (q, d, m): the method's codes for one weight, in the output's layout."""
+def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes from the safetensors headers, without loading any weight (for checks up front)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="numpy") as st:  # header only, as models/info.py reads it
+            shapes.update({name: tuple(st.get_slice(name).get_shape()) for name in st.keys()})
+    if not shapes:
+        raise SlimlmError(f"{folder}: no safetensors weights found: quantize takes a Hugging Face folder "
+                          "(run `slimlm convert` first for a GGUF file)")
+    return shapes
+
+
+def check_widths(shapes: dict[str, tuple[int, ...]], fmt: BlockFormat) -> None:
+    for name, shape in shapes.items():
+        if fmt.block_size and quantizable(name, shape) and shape[-1] % fmt.block_size:
+            raise SlimlmError(f"{name}: the layer width {shape[-1]} is not a multiple of the {fmt.name} "
+                              f"group size {fmt.block_size}: choose another format or --group-size "
+                              "(--format hf takes any group size that divides the widths)")
+
+
+def round_to_nearest(kind: str, fmt: BlockFormat, w: np.ndarray):
+    """RTN codes (q, d, m) for one weight: llama.cpp's rule in a GGUF block format, or the same
+    arithmetic with uint8 codes (8-bit codes 0..255 fit) for a packed folder's format."""
     from slimlm.compress.packed import for_width, int_rtn
 
-    def plain(name, w):
-        f = for_width(fmt, w.shape[1]) if kind == "hf" else fmt
-        if method == "ternary":
-            from slimlm.compress.ternary import ternary_quantize
-
-            return ternary_quantize(w, f.block_size)
-        return int_rtn(f, w) if kind == "hf" else rtn(f, w)
-
-    if method != "gptq":
-        return plain
-    from slimlm.compress.gptq import GPTQ
-
-    fmt_of = (lambda cols: for_width(fmt, cols)) if kind == "hf" else fmt  # noqa: E731
-    identity = (lambda name, w: w) if kind == "hf" else None  # noqa: E731
-    gptq = (GPTQ().prepare_sequential(source, fmt_of, texts, samples=samples, seq_len=seq_len, transform=identity)
-            if sequential else GPTQ().prepare(source, texts, samples=samples, seq_len=seq_len))
-    notes.extend(gptq.notes)
-    return lambda name, w: gptq.quantize_tensor(fmt_of(w.shape[1]) if kind == "hf" else fmt, name, w)
+    return int_rtn(for_width(fmt, w.shape[1]), w) if kind == "hf" else rtn(fmt, w)
 
 
 def write_gguf(source: Path, out: Path, fmt, targets, choose, embeddings: str, force: bool, method: str) -> int:

@@ -68,7 +68,8 @@ def ternary_quantize(w: np.ndarray, group_size: int = DEFAULT_GROUP) -> tuple[np
 
 
 def ternary_choose(group_size: int = DEFAULT_GROUP):
-    """The method as quantize()'s drivers call it: choose(name, w) -> (q, d, None)."""
+    """The method as a per-tensor function: choose(name, w) -> (q, d, None), for callers that
+    pack the codes themselves (quantize() goes through quant_methods/ternary.py)."""
     def choose(name: str, w: np.ndarray):
         return ternary_quantize(w, group_size)
     return choose

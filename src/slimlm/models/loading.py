@@ -19,6 +19,7 @@ from pathlib import Path
 
 from slimlm.errors import SlimlmError, UnsupportedModel
 from slimlm.models.families import family_of
+from slimlm.models.packed import is_packed
 from slimlm.models.reference import ModelRef, resolve
 
 
@@ -132,9 +133,8 @@ def load_torch(model: str | Path | ModelRef, dtype=None, device: str = "cpu", at
         raise UnsupportedModel(f"cannot read {folder / 'config.json'}: {str(exc).splitlines()[0]}") from exc
     if family_of(config.model_type) is None:
         warnings.warn(f"{config.model_type} is not a family slimlm tests; results may vary", stacklevel=2)
-    qc = getattr(config, "quantization_config", None)
-    if isinstance(qc, dict) and qc.get("quant_method") == "slimlm":  # packed weights (compress/packed.py)
-        from slimlm.compress.packed import load_packed
+    if is_packed(config):  # packed weights from `slimlm quantize --format hf` (models/packed.py)
+        from slimlm.models.packed import load_packed
 
         return load_packed(folder, dtype, device, attn), AutoTokenizer.from_pretrained(folder, local_files_only=True)
     kwargs = {"dtype": dtype or torch.float32, "local_files_only": True}

@@ -2,7 +2,7 @@
 adapter trains in full precision.
 
 `slimlm quantize --format hf --bits 4` writes linears that slimlm loads as `PackedLinear`: codes
-plus scales, dequantized inside forward (compress/packed.py). peft does not know that module, so
+plus scales, dequantized inside forward (models/packed.py). peft does not know that module, so
 it is registered with peft's custom-module hook (`LoraConfig._register_custom_module`, which peft
 marks experimental) as an ordinary LoRA Linear around it: the LoRA arithmetic is peft's own;
 only the base's forward is ours. What this saves is memory: at 4 bits the base weights take about
@@ -28,9 +28,9 @@ def quiet_peft():
 
 
 def packed_linear_class():
-    from slimlm.compress.packed import _packed_linear_class
+    from slimlm.models.packed import packed_linear_class as packed
 
-    return _packed_linear_class()
+    return packed()
 
 
 def has_packed(model) -> bool:

@@ -1,0 +1,76 @@
+"""The interface of a quantization method, and the registry quantize() dispatches through.
+
+A method is a class in the manner of gpt-fast's quantizers: it builds its state (`prepare`:
+GPTQ's calibration, nothing for RTN) and then converts each weight (`choose`: the integer codes
+and block scales the writer packs). Its constraints are part of the class too: the formats it
+picks for `--format hf` and a bare `--format gguf`, and what it refuses (`check_format`), so
+quantize() asks the method instead of testing its name. A method with a pipeline of its own
+(llamacpp: llama.cpp's quantizer writes the whole file) overrides `quantize`.
+
+A new method is one module in this package with a class decorated `@register_quant_method("name")`
+and one line in `__init__.py` importing it; `slimlm quantize --method` lists it from then on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from slimlm.compress.blocks import BlockFormat
+from slimlm.compress.quant_pipeline import QuantizeResult, QuantJob, QuantRequest, quantize_blocks
+from slimlm.compress.quant_steps import GGUF_BY_BITS, round_to_nearest
+from slimlm.compress.registry import Registry
+
+__all__ = ["QuantMethod", "QUANT_METHODS", "register_quant_method", "QuantJob", "QuantRequest"]
+
+
+class QuantMethod:
+    """Round-to-nearest unless a subclass says otherwise; every hook has the default RTN needs."""
+
+    name: ClassVar[str] = ""  # set by register_quant_method
+    help: ClassVar[str] = ""  # one line for `slimlm quantize --help`
+    calibrated: ClassVar[bool] = False  # reads calibration text (--calib, --calib-samples, --calib-seq-len)
+
+    # --- the format -------------------------------------------------------------------------
+
+    def gguf_type(self, bits: int | None) -> str:
+        """The llama.cpp type `--format gguf --bits N` means ("" if none that slimlm writes)."""
+        return GGUF_BY_BITS.get(bits or 4, "")
+
+    def hf_format(self, bits: int | None, group_size: int, symmetric: bool) -> BlockFormat:
+        """The packed-folder format of `--format hf` (integer codes of `bits`, default 4)."""
+        from slimlm.compress.packed import int_format
+
+        return int_format(bits or 4, group_size, symmetric)
+
+    def check_format(self, kind: str, fmt: BlockFormat) -> None:
+        """Raise SlimlmError if this method cannot write `fmt` ("gguf" or "hf"); before any work."""
+
+    # --- the codes --------------------------------------------------------------------------
+
+    @contextmanager
+    def source(self, job: QuantJob) -> Iterator[Path]:
+        """The folder whose weights get quantized: the input, unless the method rewrites it first."""
+        yield job.folder
+
+    def prepare(self, job: QuantJob, source: Path) -> None:
+        """Build whatever state `choose` needs (once per run, before the first weight)."""
+
+    def choose(self, job: QuantJob, name: str, w: np.ndarray):
+        """(q, d, m): the codes, per-group scales and mins (or None) of the weight `name`, in the
+        layout blocks.pack (GGUF) or packed.save_packed (hf) takes."""
+        return round_to_nearest(job.kind, job.format_for(w.shape[1]), w)
+
+    # --- the run ----------------------------------------------------------------------------
+
+    def quantize(self, request: QuantRequest) -> QuantizeResult:
+        """The whole run: the block pipeline (quant_pipeline.quantize_blocks) with this method's hooks."""
+        return quantize_blocks(self, request)
+
+
+QUANT_METHODS: Registry[QuantMethod] = Registry("quantization method", QuantMethod)
+register_quant_method = QUANT_METHODS.register

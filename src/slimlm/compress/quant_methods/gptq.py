@@ -1,0 +1,83 @@
+"""`gptq`: codes chosen with second-order error compensation from calibration text.
+
+`GPTQ` holds the method's state, as gpt-fast's quantizers do: `prepare` (every layer's Hessians
+in one full-precision pass) or `prepare_sequential` (layer by layer, codes chosen as it goes)
+builds it, and `quantize_tensor` converts one weight. The algorithm itself is compress/gptq.py
+and compress/gptq_sequential.py; `GPTQMethod` is what quantize() dispatches to.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from slimlm.compress.blocks import BlockFormat, rtn
+from slimlm.compress.calibration import calibration_model
+from slimlm.compress.gptq import collect_hessians, gptq_quantize
+from slimlm.compress.quant_methods.base import QuantJob, QuantMethod, register_quant_method
+
+__all__ = ["GPTQ", "GPTQMethod"]
+
+
+class GPTQ:
+    """prepare() once (calibration), then quantize_tensor() per weight from quantize()'s hook."""
+
+    def __init__(self, damp: float = 0.01, act_order: bool = False):
+        self.damp, self.act_order = damp, act_order
+        self.hessians: dict = {}
+        self.codes: dict = {}  # from prepare_sequential: HF weight name -> (q, d, m)
+        self.notes: list[str] = []
+
+    def prepare_sequential(self, model_folder, fmt, calib_texts: list[str] | None = None, samples: int = 32,
+                           seq_len: int = 256, progress: bool = True, transform=None) -> "GPTQ":
+        """Choose every decoder linear's codes now, layer by layer (gptq_sequential.py); memory holds
+        one layer's Hessians at a time. Codes are for llama.cpp's layout (GGUF) unless `transform`
+        says otherwise (identity for a Hugging Face folder); `fmt` may be a function of the width."""
+        from slimlm.compress.gguf_export import layout_transform
+        from slimlm.compress.gptq_sequential import sequential_gptq
+
+        with calibration_model(model_folder, calib_texts) as (model, tokenizer, texts):
+            self.codes = sequential_gptq(model, tokenizer, transform or layout_transform(model_folder), fmt, texts,
+                                         samples=samples, seq_len=seq_len, damp=self.damp,
+                                         act_order=self.act_order, progress=progress)
+        return self
+
+    def prepare(self, model_folder, calib_texts: list[str] | None = None, samples: int = 32,
+                seq_len: int = 256, progress: bool = True) -> "GPTQ":
+        """Collect the Hessians of every decoder linear in one full-precision pass (all kept)."""
+        with calibration_model(model_folder, calib_texts) as (model, tokenizer, texts):
+            self.hessians = collect_hessians(model, tokenizer, texts, samples=samples, seq_len=seq_len,
+                                             progress=progress)
+        return self
+
+    def quantize_tensor(self, fmt: str | BlockFormat, name_hf: str, w: np.ndarray):
+        if name_hf in self.codes:
+            return self.codes[name_hf]
+        key = name_hf[:-len(".weight")] if name_hf.endswith(".weight") else name_hf
+        H = self.hessians.get(key)
+        w = np.asarray(w)
+        if H is None or w.ndim != 2 or tuple(H.shape) != (w.shape[1], w.shape[1]):
+            why = "no calibration Hessian" if H is None else f"Hessian {tuple(H.shape)} does not fit {w.shape}"
+            self.notes.append(f"{name_hf}: {why}, used round-to-nearest")
+            return rtn(fmt, w)
+        H = H.numpy() if hasattr(H, "numpy") else np.asarray(H)
+        return gptq_quantize(fmt, w, H, damp=self.damp, act_order=self.act_order)
+
+
+@register_quant_method("gptq")
+class GPTQMethod(QuantMethod):
+    help = "GPTQ: codes and block scales chosen with second-order error compensation from calibration text"
+    calibrated = True
+
+    def prepare(self, job: QuantJob, source: Path) -> None:
+        if job.sequential:  # codes in the writer's layout: llama.cpp's for GGUF, as stored for a packed folder
+            identity = (lambda name, w: w) if job.kind == "hf" else None  # noqa: E731
+            self.gptq = GPTQ().prepare_sequential(source, job.format_for, job.texts, samples=job.samples,
+                                                  seq_len=job.seq_len, transform=identity)
+        else:
+            self.gptq = GPTQ().prepare(source, job.texts, samples=job.samples, seq_len=job.seq_len)
+        job.notes.extend(self.gptq.notes)
+
+    def choose(self, job: QuantJob, name: str, w: np.ndarray):
+        return self.gptq.quantize_tensor(job.format_for(w.shape[1]), name, w)

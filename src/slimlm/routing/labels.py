@@ -67,21 +67,19 @@ def build_labels(prompts: Sequence[str], references: Sequence[str | list[str] | 
 
 def answer_logprobs(engine, prompt: str, answer: str, top: int = 5):
     """The local answer's token log-probs (and the top-k at each step) by one teacher-forced
-    forward pass, for the cascade policy; None when the backend does not expose its model."""
-    if not all(hasattr(engine, a) for a in ("model", "tokenizer", "device")):
+    forward pass of the backend's scorer, for the cascade policy; None when it cannot score."""
+    if not engine.supports("score"):
         return None, None
-    import torch
+    from slimlm.models.backends.scoring import Request
 
+    scorer = engine.scorer()
     prompt_ids = engine.tokenize(engine.prompt_text(prompt))
-    answer_ids = engine.tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else []
+    answer_ids = scorer.encode(answer) if answer else []
     if not answer_ids:
         return [], []
-    ids = torch.tensor([prompt_ids + answer_ids], device=engine.device)
-    with torch.inference_mode():
-        logits = engine.model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
-    lp = torch.log_softmax(logits, dim=-1)
-    chosen = lp.gather(-1, torch.tensor(answer_ids, device=lp.device)[:, None])[:, 0]
-    return chosen.tolist(), lp.topk(min(top, lp.shape[-1]), dim=-1).values.tolist()
+    scored = scorer.score([Request(prompt_ids + answer_ids, len(prompt_ids))], want_rows=True)[0]
+    rows = scored.rows
+    return scored.logprobs.tolist(), rows.topk(min(top, rows.shape[-1]), dim=-1).values.tolist()
 
 
 def answerers(small: str, large: str, large_model: str | None = None, api_key_env: str | None = None,

@@ -77,7 +77,7 @@ def slimlm_path(model: str, backend: str, docs: list[str], context: int, stride:
     # fp32 on torch: the default on a CPU with native bf16 would be bf16, and other numbers.
     kwargs = {"logits_all": True, "n_ctx": context} if backend == "llamacpp" else {"dtype": "float32"}
     engine = open_backend(model, backend, **kwargs)
-    kernels = engine.plan.describe() if backend == "torch" else engine.precision()
+    kernels = engine.describe()  # torch: the precision plan; llama.cpp: the file type and build
     scorer = make_scorer(engine)
     run_perplexity(scorer, [docs[0][:300]], source="warm-up", context=context, stride=stride)  # untimed
     start = time.perf_counter()

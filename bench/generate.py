@@ -195,7 +195,7 @@ def main() -> int:
     print("\n" + header + "\n" + "-" * (len(header) + 20))
     for name, r in results.items():
         print(f"{name:32} {r['decode_tps']:12.1f} {r['ttft_ms']:9.0f} {r['prefill_tps']:14.0f}   {ratio_text(name)}")
-    print(f"\ntorch precision: {torch_engine.plan.describe()}; prefill prompt {n_long} tokens")
+    print(f"\ntorch precision: {torch_engine.describe()}; prefill prompt {n_long} tokens")
 
     if not args.no_write:
         body = ["| path | decode tok/s | time to first token (ms) | prefill tok/s | decode ratio vs peer: of medians; "
@@ -206,7 +206,7 @@ def main() -> int:
         path = append_section("generate", f"SmolLM2-135M-Instruct, {args.tokens} new tokens x {len(PROMPTS)} prompts, "
                               f"greedy, {args.repeat} rounds, each pair of paths interleaved prompt by prompt; prefill "
                               f"on a {n_long}-token prompt; llama.cpp build "
-                              f"`{build}`; torch precision: {torch_engine.plan.describe()}. "
+                              f"`{build}`; torch precision: {torch_engine.describe()}. "
                               "Command: `python bench/generate.py`.", body)
         print(f"appended to {path}")
     return 0

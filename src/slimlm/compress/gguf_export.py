@@ -56,14 +56,14 @@ def supported() -> str:
     return ", ".join(ARCHS)
 
 
-def _read_config(folder: Path) -> dict:
+def read_config(folder: Path) -> dict:
     try:
         return json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise SlimlmError(f"cannot read {folder / 'config.json'}: {exc}") from exc
 
 
-def _spec_for(config: dict) -> ArchSpec:
+def spec_for(config: dict) -> ArchSpec:
     model_type = config.get("model_type", "unknown")
     if model_type not in ARCHS:
         raise SlimlmError(f"GGUF export does not support model_type {model_type!r}; supported: {supported()}")
@@ -186,7 +186,7 @@ def _weights(folder: Path):
                 yield key, handle.get_tensor(key)
 
 
-def _permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF rotates (first half, second half) of each head; llama.cpp's llama rope rotates adjacent pairs."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -197,17 +197,17 @@ def _transform(name: str, w: np.ndarray, config: dict, spec: ArchSpec, q_fold: f
     if spec.fold_query_scale and name.endswith(spec.fold_query_scale) and q_fold != 1.0:
         w = w * np.float32(q_fold)
     if spec.rope_permute and name.endswith("self_attn.q_proj.weight"):
-        w = _permute_rows(w, config["num_attention_heads"])
+        w = permute_rows(w, config["num_attention_heads"])
     elif spec.rope_permute and name.endswith("self_attn.k_proj.weight"):
-        w = _permute_rows(w, config.get("num_key_value_heads") or config["num_attention_heads"])
+        w = permute_rows(w, config.get("num_key_value_heads") or config["num_attention_heads"])
     return w
 
 
 def layout_transform(model: str | Path):
     """`fn(name_hf, w) -> w` mapping a float32 tensor to llama.cpp's layout, as export_gguf writes it
     (what a `tensor_writer` sees). For quantizers that choose codes before the file is written."""
-    config = _read_config(_folder(model))
-    spec = _spec_for(config)
+    config = read_config(_folder(model))
+    spec = spec_for(config)
     q_fold = query_scale_fold(config, spec)
     return lambda name, w: _transform(name, w, config, spec, q_fold)
 
@@ -238,8 +238,8 @@ def export_gguf(model: str | Path, out: Path, dtype: str = "f16", force: bool = 
         raise SlimlmError(f"unsupported GGUF dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if out.exists() and not force:
         raise SlimlmError(f"{out} already exists: choose another output path or pass --force")
-    config = _read_config(folder)
-    spec = _spec_for(config)
+    config = read_config(folder)
+    spec = spec_for(config)
     tokenizer = load_tokenizer(folder)
     tie = config.get("tie_word_embeddings", True)  # transformers' default when the key is absent
     q_fold = query_scale_fold(config, spec)

@@ -257,7 +257,7 @@ def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path | No
     import numpy as np
     from safetensors.numpy import load_file
 
-    from slimlm.compress.gguf_export import _permute_rows, _read_config, _spec_for, query_scale_fold
+    from slimlm.compress.gguf_export import permute_rows, query_scale_fold, read_config, spec_for
 
     adapter, out = Path(adapter), Path(out)
     cfg = json.loads((adapter / "adapter_config.json").read_text())
@@ -265,8 +265,8 @@ def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path | No
         raise SlimlmError("llama.cpp cannot apply DoRA adapters: fine-tune with --merge and `slimlm export` the result")
     if cfg.get("use_rslora") or cfg.get("alpha_pattern") or cfg.get("rank_pattern"):
         raise SlimlmError("only plain LoRA adapters (one rank and alpha, no rsLoRA) export to GGUF")
-    config = _read_config(Path(base or cfg["base_model_name_or_path"]))
-    spec = _spec_for(config)
+    config = read_config(Path(base or cfg["base_model_name_or_path"]))
+    spec = spec_for(config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.arch.upper()], config["num_hidden_layers"])
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for key, value in load_file(adapter / "adapter_model.safetensors").items():
@@ -286,9 +286,9 @@ def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path | No
             raise SlimlmError(f"{adapter.name}: {hf} has no llama.cpp name for {spec.arch}")
         b = ab["b"]
         if spec.rope_permute and hf.endswith("self_attn.q_proj.weight"):
-            b = _permute_rows(b, n_head)
+            b = permute_rows(b, n_head)
         elif spec.rope_permute and hf.endswith("self_attn.k_proj.weight"):
-            b = _permute_rows(b, config.get("num_key_value_heads") or n_head)
+            b = permute_rows(b, config.get("num_key_value_heads") or n_head)
         if spec.fold_query_scale and hf.endswith(spec.fold_query_scale) and q_fold != 1.0:
             b = b * np.float32(q_fold)
         writer.add_tensor(f"{name}.lora_a", ab["a"])

@@ -59,6 +59,33 @@ def test_perplexity_matches_transformers_loss(tiny_models, context, stride, batc
     assert result.metrics["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-4)
 
 
+def test_eval_scores_in_fp32_unless_asked(tiny_models, capfd):
+    """A log-likelihood score does not change with the CPU: `slimlm eval` scores in fp32 by default
+    (where `auto` would pick bf16 on a CPU with native bf16), prints and records the precision,
+    and runs bf16 only when asked."""
+    from slimlm.errors import SlimlmError
+    from slimlm.eval import evaluate
+    from slimlm.runs import list_runs
+    from tests.conftest import run_cli
+
+    folder = str(tiny_models("llama"))
+    options = {"limit": 1, "context": 64, "systems": False, "record": False}
+    default = evaluate(folder, "perplexity:python-docs", **options)
+    assert default.params["precision"].startswith("fp32")
+    direct = run_perplexity(TorchScorer(open_backend(folder, "torch", dtype="float32")), python_docs()[:1],
+                            source="t", context=64)
+    assert default.metrics["perplexity"] == direct.metrics["perplexity"]
+    asked = evaluate(folder, "perplexity:python-docs", dtype="bf16", **options)
+    assert asked.params["precision"].startswith("bf16")
+    with pytest.raises(SlimlmError, match="--dtype must be one of auto, fp32, bf16"):
+        evaluate(folder, "perplexity:python-docs", dtype="fp16", **options)
+
+    code, out, _ = run_cli(capfd, "eval", folder, "--task", "perplexity:python-docs", "--limit", "1", "--context", "64",
+                           "--no-systems")
+    assert code == 0 and "precision" in out and "fp32" in out
+    assert list_runs(limit=1)[0].params["precision"].startswith("fp32")
+
+
 def test_fidelity_is_zero_against_itself_and_matches_direct_kl(tiny_models, tiny_tokenizer_dir, tmp_path):
     import torch
 

@@ -36,21 +36,37 @@ def choose_backend(ref, kind: str, backend: str) -> str:
     return pick_backend(ref, backend)
 
 
-def _open(ref, name: str, kind: str, context: int):
-    from slimlm.models.backends import open_backend
+DTYPES = ("auto", "fp32", "bf16")
 
-    if name == "llamacpp" and get_task_kind(kind).needs_loglik:
+
+def eval_dtype(kind: str, dtype: str | None) -> str:
+    """The compute precision a task runs in: log-likelihood tasks score in fp32 unless asked, so a
+    score does not change with the CPU (`auto` picks bf16 on CPUs with native bf16); generation
+    keeps `auto`, the fastest plan measured on this machine."""
+    if dtype is not None and dtype not in DTYPES:
+        raise SlimlmError(f"--dtype must be one of {', '.join(DTYPES)} (got '{dtype}')")
+    return dtype or ("fp32" if get_task_kind(kind).needs_loglik else "auto")
+
+
+def _open(ref, name: str, kind: str, context: int, dtype: str | None = None):
+    from slimlm.models.backends import BACKENDS, open_backend
+
+    cls, kwargs = BACKENDS[name], {}
+    if get_task_kind(kind).needs_loglik:
         # Scoring needs the logits of every position, and the window must fit in the context.
-        return open_backend(str(ref.path), "llamacpp", logits_all=True, n_ctx=max(context, 512))
-    return open_backend(str(ref.path), name)
+        kwargs.update(cls.scoring_options(max(context, 512)))
+    if cls.supports("dtype"):
+        kwargs["dtype"] = eval_dtype(kind, dtype)
+    return open_backend(ref, name, **kwargs)
 
 
 def evaluate(model: str, task: str, *, backend: str = "auto", limit: int | None = None, batch_size: int = 1,
              seed: int = 0, shots: int | None = None, chat: bool | None = None, context: int = 2048,
              stride: int | None = None, field: str | None = None, reference: str | None = None,
              reference_backend: str = "auto", skip_bad_lines: bool = False, samples: int = 1,
-             systems: bool = True, record: bool = True, cost=None) -> EvalResult:
-    """Run one task on one model. See TASK_KINDS for the tasks and `slimlm eval --help` for options."""
+             systems: bool = True, record: bool = True, cost=None, dtype: str | None = None) -> EvalResult:
+    """Run one task on one model. See TASK_KINDS for the tasks and `slimlm eval --help` for options.
+    dtype: auto, fp32 or bf16 on torch; None is fp32 for log-likelihood tasks, auto for generation."""
     from slimlm.data import JsonlReport
     from slimlm.models.reference import resolve
 
@@ -59,6 +75,7 @@ def evaluate(model: str, task: str, *, backend: str = "auto", limit: int | None 
         raise SlimlmError(f"--limit must be at least 1 (got {limit})")
     if batch_size < 1:
         raise SlimlmError(f"--batch-size must be at least 1 (got {batch_size})")
+    eval_dtype(kind, dtype)  # a bad --dtype fails in a second, before data or model load
     task_kind = get_task_kind(kind)
     if reference and not task_kind.takes_reference:
         raise SlimlmError("--reference applies to perplexity tasks (fidelity on the same text)")
@@ -66,18 +83,19 @@ def evaluate(model: str, task: str, *, backend: str = "auto", limit: int | None 
                           shots=shots if shots is not None else getattr(argument, "shots", 0), chat=chat,
                           context=context, stride=stride, field=field, reference=reference,
                           reference_backend=reference_backend, skip_bad_lines=skip_bad_lines, samples=samples,
-                          open_model=lambda spec, name, kind_name: _open_model(spec, name, kind_name, context))
+                          open_model=lambda spec, name, kind_name: _open_model(spec, name, kind_name, context, dtype))
     report = JsonlReport()
     # Read and validate the data before loading a model, so bad input fails in a second.
     data = task_kind.load(argument, options, report)
     ref = resolve(model)
     name = choose_backend(ref, kind, backend)
+    _check_dtype(name, dtype)
     start = time.perf_counter()
-    engine = _open(ref, name, kind, context)
+    engine = _open(ref, name, kind, context, dtype)
     load_s = time.perf_counter() - start
     result = task_kind.run(argument, data, engine, options)
-    result.task, result.model, result.backend = task, ref.spec, engine.name
-    result.params.update({"backend": engine.name, "precision": engine.precision(), "limit": limit,
+    result.task, result.model, result.backend = task, ref.spec, engine.label
+    result.params.update({"backend": engine.label, "precision": engine.precision(), "limit": limit,
                           "batch_size": batch_size, "seed": seed, "field": field,
                           "skipped_lines": len(report.skipped)})
     if systems:
@@ -92,12 +110,20 @@ def evaluate(model: str, task: str, *, backend: str = "auto", limit: int | None 
     return result
 
 
-def _open_model(model: str, backend: str, kind: str, context: int):
+def _check_dtype(name: str, dtype: str | None) -> None:
+    from slimlm.models.backends import BACKENDS
+
+    if dtype not in (None, "auto") and not BACKENDS[name].supports("dtype"):
+        raise SlimlmError(f"--dtype applies to the torch backend: the {name} backend computes in the model file's own "
+                          "types (drop --dtype, or use --backend torch)")
+
+
+def _open_model(model: str, backend: str, kind: str, context: int, dtype: str | None = None):
     """A second model for a task (perplexity's --reference), opened as the evaluated one is."""
     from slimlm.models.reference import resolve
 
     ref = resolve(model)
-    return _open(ref, choose_backend(ref, kind, backend), kind, context)
+    return _open(ref, choose_backend(ref, kind, backend), kind, context, dtype)
 
 
 __all__ = ["EvalResult", "TASK_KINDS", "evaluate"]

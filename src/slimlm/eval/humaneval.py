@@ -145,7 +145,7 @@ def run_humaneval(backend: Backend, *, limit: int | None = None, samples: int = 
     ref = getattr(backend, "ref", None)
     return EvalResult(
         task="humaneval", kind="humaneval", model=ref.display_name if ref is not None else "?",
-        backend=backend.name, metrics=metrics, primary="pass@1", higher_is_better=True, examples=len(details),
+        backend=backend.label, metrics=metrics, primary="pass@1", higher_is_better=True, examples=len(details),
         params={"limit": limit, "samples": samples, "ks": list(ks), "temperature": temperature, "top_p": top_p,
                 "seed": seed, "chat": chat, "max_tokens": max_tokens, "timeout_s": timeout_s,
                 "memory_mb": memory_mb, "shots": 0, "sandbox": isolation()},

@@ -217,8 +217,16 @@ def test_one_class_or_untrained_is_a_user_error():
         LearnedRouter().decide("hello")
 
 
+# (p50, p99) bounds in ms on the per-request cost of a learned decision: ~10x what a shared 2-core
+# machine measured (static MiniLM and hashing: p50 0.1 ms, p99 13-20 ms, the p99 being scheduler
+# noise; MiniLM in context: p50 41 ms, p99 59 ms), so they fail on a regression (an encoder run
+# for a static feature, a refit per call), not on a busy machine. bench/serve.py measures it.
+DECISION_MS = {"minilm-static": (5.0, 200.0), "hashing": (5.0, 200.0), "minilm": (400.0, 1000.0)}
+
+
 def test_decision_time(trained):
-    """Not a timing assertion: prints the per-request cost of a learned decision."""
+    """A learned decision costs what the README says: well under a millisecond with the default
+    features, tens of milliseconds with MiniLM in context."""
     prompts, _ = synthetic(60, seed=6)
     trained.decide(prompts[0])  # warm
     times = []
@@ -228,6 +236,8 @@ def test_decision_time(trained):
         times.append(time.perf_counter() - start)
     p50, p99 = np.percentile(times, [50, 99]) * 1000
     print(f"\nlearned router decide(): p50 {p50:.1f} ms, p99 {p99:.1f} ms over {len(times)} prompts")
+    max_p50, max_p99 = DECISION_MS[trained.features]
+    assert p50 < max_p50 and p99 < max_p99, (trained.features, p50, p99)
 
 
 # -- labels and curves --------------------------------------------------------------------------

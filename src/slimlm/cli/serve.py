@@ -9,6 +9,12 @@ import typer
 
 from slimlm.cli.app import BackendOpt, ModelArg, app, err
 from slimlm.errors import SlimlmError
+from slimlm.serve.policies import POLICIES, sends_to_large
+
+# Generated from the registry of routing policies (slimlm/serve/policies.py).
+_POLICY_HELP = ("How requests are routed: " + "; ".join(f"{name}: {text}" for name, text in POLICIES.items())
+                + ' (default: cascade with --large, else local). A request may override it with '
+                  '"slimlm": {"route": "local"|"large"|"auto"}.')
 
 
 @app.command()
@@ -40,10 +46,7 @@ def serve(
                                              help="Model name to ask a --large URL for (default: the request's)."),
     large_timeout: float = typer.Option(30.0, "--large-timeout", rich_help_panel="Routing",
                                         help="Seconds to wait for a --large URL per try (2 retries with backoff)."),
-    policy: Optional[str] = typer.Option(None, "--policy", rich_help_panel="Routing",
-                                         help="local | large | cascade | learned (default: cascade with --large, "
-                                              "else local). A request may override it with "
-                                              '"slimlm": {"route": "local"|"large"|"auto"}.'),
+    policy: Optional[str] = typer.Option(None, "--policy", rich_help_panel="Routing", help=_POLICY_HELP),
     router: Optional[str] = typer.Option(None, "--router", metavar="PATH", rich_help_panel="Routing",
                                          help="The learned router (`slimlm router train`) for --policy learned."),
     cascade_threshold: Optional[float] = typer.Option(None, "--cascade-threshold", rich_help_panel="Routing",
@@ -100,7 +103,7 @@ def serve(
 
     if large_api_key_env and not large:
         raise SlimlmError("--large-api-key-env is the key for --large URL: give --large too, or leave it out")
-    if policy not in (None, "local") and not large:
+    if sends_to_large(policy) and not large:
         raise SlimlmError(f"--policy {policy} sends requests to a large model: name one with --large MODEL_OR_URL")
     config = ServeConfig(host=host, port=port, max_tokens_cap=max_tokens_cap, queue_size=queue_size,
                          api_keys=keys_from_env(api_key_env) if api_key_env else [],
@@ -120,7 +123,7 @@ def serve(
         app = create_app(engine, config, large=big)
         names = ", ".join(engine.model_names)
         auth = f"keys from ${api_key_env}" if config.api_keys else "no API key (loopback only)"
-        err.print(f"[dim]serving {names} on {engine.backend.name} at http://{host}:{port}/v1 ({auth}); "
+        err.print(f"[dim]serving {names} on {engine.backend.label} at http://{host}:{port}/v1 ({auth}); "
                   "Ctrl-C stops[/dim]")
         if large:
             where = without_userinfo(large) if is_url(large) else f"{big.name} (in-process)"

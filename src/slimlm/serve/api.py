@@ -16,12 +16,11 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
@@ -32,31 +31,9 @@ from slimlm.serve.config import ServeConfig
 from slimlm.serve.engine import Engine, Job, QueueFull, Task
 from slimlm.serve.guard import Guard
 from slimlm.serve.metrics import Metrics
+from slimlm.serve.types import APIError, Decision
 
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape with its HTTP status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error", headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(S.error_body(self.message, self.type, self.param, self.code), self.status,
-                            headers=self.headers)
-
-
-@dataclass
-class Decision:
-    """Where a request runs, and why (the reason is recorded, and sent in x-slimlm-reason)."""
-
-    route: str = "local"  # "local" or "large"; records also say "local-fallback" (the large model failed)
-    reason: str = "default"
-    privacy: str | None = None  # what the privacy guard found, e.g. "redact: email" (kinds, never values)
-    redact: bool = False  # send placeholders upstream and restore the values in the answer
-    label: str | None = None  # the escalation metric's label (default: reason); keep it to a few values
+__all__ = ["APIError", "Decision", "Router", "Server", "Upstream", "create_app"]
 
 
 class Upstream(Protocol):
@@ -167,7 +144,7 @@ class Server:
         """One dict per finished request, given to config.on_record. Keys: those of the ledger's
         columns (time, route, reason, model_local, model_large, tokens_in, tokens_out, latency_s,
         ttft_s, privacy) plus endpoint, model (as the client named it) and status (ok, cancelled,
-        error). `job` is an engine Job or anything with the same counters (hybrid.Continued)."""
+        error). `job` is an engine Job or anything with the same counters (cascade.Continued)."""
         route = decision.route
         end = job.finished_at if job is not None and job.finished_at else time.perf_counter()
         first = job.first_token_at if job is not None and job.first_token_at else first_token_at
@@ -280,7 +257,7 @@ def create_app(engines: Engine | list[Engine] | dict[str, Engine], config: Serve
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": {e.name: {"backend": e.backend.name, "context": e.context,
+        return {"status": "ok", "models": {e.name: {"backend": e.backend.label, "context": e.context,
                                                     "queue_depth": e.queue_depth, "queue_size": e.queue_size}
                                            for e in server.engines.values()}}
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from slimlm.errors import SlimlmError
+from slimlm.serve.policies import POLICIES, POLICY_REGISTRY
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
-POLICIES = ("local", "large", "cascade", "learned")
 PRIVACY_MODES = ("local", "redact", "off")
 # Defaults per cascade metric: a mean token log-prob of -1 is a model choosing among ~3 tokens.
 CASCADE_THRESHOLDS = {"mean": -1.0, "min": -4.0, "entropy": -1.5}
@@ -78,7 +78,7 @@ class ServeConfig:
     n_ctx: int | None = None  # context to open the model with (llama.cpp) or to cap it at (torch)
     on_record: Callable[[dict], None] | None = None  # called with one dict per finished request
     # -- hybrid routing (hybrid.py); the large model itself is passed to create_app --
-    policy: str = "local"  # local | large | cascade | learned; a request may override it (see hybrid.py)
+    policy: str = "local"  # a name in policies.POLICIES (local | large | cascade | learned); a request may override it
     router_path: str | None = None  # the learned router's file (`slimlm router train`)
     cascade_threshold: float | None = None  # None: CASCADE_THRESHOLDS[cascade_metric]
     cascade_metric: str = "mean"  # mean | min | entropy
@@ -105,8 +105,7 @@ class ServeConfig:
                               "with --api-key-env NAME (keys in $NAME, comma separated), or keep --host 127.0.0.1")
         if self.policy not in POLICIES:
             raise SlimlmError(f"--policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
-        if self.policy == "learned" and not self.router_path:
-            raise SlimlmError("--policy learned needs --router PATH (a router written by `slimlm router train`)")
+        POLICY_REGISTRY[self.policy].check(self)
         if self.cascade_metric not in CASCADE_THRESHOLDS:
             raise SlimlmError(f"--cascade-metric {self.cascade_metric!r}: choose one of "
                               f"{', '.join(CASCADE_THRESHOLDS)}")

@@ -5,8 +5,9 @@ For each chat or completion request, in this order:
    prompts, several prompts at once) stay local;
 2. the body field `"slimlm": {"route": "local" | "large" | "auto"}` overrides the policy for
    this request (the openai client sends it with `extra_body={"slimlm": {"route": "large"}}`);
-3. the policy (ServeConfig.policy, or a Router hook) decides: `local`, `large`, `learned` (from
-   the prompt, before anything is generated) or `cascade`: the small model writes its first N
+3. the policy (ServeConfig.policy, a class in policies.py's registry, or a Router hook) decides:
+   `local`, `large`, `learned` (from the prompt, before anything is generated) or `cascade`
+   (cascade.py): the small model writes its first N
    tokens, held back, and its own token log-probs decide whether it goes on or the large model
    answers. Nothing has been sent yet either way, so a streaming client gets one answer from
    one model, and a confident small model costs no extra latency beyond N buffered tokens;
@@ -23,19 +24,18 @@ in the `x-slimlm-route` and `x-slimlm-reason` headers, and every request becomes
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import queue
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from slimlm.errors import SlimlmError
-from slimlm.serve.api import APIError, Decision
-from slimlm.serve.engine import Engine, Result, Task, TokenLogprob
+from slimlm.serve.engine import Engine, Task
 from slimlm.serve.large import CHAT, Remote, ask_remote, fell_back, headers
+from slimlm.serve.policies import DEFERRED, POLICY_REGISTRY, ask_hook
+from slimlm.serve.types import APIError, Decision
 
 log = logging.getLogger("slimlm.serve")
 ROUTES = ("local", "large", "auto")
@@ -72,30 +72,6 @@ def requested_route(body: dict) -> str | None:
     return None if route == "auto" else route
 
 
-async def _ask(router, text: str, body: dict) -> Decision:
-    """A policy's or hook's decision; a failing one answers locally (private, always there)."""
-    decide = router.decide
-    try:  # a policy that decides from the prompt alone may take just the text
-        one_arg = len(inspect.signature(decide).parameters) == 1
-    except (TypeError, ValueError):
-        one_arg = False
-    try:
-        if getattr(router, "name", None) == "learned":  # an encoder forward pass: off the event loop
-            decision = await asyncio.to_thread(decide, text)
-        else:
-            decision = decide(text) if one_arg else decide(text, body)
-            if inspect.isawaitable(decision):
-                decision = await decision
-    except Exception as exc:  # noqa: BLE001 - local is the safe side
-        log.exception("the router failed")
-        return Decision("local", f"the router failed ({type(exc).__name__}), answered locally")
-    if decision.route not in ("local", "large"):
-        raise APIError(500, f"the router chose route {decision.route!r}: routes are 'local' and 'large'",
-                       type_="server_error")
-    label = f"policy {router.name}" if getattr(router, "name", None) in ("large", "learned") else None
-    return Decision(decision.route, decision.reason, label=label)
-
-
 class Hybrid:
     """The routing of one server: a policy or hook, the large model, the privacy guard."""
 
@@ -105,24 +81,17 @@ class Hybrid:
     @classmethod
     def build(cls, config, hook=None, large=None) -> Hybrid:
         from slimlm.serve.privacy import PrivacyGuard
-        from slimlm.serve.router import CascadePolicy, LargePolicy, LearnedRouter, LocalPolicy
 
         policy = None
         if hook is not None:
             upstream = getattr(hook, "upstream", None)
             large = Remote(upstream) if upstream is not None else large
-        elif config.policy == "local":
-            policy = LocalPolicy()
-        elif large is None:
-            raise SlimlmError(f"--policy {config.policy} sends requests to a large model: name one with "
-                              "--large MODEL_OR_URL, or use --policy local")
-        elif config.policy == "large":
-            policy = LargePolicy()
-        elif config.policy == "cascade":
-            policy = CascadePolicy(config.cascade_threshold, config.cascade_metric, config.cascade_first_n)
         else:
-            policy = LearnedRouter.load(config.router_path)
-            policy.decide("warm-up")  # loads the encoder now, not on the first request
+            kind = POLICY_REGISTRY[config.policy]
+            if kind.needs_large and large is None:
+                raise SlimlmError(f"--policy {config.policy} sends requests to a large model: name one with "
+                                  "--large MODEL_OR_URL, or use --policy local")
+            policy = kind.build(config)
         remote = large is not None and not isinstance(large, Engine)
         guard = PrivacyGuard(config.privacy) if remote and config.privacy != "off" else None
         name = large.name if isinstance(large, Engine) else config.large_name
@@ -130,7 +99,7 @@ class Hybrid:
 
     # -- deciding ----------------------------------------------------------------------------
     async def choose(self, call: Call) -> Decision:
-        """local, large, or cascade (decided after the small model's first tokens)."""
+        """local, large, or DEFERRED (the policy decides after the small model's first tokens)."""
         wanted = requested_route(call.body)
         if call.local_only:
             return Decision("local", call.local_only)
@@ -144,11 +113,9 @@ class Hybrid:
         elif self.hook is not None:
             if call.endpoint != CHAT:
                 return Decision("local", "completions are answered locally (the router hook routes chat)")
-            decision = await _ask(self.hook, call.text, call.body)
-        elif self.policy.name == "cascade":
-            decision = Decision("cascade", "cascade")
+            decision = await ask_hook(self.hook, call.text, call.body)
         else:
-            decision = await _ask(self.policy, call.text, call.body)
+            decision = await self.policy.choose(call)
         return decision if decision.route == "local" else await self._guarded(call, decision)
 
     async def _guarded(self, call: Call, decision: Decision) -> Decision:
@@ -161,71 +128,25 @@ class Hybrid:
             return replace(decision, privacy=f"{self.guard.mode}: nothing found")
         privacy = f"{self.guard.mode}: {', '.join(found.kinds)}"
         if not found.allowed_to_leave:
-            return Decision("local", f"privacy: {found.reason}", privacy)
+            return Decision("local", f"privacy: {found.reason}", privacy=privacy)
         return replace(decision, privacy=privacy, redact=True)
 
     # -- answering ---------------------------------------------------------------------------
     async def answer(self, server, call: Call):
         tasks = call.tasks(call.engine)  # a bad request fails here, whatever the route
         decision = await self.choose(call)
-        if decision.route == "cascade":
-            return await self._cascade(server, call, tasks[0], decision)
+        if decision.route == DEFERRED:
+            return await self.policy.answer(self, server, call, tasks[0], decision)
         if decision.route == "large":
-            answered = await self._escalate(server, call, decision)
+            answered = await self.escalate(server, call, decision)
             if not isinstance(answered, str):
                 return answered
-            decision = Decision("local-fallback", answered, decision.privacy)
+            decision = Decision("local-fallback", answered, privacy=decision.privacy)
         job = server.submit(call.engine, tasks, call.adapter, endpoint=call.endpoint, model=call.model,
                             decision=decision, started=call.started, model_large=self.large_name)
         return await call.respond(job, call.model, headers(decision))
 
-    async def _cascade(self, server, call: Call, task: Task, decision: Decision):
-        """The small model's first tokens, held back; then its log-probs pick who answers. Going
-        on locally continues from those tokens in a second job, so nothing is generated twice."""
-        policy = self.policy
-        need = 5 if policy.metric == "entropy" else 0
-        probe = replace(task, params=replace(task.params, max_tokens=min(policy.first_n, task.params.max_tokens)),
-                        logprobs=max(call.logprobs or 0, need))
-        job = server.queue(call.engine, [probe], call.adapter)
-        pieces, first = [], None
-        async for kind, payload in job:
-            if kind == "token":
-                pieces.append(payload[1])
-            else:
-                first = payload
-        if first is None:
-            raise APIError(499, "the client closed the request", code="client_closed_request")
-        lps = first.logprobs or []
-        verdict = policy.should_escalate([t.logprob for t in lps], [[v for _, v in t.top] for t in lps] if need else None)
-        decided_at = time.perf_counter()
-        if verdict.route == "large":
-            answered = await self._escalate(server, call, replace(decision, route="large", reason=verdict.reason,
-                                                                  label="cascade"))
-            if not isinstance(answered, str):
-                return answered
-            local = Decision("local-fallback", answered, decision.privacy)
-        else:
-            local = Decision("local", verdict.reason, decision.privacy)
-        second, limit = None, task.params.max_tokens
-        if first.text and first.finish_reason == "length" and first.completion_tokens < limit:
-            ids = task.ids + call.engine.scoring.scorer().encode(first.text)
-            room = min(limit - first.completion_tokens, call.engine.context - len(ids))
-            if room > 0:
-                rest = replace(task, ids=ids, params=replace(task.params, max_tokens=room), logprobs=call.logprobs)
-                second = server.queue(call.engine, [rest], call.adapter)
-        joined = Continued(job, first, pieces, second, call.logprobs, decided_at if call.stream else None)
-
-        def record(_job=None):
-            server.record(endpoint=call.endpoint, model=call.model, decision=local, started=call.started,
-                          job=joined, model_large=self.large_name)
-
-        if second is None:
-            record()
-        else:
-            second.on_done.append(record)
-        return await call.respond(joined, call.model, headers(local))
-
-    async def _escalate(self, server, call: Call, decision: Decision):
+    async def escalate(self, server, call: Call, decision: Decision):
         """The large model's answer as a response, or, if it failed before answering, a string
         saying why (the caller then answers locally)."""
         large = self.large
@@ -240,49 +161,6 @@ class Hybrid:
                 return fell_back(decision, exc)
             return await call.respond(job, large.name, headers(decision))
         return await ask_remote(server, call, decision, large, self.guard, self.large_name)
-
-
-class Continued:
-    """One answer written by two jobs, read like one Job by the response builders in routes.py:
-    the cascade's held-back first tokens (from `first_job`, finished), then `second`'s."""
-
-    def __init__(self, first_job, first: Result, pieces: list[str], second, keep: int | None,
-                 shown_at: float | None) -> None:
-        self.first_job, self.first, self.pieces, self.second = first_job, first, pieces, second
-        self.keep, self.shown_at = keep, shown_at
-
-    prompt_tokens = property(lambda self: self.first.prompt_tokens)
-    completion_tokens = property(lambda self: self.first_job.completion_tokens
-                                 + (self.second.completion_tokens if self.second else 0))
-    first_token_at = property(lambda self: self.shown_at or self.first_job.first_token_at)
-    finished_at = property(lambda self: (self.second or self.first_job).finished_at)
-    status = property(lambda self: (self.second or self.first_job).status)
-
-    def cancel(self) -> None:
-        if self.second is not None:
-            self.second.cancel()
-
-    async def __aiter__(self):
-        for piece in self.pieces:
-            yield "token", (0, piece)
-        if self.second is None:
-            yield "result", self._merged(None)
-            return
-        async for kind, payload in self.second:
-            yield (kind, payload) if kind == "token" else ("result", self._merged(payload))
-
-    async def results(self) -> list[Result]:
-        return [payload async for kind, payload in self if kind == "result"]
-
-    def _merged(self, rest: Result | None) -> Result:
-        first, lps = self.first, None
-        if self.keep is not None:  # the probe may have asked for more alternatives than the client
-            lps = [TokenLogprob(t.token, t.logprob, t.top[:self.keep], t.raw) for t in first.logprobs or []]
-            lps += (rest.logprobs or []) if rest else []
-        if rest is None:
-            return replace(first, logprobs=lps)
-        return Result(first.index, first.text + rest.text, rest.finish_reason, first.prompt_tokens,
-                      first.completion_tokens + rest.completion_tokens, None, lps)
 
 
 class LedgerWriter:

@@ -17,13 +17,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from slimlm.serve import schemas as S
-from slimlm.serve.api import APIError, Server
 from slimlm.serve.engine import Engine, Job, Result, Task
 from slimlm.serve.hybrid import Call
 from slimlm.serve.large import CHAT, COMPLETIONS
+from slimlm.serve.types import APIError
 
 
-def add_routes(app: FastAPI, server: Server) -> None:
+def add_routes(app: FastAPI, server) -> None:
+    """The two completion routes on `app`, answered by `server` (the api.Server: not imported
+    here, so that api.py may import this module without a cycle)."""
+
     @app.post(CHAT)
     async def chat_completions(body: S.ChatRequest, request: Request):
         return await chat(server, body, request)
@@ -37,7 +40,7 @@ def _gone() -> APIError:
     return APIError(499, "the client closed the request", code="client_closed_request")
 
 
-async def chat(server: Server, body: S.ChatRequest, request: Request):
+async def chat(server, body: S.ChatRequest, request: Request):
     started = time.perf_counter()
     engine, adapter = server.resolve(body.model)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -45,7 +48,7 @@ async def chat(server: Server, body: S.ChatRequest, request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
     if body.logprobs and not engine.supports_logprobs:
-        raise APIError(400, f"the {engine.backend.name} backend cannot give log-probabilities", "logprobs")
+        raise APIError(400, f"the {engine.backend.label} backend cannot give log-probabilities", "logprobs")
     messages = [m.as_dict() for m in body.messages]
     k = (body.top_logprobs or 0) if body.logprobs else None
     rid = S.new_id("chatcmpl")
@@ -91,7 +94,7 @@ async def _chat_frames(job: Job, rid: str, model: str, include_usage: bool, logp
     yield S.SSE_DONE
 
 
-async def complete(server: Server, body: S.CompletionRequest, request: Request):
+async def complete(server, body: S.CompletionRequest, request: Request):
     started = time.perf_counter()
     engine, adapter = server.resolve(body.model)
     prompts = body.prompts()
@@ -100,7 +103,7 @@ async def complete(server: Server, body: S.CompletionRequest, request: Request):
                        "empty_prompt")
     params = server.params(body, server.max_tokens(body.max_tokens, 16))  # 16: OpenAI's default here
     if body.logprobs is not None and not engine.supports_logprobs:
-        raise APIError(400, f"the {engine.backend.name} backend cannot give log-probabilities", "logprobs")
+        raise APIError(400, f"the {engine.backend.label} backend cannot give log-probabilities", "logprobs")
     echo_scoring = bool(body.echo) and body.logprobs is not None
     rid = S.new_id("cmpl")
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -109,6 +109,7 @@ def test_the_registry_dispatches_and_names_the_choices(tiny_models):
 def test_a_backend_without_optional_parts_says_so():
     backend = ScriptedBackend(["a"])
     assert not any(backend.supports(c) for c in ("score", "adapters", "batch", "dtype"))
+    assert not backend.uses_accelerator() and backend.ref is None
     for call in (backend.scorer, lambda: backend.token_bytes(1), lambda: backend.context_length,
                  lambda: backend.generate_batch([[1]], 2)):
         with pytest.raises(BackendUnavailable):
@@ -131,7 +132,7 @@ def test_torch_interface_matches_transformers(tiny_models):
     assert engine.context_length == config.max_position_embeddings and engine.vocab_size == config.vocab_size
     assert open_backend(folder, "torch", dtype="float32", n_ctx=100).context_length == 100  # serve --n-ctx caps it
     assert all(engine.supports(c) for c in ("score", "adapters", "batch", "dtype")) and not engine.supports("x")
-    assert engine.describe() == engine.plan.describe()
+    assert engine.describe() == engine.plan.describe() and engine.uses_accelerator() == (engine.device != "cpu")
 
     text = "print('naïve → café')\n"  # multi-byte characters split across byte-level tokens
     ids = engine.tokenize(text)

@@ -29,12 +29,11 @@ The returned dict (JSON-serialisable) has these keys:
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Sequence
 
-from slimlm.errors import SlimlmError
+from slimlm.errors import BackendUnavailable, SlimlmError
 from slimlm.eval.cost import CostConfig, EnergyMeter, api_cost_per_1m, load_api_prices, local_cost_per_1m
 from slimlm.models.backends.base import Backend, GenerationParams
 
@@ -88,25 +87,14 @@ def _prompt(backend: Backend, corpus: str, index: int, tokens: int) -> str:
 
 
 def _context_length(backend: Backend) -> int | None:
-    llm = getattr(backend, "llm", None)
-    if llm is not None and hasattr(llm, "n_ctx"):
-        return int(llm.n_ctx())
-    config = getattr(getattr(backend, "model", None), "config", None)
-    if config is not None:
-        config = getattr(config, "text_config", None) or config
-        return getattr(config, "max_position_embeddings", None)
-    return None
+    try:
+        return backend.context_length
+    except BackendUnavailable:  # a backend that does not know it: every length is tried
+        return None
 
 
 def _uses_accelerator(backend: Backend) -> bool:
-    if getattr(backend, "llm", None) is not None:  # llama.cpp offloads layers when built with GPU support
-        try:
-            import llama_cpp
-
-            return bool(llama_cpp.llama_supports_gpu_offload()) and os.environ.get("SLIMLM_GPU", "1") != "0"
-        except (ImportError, AttributeError):
-            return False
-    return getattr(backend, "device", "cpu") != "cpu"
+    return backend.uses_accelerator()
 
 
 def _peak_rss_bytes() -> int:

@@ -101,8 +101,7 @@ class Engine:
     def __init__(self, backend: Backend, name: str | None = None, *, queue_size: int = 16,
                  n_ctx: int | None = None, adapters: dict[str, str] | None = None) -> None:
         self.backend = backend
-        ref = getattr(backend, "ref", None)
-        self.name = name or (model_name(ref) if ref is not None else backend.label)
+        self.name = name or (model_name(backend.ref) if backend.ref is not None else backend.label)
         self.queue_size = queue_size
         native = backend.context_length
         self.context = min(native, n_ctx) if n_ctx else native

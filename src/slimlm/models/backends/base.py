@@ -143,6 +143,10 @@ class Backend(ABC):
         """Rows of the model's output layer (log-probability rows have this many entries)."""
         raise BackendUnavailable(f"the {self.label} backend does not report its vocabulary size")
 
+    def uses_accelerator(self) -> bool:
+        """Whether the model computes on a GPU (or other accelerator) rather than the CPU."""
+        return False
+
     def token_bytes(self, token: int) -> bytes:
         """A token's own bytes, which may be part of a character (byte-level vocabularies): what
         OpenAI's `bytes` field carries."""

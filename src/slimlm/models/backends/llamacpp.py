@@ -81,6 +81,15 @@ class LlamaCppBackend(Backend):
     def vocab_size(self) -> int:
         return self.llm.n_vocab()
 
+    def uses_accelerator(self) -> bool:
+        """llama.cpp offloads layers when built with GPU support (and SLIMLM_GPU is not 0)."""
+        import llama_cpp
+
+        try:
+            return bool(llama_cpp.llama_supports_gpu_offload()) and os.environ.get("SLIMLM_GPU", "1") != "0"
+        except AttributeError:
+            return False
+
     def token_bytes(self, token: int) -> bytes:
         return self.llm.detokenize([token], special=True)
 

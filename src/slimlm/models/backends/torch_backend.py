@@ -102,8 +102,13 @@ class TorchBackend(Backend):
 
     @property
     def context_length(self) -> int:
-        native = getattr(self.model.config, "max_position_embeddings", None) or 4096
+        config = self.model.config
+        native = (getattr(config, "max_position_embeddings", None)
+                  or getattr(getattr(config, "text_config", None), "max_position_embeddings", None) or 4096)
         return min(native, self.n_ctx) if self.n_ctx else native
+
+    def uses_accelerator(self) -> bool:
+        return self.device != "cpu"
 
     @property
     def vocab_size(self) -> int:

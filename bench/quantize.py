@@ -82,10 +82,12 @@ def protocol_ids(path: Path, text: str) -> list[list[int]]:
     """llama-perplexity's chunks: the text tokenized as the model's vocabulary says (BOS first only
     if it asks for one), cut into n_ctx pieces; only where the vocabulary adds BOS is each piece's
     first token replaced by BOS (SmolLM2's does not, Gemma's does)."""
-    engine = open_backend(str(path), "llamacpp", n_ctx=CONTEXT)
-    ids = engine.llm.tokenize(text.encode(), add_bos=True)  # llama_tokenize adds BOS only if the vocab wants it
-    bos = engine.llm.token_bos()
-    engine.close()
+    from llama_cpp import Llama  # the peer's own tokenizer, read directly: this is its protocol, not slimlm's
+
+    vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    ids = vocab.tokenize(text.encode(), add_bos=True)  # llama_tokenize adds BOS only if the vocab wants it
+    bos = vocab.token_bos()
+    vocab.close()
     adds_bos = bool(ids) and ids[0] == bos
     return [([bos] + ids[i * CONTEXT + 1:(i + 1) * CONTEXT]) if adds_bos else ids[i * CONTEXT:(i + 1) * CONTEXT]
             for i in range(len(ids) // CONTEXT)]

@@ -30,25 +30,16 @@ def generate(
 
     Example: slimlm generate smollm2-135m-instruct "Name three prime numbers."
     """
-    from slimlm.models.backends import open_backend
-    from slimlm.models.reference import resolve
-    from slimlm.runs import record
+    from slimlm.generate import Generation
 
-    params = generation_params(max_tokens, temperature, seed, top_p)
-    if not prompt.strip():
-        raise SlimlmError("the prompt is empty: give some text to complete")
-    ref = resolve(model)
-    engine = open_backend(ref, backend)
-    for piece in engine.stream(prompt, params, raw=raw):
+    gen = Generation(model, prompt, generation_params(max_tokens, temperature, seed, top_p), backend=backend, raw=raw)
+    for piece in gen:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    t = engine.last_timings
-    record("generate", ref, params={"backend": engine.label, **params.__dict__, "raw": raw},
-           metrics={"prompt_tokens": t.prompt_tokens, "generated_tokens": t.generated_tokens,
-                    "ttft_s": t.ttft_s, "decode_tps": t.decode_tps})
     if stats:
-        err.print(f"[dim]{engine.label}: {t.prompt_tokens} prompt + {t.generated_tokens} generated tokens, "
+        t = gen.timings
+        err.print(f"[dim]{gen.label}: {t.prompt_tokens} prompt + {t.generated_tokens} generated tokens, "
                   f"first token {t.ttft_s * 1000:.0f} ms, {t.decode_tps:.1f} tokens/s[/dim]")
 
 

@@ -94,10 +94,11 @@ def test_the_test_kind_is_gone_after_its_test():
         parse_task("token_count:x.txt")
 
 
-def test_eval_help_lists_every_registered_kind(capfd):
+def test_eval_help_lists_every_registered_kind(capfd, token_count):
     code, out, _ = run_cli(capfd, "eval", "--help")
     text = " ".join(out.replace("│", " ").split())  # help is wrapped to the terminal width, in a box
     assert code == 0
     assert "What to measure" in text
+    assert list(TASK_KINDS) == [*BUILT_IN, "token_count"]  # the help is read when the CLI runs
     for name in TASK_KINDS:
         assert name in text, name

@@ -111,9 +111,10 @@ def test_a_policy_cannot_replace_another_or_lack_help():
     assert list(POLICIES) == BUILT_IN
 
 
-def test_serve_help_lists_every_registered_policy(capsys):
+def test_serve_help_lists_every_registered_policy(capsys, keyword):
     code, out, _ = run_cli(capsys, "serve", "--help")
     text = " ".join(out.replace("│", " ").split())  # help is wrapped to the terminal width, in a box
     assert code == 0
+    assert list(POLICIES) == [*BUILT_IN, "keyword"]  # the help is read when the CLI runs
     for name in POLICIES:
         assert f"{name}:" in text, name

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typer.models import OptionInfo
 
-__all__ = ["registry_option"]
+__all__ = ["live_help_option", "registry_option"]
 
 
 class _RegistryOptionInfo(OptionInfo):
@@ -42,3 +42,13 @@ def registry_option(registry, default: str, *param_decls: str):
 
     return _RegistryOptionInfo(registry, default=default, param_decls=param_decls, parser=parse,
                                autocompletion=lambda incomplete: [n for n in registry if n.startswith(incomplete)])
+
+
+def live_help_option(describe, default, *param_decls: str, **kwargs):
+    """A typer option whose help is `describe()`, read on each run, and whose value the library
+    checks with its own errors: for values that are not bare registry names (`--task
+    perplexity:SOURCE`, eval's task kinds) or whose errors depend on other options (`--policy`)."""
+    from types import SimpleNamespace
+
+    return _RegistryOptionInfo(SimpleNamespace(describe=describe), default=default, param_decls=param_decls,
+                               **kwargs)

@@ -11,10 +11,16 @@ import typer
 from rich.table import Table
 
 from slimlm.cli.app import BackendOpt, ModelArg, app, out
+from slimlm.cli.choices import live_help_option
 from slimlm.errors import SlimlmError
 from slimlm.eval.tasks import TASK_KINDS
 
-_TASK_HELP = "What to measure (repeatable): " + "; ".join(TASK_KINDS.values()) + "; or a task file (.yaml)."
+
+def _task_help() -> str:
+    """--task's help, from the registry of task kinds (slimlm/eval/kinds.py) as it is when the CLI runs."""
+    return "What to measure (repeatable): " + "; ".join(TASK_KINDS.values()) + "; or a task file (.yaml)."
+
+
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else.")
 
 
@@ -88,7 +94,7 @@ def _print_result(result) -> None:
 @app.command("eval")
 def eval_command(
     model: str = ModelArg,
-    task: list[str] = typer.Option(..., "--task", "-T", help=_TASK_HELP),
+    task: list[str] = live_help_option(_task_help, ..., "--task", "-T"),
     backend: str = BackendOpt,
     limit: Optional[int] = typer.Option(None, "--limit", "-l", help="Score only the first N documents / examples."),
     batch_size: int = typer.Option(1, "--batch-size", help="Sequences per forward pass when scoring (torch)."),

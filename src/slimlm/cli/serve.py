@@ -8,13 +8,16 @@ from typing import Optional
 import typer
 
 from slimlm.cli.app import BackendOpt, ModelArg, app, err
+from slimlm.cli.choices import live_help_option
 from slimlm.errors import SlimlmError
 from slimlm.serve.policies import POLICIES, sends_to_large
 
-# Generated from the registry of routing policies (slimlm/serve/policies.py).
-_POLICY_HELP = ("How requests are routed: " + "; ".join(f"{name}: {text}" for name, text in POLICIES.items())
-                + ' (default: cascade with --large, else local). A request may override it with '
-                  '"slimlm": {"route": "local"|"large"|"auto"}.')
+
+def _policy_help() -> str:
+    """--policy's help, from the registry of routing policies (slimlm/serve/policies.py) as it is when the CLI runs."""
+    return ("How requests are routed: " + "; ".join(f"{name}: {text}" for name, text in POLICIES.items())
+            + ' (default: cascade with --large, else local). A request may override it with '
+              '"slimlm": {"route": "local"|"large"|"auto"}.')
 
 
 @app.command()
@@ -46,7 +49,7 @@ def serve(
                                              help="Model name to ask a --large URL for (default: the request's)."),
     large_timeout: float = typer.Option(30.0, "--large-timeout", rich_help_panel="Routing",
                                         help="Seconds to wait for a --large URL per try (2 retries with backoff)."),
-    policy: Optional[str] = typer.Option(None, "--policy", rich_help_panel="Routing", help=_POLICY_HELP),
+    policy: Optional[str] = live_help_option(_policy_help, None, "--policy", rich_help_panel="Routing"),
     router: Optional[str] = typer.Option(None, "--router", metavar="PATH", rich_help_panel="Routing",
                                          help="The learned router (`slimlm router train`) for --policy learned."),
     cascade_threshold: Optional[float] = typer.Option(None, "--cascade-threshold", rich_help_panel="Routing",

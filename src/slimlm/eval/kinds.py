@@ -78,10 +78,9 @@ class TaskKind:
 
     @staticmethod
     def scorer(backend, options: EvalOptions):
-        """The log-likelihood scorer of an opened backend (kinds with needs_loglik)."""
-        from slimlm.eval.loglik import make_scorer
-
-        return make_scorer(backend, batch_size=options.batch_size)
+        """The log-likelihood scorer of an opened backend (kinds with needs_loglik): the backend's
+        own (BackendUnavailable where it has none)."""
+        return backend.scorer(batch_size=options.batch_size)
 
 
 TASK_KIND_REGISTRY: dict[str, TaskKind] = {}

@@ -16,6 +16,7 @@ from slimlm.eval.tasks import parse_task
 from tests.conftest import run_cli
 
 BUILT_IN = ["perplexity", "multiple_choice", "classification", "generation", "humaneval"]
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
 
 
 class TokenCount(TaskKind):
@@ -47,6 +48,12 @@ def test_the_built_in_kinds_are_registered_in_order():
     assert list(TASK_KINDS) == BUILT_IN
     assert {name for name, kind in TASK_KIND_REGISTRY.items() if kind.needs_loglik} == {
         "perplexity", "multiple_choice", "classification"}
+
+
+def test_readme_shows_every_built_in_kind():
+    for name in BUILT_IN:
+        usage = TASK_KINDS[name].split()[0]  # e.g. "perplexity:SOURCE"
+        assert f"| `{usage}` |" in README, f"README.md's task table has no row for `{usage}`"
 
 
 def test_a_registered_kind_runs_through_the_cli(capfd, token_count, tiny_models, tmp_path):

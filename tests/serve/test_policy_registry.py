@@ -4,6 +4,8 @@ registered), and it leaves the registry as it found it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from fastapi.testclient import TestClient
 from serve_helpers import wait_for
@@ -16,6 +18,7 @@ from slimlm.serve.types import Decision
 from tests.conftest import run_cli
 
 BUILT_IN = ["local", "large", "cascade", "learned"]
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
 
 
 class Keyword(RoutingPolicy):
@@ -63,6 +66,13 @@ def _chat(client, model: str, content: str):
 def test_the_built_in_policies_are_registered_in_order():
     assert list(POLICIES) == BUILT_IN
     assert [name for name, cls in POLICY_REGISTRY.items() if not cls.needs_large] == ["local"]
+
+
+def test_readme_shows_every_built_in_policy():
+    table = README[README.index("| policy | decides |"):]
+    table = table[:table.index("\n\n")]
+    for name in BUILT_IN:
+        assert f"`{name}`" in table, f"README.md's policy table has no row for `{name}`"
 
 
 def test_a_registered_policy_routes_requests_through_the_server(tiny_engine, keyword):

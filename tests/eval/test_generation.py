@@ -48,7 +48,7 @@ def test_generation_scores_greedy_answers(tiny_models, tmp_path):
 class ScriptedBackend:
     """Answers each prompt with a fixed text, and remembers what it was asked."""
 
-    name = "scripted"
+    name = label = "scripted"  # label: what Backend.label gives results and records
     chat_template = None
 
     def __init__(self, answers: dict[str, str] | None = None):

@@ -32,7 +32,7 @@ class _RegistryOptionInfo(OptionInfo):
 
 
 def registry_option(registry, default: str, *param_decls: str):
-    """A typer option taking one name of `registry` (a compress.registry.Registry or alike: a
+    """A typer option taking one name of `registry` (a slimlm.registry.Registry or alike: a
     dict of name -> class, with `describe()` and a `create(name)` that raises SlimlmError for an
     unknown name)."""
     def parse(value: str) -> str:

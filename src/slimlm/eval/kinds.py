@@ -16,11 +16,12 @@ class, plus one import line in slimlm/eval/__init__.py (see ARCHITECTURE.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from slimlm.eval.result import EvalResult
+from slimlm.registry import Registry
 
 
 @dataclass
@@ -83,29 +84,15 @@ class TaskKind:
         return backend.scorer(batch_size=options.batch_size)
 
 
-TASK_KIND_REGISTRY: dict[str, TaskKind] = {}
-
-
-def register_task_kind(name: str) -> Callable[[type[TaskKind]], type[TaskKind]]:
-    """Class decorator: register a TaskKind under `name` (the part of a task string before ':').
-    Registering a second, different class under a taken name is an error, so a plugin cannot
-    silently replace a built-in kind."""
-
-    def register(cls: type[TaskKind]) -> type[TaskKind]:
-        taken = TASK_KIND_REGISTRY.get(name)
-        if taken is not None and type(taken).__qualname__ != cls.__qualname__:
-            raise ValueError(f"task kind '{name}' is already registered ({type(taken).__qualname__})")
-        if not cls.help.strip():
-            raise ValueError(f"task kind '{name}': set `help` (it is the CLI's description of the kind)")
-        cls.name = name
-        TASK_KIND_REGISTRY[name] = cls()
-        return cls
-
-    return register
+TASK_KIND_REGISTRY: Registry[TaskKind] = Registry("task kind", TaskKind)
+# Class decorator: register a TaskKind under `name` (the part of a task string before ':').
+register_task_kind = TASK_KIND_REGISTRY.register
 
 
 def get_task_kind(name: str) -> TaskKind | None:
-    return TASK_KIND_REGISTRY.get(name)
+    """An instance of the kind `name` (kinds keep no state), or None for an unknown name."""
+    cls = TASK_KIND_REGISTRY.get(name)
+    return cls() if cls is not None else None
 
 
 def file_kinds() -> list[str]:
@@ -113,20 +100,4 @@ def file_kinds() -> list[str]:
     return [name for name, kind in TASK_KIND_REGISTRY.items() if kind.takes_file]
 
 
-class _Help(Mapping):
-    """name -> help of every registered kind, read live from the registry."""
-
-    def __getitem__(self, name: str) -> str:
-        return TASK_KIND_REGISTRY[name].help
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list(TASK_KIND_REGISTRY))
-
-    def __len__(self) -> int:
-        return len(TASK_KIND_REGISTRY)
-
-    def __repr__(self) -> str:
-        return repr(dict(self))
-
-
-TASK_KINDS: Mapping[str, str] = _Help()
+TASK_KINDS: Mapping[str, str] = TASK_KIND_REGISTRY.helps  # name -> help, read live

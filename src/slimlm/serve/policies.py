@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 
 from slimlm.errors import SlimlmError
+from slimlm.registry import Registry
 
 log = logging.getLogger("slimlm.serve")
 DEFERRED = "deferred"  # a Decision's route while the policy waits for the small model's first tokens
@@ -60,24 +61,9 @@ class RoutingPolicy:
         raise NotImplementedError(f"policy '{self.name}' does not defer its decisions")
 
 
-POLICY_REGISTRY: dict[str, type[RoutingPolicy]] = {}
-
-
-def register_policy(name: str) -> Callable[[type[RoutingPolicy]], type[RoutingPolicy]]:
-    """Class decorator: register a RoutingPolicy under `name` (the value of --policy). A second,
-    different class under a taken name is an error, so a plugin cannot silently replace one."""
-
-    def register(cls: type[RoutingPolicy]) -> type[RoutingPolicy]:
-        taken = POLICY_REGISTRY.get(name)
-        if taken is not None and taken.__qualname__ != cls.__qualname__:
-            raise ValueError(f"routing policy '{name}' is already registered ({taken.__qualname__})")
-        if not cls.help.strip():
-            raise ValueError(f"routing policy '{name}': set `help` (the CLI shows it)")
-        cls.name = name
-        POLICY_REGISTRY[name] = cls
-        return cls
-
-    return register
+POLICY_REGISTRY: Registry[RoutingPolicy] = Registry("routing policy", RoutingPolicy)
+# Class decorator: register a RoutingPolicy under `name` (the value of --policy).
+register_policy = POLICY_REGISTRY.register
 
 
 def sends_to_large(name: str | None) -> bool:
@@ -87,23 +73,7 @@ def sends_to_large(name: str | None) -> bool:
     return name is not None and (cls is None or cls.needs_large)
 
 
-class _Help(Mapping):
-    """name -> help of every registered policy, read live from the registry."""
-
-    def __getitem__(self, name: str) -> str:
-        return POLICY_REGISTRY[name].help
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list(POLICY_REGISTRY))
-
-    def __len__(self) -> int:
-        return len(POLICY_REGISTRY)
-
-    def __repr__(self) -> str:
-        return repr(dict(self))
-
-
-POLICIES: Mapping[str, str] = _Help()
+POLICIES: Mapping[str, str] = POLICY_REGISTRY.helps  # name -> help, read live
 
 
 async def ask(router, text: str, body: dict, *, blocking: bool = False, label: str | None = None):

@@ -23,7 +23,7 @@ from typing import ClassVar
 from slimlm.compress.calibration import calibration_windows
 from slimlm.compress.prune_sparse import check_pattern, decoder_linears, sparsify
 from slimlm.compress.prune_structured import param_counts
-from slimlm.compress.registry import Registry
+from slimlm.registry import Registry
 from slimlm.errors import SlimlmError
 
 __all__ = ["PruneJob", "PruneMethod", "StructuredMethod", "SparsityMethod", "PRUNE_METHODS",
@@ -108,5 +108,5 @@ class SparsityMethod(PruneMethod):
         return model
 
 
-PRUNE_METHODS: Registry[PruneMethod] = Registry("prune method", PruneMethod)
+PRUNE_METHODS: Registry[PruneMethod] = Registry("prune method", PruneMethod, unknown="method")
 register_prune_method = PRUNE_METHODS.register

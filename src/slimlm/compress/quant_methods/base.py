@@ -23,7 +23,7 @@ import numpy as np
 from slimlm.compress.blocks import BlockFormat
 from slimlm.compress.quant_pipeline import QuantizeResult, QuantJob, QuantRequest, quantize_blocks
 from slimlm.compress.quant_steps import GGUF_BY_BITS, round_to_nearest
-from slimlm.compress.registry import Registry
+from slimlm.registry import Registry
 
 __all__ = ["QuantMethod", "QUANT_METHODS", "register_quant_method", "QuantJob", "QuantRequest"]
 
@@ -72,5 +72,5 @@ class QuantMethod:
         return quantize_blocks(self, request)
 
 
-QUANT_METHODS: Registry[QuantMethod] = Registry("quantization method", QuantMethod)
+QUANT_METHODS: Registry[QuantMethod] = Registry("quantization method", QuantMethod, unknown="method")
 register_quant_method = QUANT_METHODS.register

@@ -23,8 +23,8 @@ from typing import ClassVar
 from slimlm.compress.calibration import calibration_windows
 from slimlm.compress.prune_sparse import check_pattern, decoder_linears, sparsify
 from slimlm.compress.prune_structured import param_counts
-from slimlm.registry import Registry
 from slimlm.errors import SlimlmError
+from slimlm.registry import Registry
 
 __all__ = ["PruneJob", "PruneMethod", "StructuredMethod", "SparsityMethod", "PRUNE_METHODS",
            "register_prune_method"]

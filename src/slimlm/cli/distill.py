@@ -11,21 +11,10 @@ import typer
 from rich.table import Table
 
 from slimlm.cli.app import app, out
-from slimlm.cli.train import ConfigOpt, add_training_rows, config_from_cli
+from slimlm.cli.train import ConfigOpt, add_training_rows, config_from_cli, option_fields
 from slimlm.train.configs import MODES, DistillConfig
 
 _D, _T = DistillConfig(), DistillConfig().train
-# CLI option (parameter name) -> DistillConfig field; "train.x" is the TrainConfig section's field x.
-DISTILL_FLAGS = {"mode": "mode", "loss": "loss", "weight_ce": "weight_ce", "temperature": "temperature", "beta": "beta",
-                 "skew": "skew", "top_k": "top_k", "cache": "cache", "on_policy": "on_policy", "method": "method",
-                 "rank": "rank", "merge": "merge", "prompt_tokens": "prompt_tokens", "max_new_tokens": "max_new_tokens",
-                 "gen_temperature": "gen_temperature", "gen_batch_size": "gen_batch_size", "backend": "backend",
-                 "epochs": "train.epochs", "max_steps": "train.max_steps", "lr": "train.lr",
-                 "batch_size": "train.batch_size", "grad_accum": "train.grad_accum", "seq_len": "seq_len",
-                 "eval_fraction": "eval_fraction", "schedule": "train.schedule", "warmup_steps": "train.warmup_steps",
-                 "eval_every": "train.eval_every", "save_every": "train.save_every", "seed": "train.seed",
-                 "target": "target_modules", "train_on_prompt": "train_on_prompt"}
-
 
 @app.command()
 def distill(
@@ -127,3 +116,6 @@ def distill(
     out.print(table)
     if result.method == "full" or settings.merge:
         out.print(f"[dim]next: slimlm eval {result.out} --task perplexity:python-docs --reference {teacher}[/dim]")
+
+
+DISTILL_FLAGS = option_fields(distill, DistillConfig, {"target": "target_modules"})

@@ -19,17 +19,27 @@ from slimlm.cli.app import ModelArg, app, out
 from slimlm.train.configs import METHODS, FinetuneConfig
 
 _F, _T = FinetuneConfig(), FinetuneConfig().train
-# CLI option (parameter name) -> config field; "train.x" is the TrainConfig section's field x.
-FINETUNE_FLAGS = {"method": "method", "rank": "rank", "alpha": "alpha", "dropout": "dropout", "target": "target_modules",
-                  "merge": "merge", "epochs": "train.epochs", "max_steps": "train.max_steps", "lr": "train.lr",
-                  "batch_size": "train.batch_size", "grad_accum": "train.grad_accum", "seq_len": "seq_len",
-                  "eval_fraction": "eval_fraction", "schedule": "train.schedule", "warmup_steps": "train.warmup_steps",
-                  "eval_every": "train.eval_every", "save_every": "train.save_every",
-                  "early_stop": "train.early_stop_patience", "seed": "train.seed", "pack": "pack", "gguf": "gguf",
-                  "gradient_checkpointing": "train.gradient_checkpointing", "train_on_prompt": "train_on_prompt",
-                  "skip_bad_lines": "skip_bad_lines"}
 ConfigOpt = typer.Option(None, "--config", help="YAML recipe of the settings (examples/recipes/); options "
                          "given on the command line override it. An unknown key is an error.")
+
+
+def option_fields(command, cls, renames: dict[str, str]) -> dict[str, str]:
+    """CLI option (parameter name) -> config field ("train.x": the TrainConfig section's x), derived
+    from the names: an option named like a field of the config or of its `train` section sets that
+    field; `renames` lists the options named otherwise. Derived, so a new option cannot be forgotten."""
+    import inspect
+    from dataclasses import fields
+
+    from slimlm.train.core import TrainConfig
+
+    top = {f.name for f in fields(cls)} - {"train"}
+    train = {f.name for f in fields(TrainConfig)} - {"out"}
+    mapping = {}
+    for param in inspect.signature(command).parameters:
+        name = renames.get(param) or (param if param in top else f"train.{param}" if param in train else None)
+        if name:
+            mapping[param] = name
+    return mapping
 
 
 def config_from_cli(ctx: typer.Context, cls, recipe: Optional[Path], flags: dict[str, str]):
@@ -157,3 +167,7 @@ def finetune(
     else:
         out.print(f"[dim]next: peft.PeftModel.from_pretrained(base, \"{result.adapter}\"), or rerun with --merge "
                   "for a standalone model[/dim]")
+
+
+FINETUNE_FLAGS = option_fields(finetune, FinetuneConfig, {"target": "target_modules",
+                                                          "early_stop": "train.early_stop_patience"})

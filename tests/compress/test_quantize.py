@@ -116,6 +116,10 @@ def test_cli_quantize_and_export(tiny_models, tmp_path, capfd):
     assert 0 <= result["fidelity"]["top1_agreement"] <= 1
     code, out, err = run_cli(capfd, "export", folder, "--format", "gguf:f16", "--out", tmp_path / "f.gguf")
     assert code == 0 and (tmp_path / "f.gguf").exists(), err
+    from slimlm.runs import list_runs
+
+    run = list_runs(limit=1, command="export")[0]  # the library records the export, as it does a quantize
+    assert run.params["format"] == "gguf:f16" and run.metrics["size_bytes"] == (tmp_path / "f.gguf").stat().st_size
     for args, message in ((["quantize", folder, "--format", "gguf:Q3_X", "--out", tmp_path / "x.gguf"], "Q3_X"),
                           (["export", folder, "--format", "gguf:q4_0", "--out", tmp_path / "y.gguf"], "gguf:q4_0")):
         code, out, err = run_cli(capfd, *args)

@@ -90,12 +90,7 @@ def export(
 
     Example: slimlm export ./dense --format gguf:f16 --out smollm2-f16.gguf
     """
-    from slimlm.compress.gguf_export import DTYPES, export_gguf
-    from slimlm.errors import SlimlmError
+    from slimlm.compress.export import export as do_export
 
-    kind, _, dtype = fmt.partition(":")
-    if kind != "gguf" or dtype not in DTYPES:
-        raise SlimlmError(f"unsupported export format '{fmt}': use gguf:f32, gguf:f16 or gguf:bf16 "
-                          "(quantized types: `slimlm quantize`)")
-    path = export_gguf(model, out_path, dtype=dtype, force=force)
+    path = do_export(model, out_path, fmt, force=force)
     out.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")

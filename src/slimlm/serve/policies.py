@@ -30,7 +30,8 @@ DEFERRED = "deferred"  # a Decision's route while the policy waits for the small
 
 class RoutingPolicy:
     """One routing policy. Subclass it, set `help`, override `decide` (or `choose` and `answer`
-    for a policy that decides after generating), and decorate it with `@register_policy`."""
+    for a policy that decides after generating), and decorate it with `@register_policy`. The
+    built-ins wrap a policy of slimlm.routing (`inner`), whose `decide` is the default here."""
 
     name = ""  # set by register_policy
     help = ""  # one line: what it decides from, for `slimlm serve --help`
@@ -42,6 +43,9 @@ class RoutingPolicy:
     def check(cls, config) -> None:
         """A SlimlmError if the server's settings (a ServeConfig) cannot run this policy."""
 
+    def __init__(self, inner=None) -> None:
+        self.inner = inner  # the slimlm.routing policy that decides, for the built-ins
+
     @classmethod
     def build(cls, config) -> RoutingPolicy:
         """The policy for a server started with `config`."""
@@ -49,7 +53,9 @@ class RoutingPolicy:
 
     def decide(self, prompt: str):
         """A Decision (route "local" or "large", and a reason) from the prompt's text."""
-        raise NotImplementedError
+        if self.inner is None:
+            raise NotImplementedError(f"policy '{self.name}' does not decide from the prompt")
+        return self.inner.decide(prompt)
 
     async def choose(self, call):
         """The Decision for one request (a hybrid.Call); DEFERRED routes it to `answer`."""
@@ -116,13 +122,11 @@ class Local(RoutingPolicy):
     help = "every request stays on this machine"
     needs_large = False
 
-    def __init__(self) -> None:
+    @classmethod
+    def build(cls, config) -> Local:
         from slimlm.routing import LocalPolicy
 
-        self.inner = LocalPolicy()
-
-    def decide(self, prompt: str):
-        return self.inner.decide(prompt)
+        return cls(LocalPolicy())
 
 
 @register_policy("large")
@@ -130,13 +134,11 @@ class Large(RoutingPolicy):
     help = "every request goes to --large"
     labelled = True
 
-    def __init__(self) -> None:
+    @classmethod
+    def build(cls, config) -> Large:
         from slimlm.routing import LargePolicy
 
-        self.inner = LargePolicy()
-
-    def decide(self, prompt: str):
-        return self.inner.decide(prompt)
+        return cls(LargePolicy())
 
 
 @register_policy("cascade")
@@ -144,14 +146,11 @@ class Cascade(RoutingPolicy):
     help = ("the small model writes its first --cascade-tokens (held back); below --cascade-threshold "
             "confidence, --large answers instead")
 
-    def __init__(self, threshold: float, metric: str, first_n: int) -> None:
-        from slimlm.routing import CascadePolicy
-
-        self.inner = CascadePolicy(threshold, metric, first_n)
-
     @classmethod
     def build(cls, config) -> Cascade:
-        return cls(config.cascade_threshold, config.cascade_metric, config.cascade_first_n)
+        from slimlm.routing import CascadePolicy
+
+        return cls(CascadePolicy(config.cascade_threshold, config.cascade_metric, config.cascade_first_n))
 
     async def choose(self, call):
         from slimlm.serve.types import Decision
@@ -170,9 +169,6 @@ class Learned(RoutingPolicy):
     blocking = True  # an encoder's forward pass: off the event loop
     labelled = True
 
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
     @classmethod
     def check(cls, config) -> None:
         if not config.router_path:
@@ -185,6 +181,3 @@ class Learned(RoutingPolicy):
         policy = cls(LearnedRouter.load(config.router_path))
         policy.decide("warm-up")  # loads the encoder now, not on the first request
         return policy
-
-    def decide(self, prompt: str):
-        return self.inner.decide(prompt)

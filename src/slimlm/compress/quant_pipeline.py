@@ -20,6 +20,7 @@ from slimlm.compress.blocks import BlockFormat
 from slimlm.compress.quant_steps import (
     calibration_texts,
     check_widths,
+    embedding_encoder,
     quantizable,
     resolve_format,
     tensor_shapes,
@@ -99,8 +100,7 @@ def quantize_blocks(method, req: QuantRequest) -> QuantizeResult:
     from slimlm.models.reference import resolve
 
     kind, fmt = resolve_format(req.format, method, req.bits, req.group_size, req.symmetric)
-    if req.embeddings.upper() not in ("F16", "Q8_0"):
-        raise SlimlmError(f"--embeddings {req.embeddings}: choose f16 or Q8_0")
+    embedding_encoder(req.embeddings)  # an unknown --embeddings fails before any work
     if req.calib_samples < 1 or req.calib_seq_len < 2:
         raise SlimlmError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
     out = Path(req.out)
@@ -122,7 +122,8 @@ def quantize_blocks(method, req: QuantRequest) -> QuantizeResult:
             return method.choose(job, name, w)
 
         if kind == "gguf":
-            quantized = write_gguf(source, out, fmt, targets, choose, req.embeddings, req.force, method.name)
+            quantized = write_gguf(source, out, fmt, targets, choose, req.embeddings, req.force, method.name,
+                                   job.notes)
         else:
             quantized = write_hf(source, out, fmt, targets, choose, req.force, method.name)
     seconds = time.perf_counter() - start

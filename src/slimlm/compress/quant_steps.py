@@ -109,19 +109,48 @@ def round_to_nearest(kind: str, fmt: BlockFormat, w: np.ndarray):
     return int_rtn(for_width(fmt, w.shape[1]), w) if kind == "hf" else rtn(fmt, w)
 
 
-def write_gguf(source: Path, out: Path, fmt, targets, choose, embeddings: str, force: bool, method: str) -> int:
+EMBEDDING_TYPES = ("f16", "Q8_0", "Q6_K")  # --embeddings
+
+
+def embedding_encoder(embeddings: str, notes: list[str] | None = None):
+    """(name_hf, w) -> (bytes, type) or None (f16) for the token embedding / output head.
+    Q6_K needs a width that is a multiple of 256; otherwise the tensor falls back to Q8_0 (or f16
+    if 32 does not divide it either), as llama-quantize's tensor_type_fallback does."""
+    from slimlm.compress.kquants import Q6_K, QK_K, quantize_q6_k
+
+    kind = embeddings.upper()
+    if kind not in ("F16", "Q8_0", "Q6_K"):
+        raise SlimlmError(f"--embeddings {embeddings}: choose one of {', '.join(EMBEDDING_TYPES)}")
+    q8 = get_format("Q8_0")
+
+    def encode(name_hf: str, w: np.ndarray):
+        if kind == "F16" or w.ndim != 2:
+            return None
+        if kind == "Q6_K":
+            if w.shape[-1] % QK_K == 0:
+                return quantize_q6_k(w), Q6_K
+            if notes is not None:
+                fallback = "Q8_0" if w.shape[-1] % q8.block_size == 0 else "f16"
+                notes.append(f"{name_hf}: width {w.shape[-1]} is not a multiple of {QK_K}, so Q6_K cannot hold "
+                             f"it: stored as {fallback}, as llama-quantize falls back")
+        if w.shape[-1] % q8.block_size == 0:
+            return pack(q8, *rtn(q8, w)), q8.qtype
+        return None
+
+    return encode
+
+
+def write_gguf(source: Path, out: Path, fmt, targets, choose, embeddings: str, force: bool, method: str,
+               notes: list[str] | None = None) -> int:
     from slimlm.compress.gguf_export import export_gguf
     from slimlm.progress import progress_bar
 
-    embed_fmt = get_format("Q8_0") if embeddings.upper() == "Q8_0" else None
+    embed = embedding_encoder(embeddings, notes)
     counted = [0]
     with progress_bar(f"{method} → {fmt.name}", len(targets)) as advance:
         def writer(name_hf: str, name_gguf: str, w: np.ndarray):
             if name_hf not in targets:
-                if embed_fmt is not None and w.ndim == 2 and any(k in name_hf for k in KEEP) \
-                        and w.shape[-1] % embed_fmt.block_size == 0:
-                    return pack(embed_fmt, *rtn(embed_fmt, w)), embed_fmt.qtype
-                return None
+                return embed(name_hf, w) if any(k in name_hf for k in KEEP) else None
             q, d, m = choose(name_hf, w)
             counted[0] += w.size
             advance()

@@ -5,8 +5,9 @@ written from a Hugging Face folder. A method decides the integer codes and scale
 (round-to-nearest, GPTQ or AWQ from calibration text), blocks.py packs them byte for byte as
 llama.cpp stores them, and gguf_export.py writes the file, so llama.cpp and Ollama run the result
 unchanged. 1-D tensors (norms, biases) stay f32; the token embedding and output head stay f16 by
-default, or Q8_0 with `embeddings="Q8_0"` (what llama.cpp's own quantizer picks for a small model's
-tied embedding), in higher precision than the body either way.
+default, or Q8_0 with `embeddings="Q8_0"`, or Q6_K with `embeddings="Q6_K"` (what llama-quantize
+picks for the output head of its 4- and 5-bit types; kquants.py, falling back to Q8_0 where the
+width is not a multiple of 256, as llama-quantize does), in higher precision than the body.
 
 Every quantize ends with a quick fidelity check: KL divergence and top-1 agreement of the new file
 (on llama.cpp) against the input model (on torch) on held-out python-docs text.
@@ -40,8 +41,8 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
 
     `method` is a name in QUANT_METHODS. `calib` is `python-docs`, a text file or a JSONL file
     (field `calib_field`, default "text"); GPTQ runs layer by layer (`sequential`, memory: one
-    layer's Hessians) unless told otherwise. `embeddings` is f16 or Q8_0 (GGUF: the token
-    embedding and output head)."""
+    layer's Hessians) unless told otherwise. `embeddings` is f16, Q8_0 or Q6_K (GGUF: the
+    token embedding and output head; Q6_K falls back to Q8_0 where 256 does not divide the width)."""
     request = QuantRequest(model=model, out=Path(out), format=format, bits=bits, group_size=group_size,
                            symmetric=symmetric, force=force, check=check, record=record, calib=calib,
                            calib_field=calib_field, calib_samples=calib_samples, calib_seq_len=calib_seq_len,

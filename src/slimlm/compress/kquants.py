@@ -36,7 +36,7 @@ QK_K = 256                # weights per super-block
 Q6_K_BYTES = 210          # ql[128] qh[64] scales[16] d(fp16)
 _EPS = np.float32(1e-15)  # GROUP_MAX_EPS: a group below it is all zero
 _MAGIC = np.float32(12582912.0)  # 1.5 * 2**23
-_CHUNK = 1 << 16          # sub-blocks per vectorized step (bounds memory at ~100 MB)
+_CHUNK = 1 << 14          # sub-blocks per vectorized step (~20 MB arrays: stays in cache)
 
 
 def _nearest_int(f: np.ndarray) -> np.ndarray:
@@ -47,10 +47,10 @@ def _nearest_int(f: np.ndarray) -> np.ndarray:
 
 
 def _sum16(a: np.ndarray) -> np.ndarray:
-    """Sum over the last axis in float32, left to right, as the C loop does."""
-    s = a[..., 0].copy()
-    for i in range(1, a.shape[-1]):
-        s += a[..., i]
+    """Sum over the first axis (the 16 weights of a sub-block) in float32, in order, as the C loop does."""
+    s = a[0].copy()
+    for i in range(1, a.shape[0]):
+        s += a[i]
     return s
 
 
@@ -64,16 +64,17 @@ def _make_qx_quants(x: np.ndarray, nmax: int = 32) -> tuple[np.ndarray, np.ndarr
     mx, amax = x[rows, imax], ax[rows, imax]
     zero = amax < _EPS
     mx = np.where(zero, np.float32(1), mx)
-    w = x * x
-    wx = w * x
+    xt = np.ascontiguousarray(x.T)[:, :, None]  # (16, n, 1): sums run over contiguous slices
+    w = xt * xt
+    wx = w * xt
     is_ = np.array([i for i in range(-9, 10) if i], dtype=np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         # candidate 0 is -nmax/max; then -(nmax + 0.1f*is)/max for is = -9..-1, 1..9
         steps = np.concatenate([[np.float32(nmax)], np.float32(nmax) + np.float32(0.1) * is_]).astype(np.float32)
         iscales = (-steps)[None, :] / mx[:, None]                           # (n, 19)
-        lv = np.clip(_nearest_int(iscales[:, :, None] * x[:, None, :]), -nmax, nmax - 1).astype(np.float32)
-        sumlx = _sum16(wx[:, None, :] * lv)
-        suml2 = _sum16((w[:, None, :] * lv) * lv)
+        lv = np.clip(_nearest_int(iscales[None] * xt), -nmax, nmax - 1).astype(np.float32)  # (16, n, 19)
+        sumlx = _sum16(wx * lv)
+        suml2 = _sum16((w * lv) * lv)
         scale = np.where(suml2[:, 0] != 0, sumlx[:, 0] / suml2[:, 0], np.float32(0)).astype(np.float32)
         best = scale * sumlx[:, 0]
         chosen = np.zeros(n, dtype=np.intp)
@@ -83,7 +84,7 @@ def _make_qx_quants(x: np.ndarray, nmax: int = 32) -> tuple[np.ndarray, np.ndarr
             chosen = np.where(better, k, chosen)
             scale = np.where(better, sl / s2, scale).astype(np.float32)
             best = np.where(better, scale * sl, best).astype(np.float32)
-    L = (lv[rows, chosen] + nmax).astype(np.uint8)
+    L = (lv[:, rows, chosen].T + nmax).astype(np.uint8)
     L[zero] = 0
     scale[zero] = 0
     return scale, L

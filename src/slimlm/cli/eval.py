@@ -13,12 +13,14 @@ from rich.table import Table
 from slimlm.cli.app import BackendOpt, ModelArg, app, out
 from slimlm.cli.choices import live_help_option
 from slimlm.errors import SlimlmError
-from slimlm.eval.tasks import TASK_KINDS
+from slimlm.eval.tasks import TASK_KINDS, builtin_task_help
 
 
 def _task_help() -> str:
-    """--task's help, from the registry of task kinds (slimlm/eval/kinds.py) as it is when the CLI runs."""
-    return "What to measure (repeatable): " + "; ".join(TASK_KINDS.values()) + "; or a task file (.yaml)."
+    """--task's help, from the registry of task kinds (slimlm/eval/kinds.py) and the built-in task
+    sets (slimlm/data/builtin_tasks.py) as they are when the CLI runs."""
+    return ("What to measure (repeatable): " + "; ".join(TASK_KINDS.values()) + "; or a task file (.yaml). "
+            "Built-in task sets: " + builtin_task_help() + ".")
 
 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else.")

@@ -1,6 +1,7 @@
 """Data: where text and records come from, below every verb that reads them.
 
-Corpora (the built-in `python-docs`, text files and folders, a JSONL field), the one JSONL
+Corpora (the built-in `python-docs`, text files and folders, a JSONL field), the built-in
+task sets (`pydoc`, built from the standard library's docstrings, builtin_tasks.py), the one JSONL
 reader with `file:line` errors, chat and prompt records, and the one calibration / held-out
 split of the built-in corpus. eval/, train/, compress/ and the router read through here, so a
 data file means the same thing, and fails the same way, to every verb. This package imports
@@ -8,11 +9,12 @@ no verb's package (it sits below them in the layers of pyproject.toml); it is wh
 curation goes.
 """
 
+from slimlm.data.builtin_tasks import BUILTIN_TASKS, builtin_task
 from slimlm.data.corpora import BUILTIN_CORPORA, python_docs, text_documents, text_files
 from slimlm.data.jsonl import JsonlReport, read_jsonl
 from slimlm.data.records import check_chat_record, read_prompts, read_records
 from slimlm.data.splits import HELD_OUT, calibration_corpus, calibration_docs, held_out_docs
 
-__all__ = ["BUILTIN_CORPORA", "HELD_OUT", "JsonlReport", "calibration_corpus", "calibration_docs", "check_chat_record",
-           "held_out_docs", "python_docs", "read_jsonl", "read_prompts", "read_records", "text_documents",
-           "text_files"]
+__all__ = ["BUILTIN_CORPORA", "BUILTIN_TASKS", "HELD_OUT", "JsonlReport", "builtin_task", "calibration_corpus",
+           "calibration_docs", "check_chat_record", "held_out_docs", "python_docs", "read_jsonl", "read_prompts",
+           "read_records", "text_documents", "text_files"]

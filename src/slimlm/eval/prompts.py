@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from slimlm.data import JsonlReport, read_jsonl
+from slimlm.data import JsonlReport, builtin_task, read_jsonl
 from slimlm.errors import SlimlmError
 from slimlm.eval.kinds import EvalOptions, TaskKind, get_task_kind
 from slimlm.eval.tasks import TaskSpec
@@ -24,11 +24,17 @@ from slimlm.eval.tasks import TaskSpec
 class FileTaskKind(TaskKind):
     """The base of the kinds whose data is a JSONL task file (multiple_choice, classification,
     generation): `KIND:FILE.jsonl` or a task file's `kind:` names them, the records are read and
-    checked by `check_record` before a model is loaded, and `--limit` keeps the first ones."""
+    checked by `check_record` before a model is loaded, and `--limit` keeps the first ones.
+    `KIND:NAME` with the name of a built-in task set of that kind (slimlm.data.BUILTIN_TASKS,
+    e.g. `multiple_choice:pydoc`) reads the file that ships with slimlm; the name wins over a
+    file of the same name, as a built-in corpus does for perplexity."""
 
     takes_file = True
 
     def parse(self, argument: str) -> TaskSpec:
+        builtin = builtin_task(self.name, argument)
+        if builtin is not None:
+            return TaskSpec(name=argument, kind=self.name, data=builtin.path)
         return TaskSpec(name=Path(argument).stem, kind=self.name, data=Path(argument))
 
     def load(self, argument: TaskSpec, options: EvalOptions, report: JsonlReport) -> list[dict]:

@@ -13,10 +13,16 @@ import string
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from slimlm.data import BUILTIN_TASKS
 from slimlm.errors import SlimlmError
 from slimlm.eval.kinds import TASK_KINDS, file_kinds, get_task_kind
 
-__all__ = ["TASK_KINDS", "TaskSpec", "load_task_file", "parse_task"]
+__all__ = ["TASK_KINDS", "TaskSpec", "builtin_task_help", "load_task_file", "parse_task"]
+
+
+def builtin_task_help() -> str:
+    """'KIND:NAME (what it is); ...' for the built-in task sets (slimlm.data.BUILTIN_TASKS)."""
+    return "; ".join(f"{task.kind}:{name} ({task.help})" for name, task in BUILTIN_TASKS.items())
 
 
 @dataclass
@@ -115,7 +121,7 @@ def load_task_file(path: Path) -> TaskSpec:
 
 def parse_task(task: str) -> tuple[str, object]:
     """(kind name, argument as the kind parsed it): ('perplexity', source), ('humaneval', None),
-    (kind, TaskSpec) for a task file or `KIND:FILE.jsonl`."""
+    (kind, TaskSpec) for a task file, `KIND:FILE.jsonl` or a built-in task set (`KIND:NAME`)."""
     if task.endswith((".yaml", ".yml")):
         spec = load_task_file(Path(task))
         return spec.kind, spec
@@ -126,4 +132,6 @@ def parse_task(task: str) -> tuple[str, object]:
     if kind is not None and not kind.takes_argument and not sep:
         return kind.name, None
     kinds = "; ".join(TASK_KINDS.values())
-    raise SlimlmError(f"unknown task '{task}': use a task file (.yaml) or one of: {kinds}")
+    builtins = ", ".join(f"{t.kind}:{name}" for name, t in BUILTIN_TASKS.items())
+    raise SlimlmError(f"unknown task '{task}': use a task file (.yaml), a built-in task ({builtins}) "
+                      f"or one of: {kinds}")

@@ -15,13 +15,13 @@ Python's. Construction (`build_pydoc_mc`, run by `scripts/build_builtin_tasks.py
    standard library (a package's patch, such as torch's inspect.getfile) are left out.
 3. Description: the first sentence of the object's docstring (`inspect.getdoc`), after leading
    call-signature lines (`name(args) -> result`), with reST markup (``x``, :func:`x`) unwrapped.
-   Kept only if it has 4 to 40 words and 20 to 300 characters, reads as a sentence (starts with
-   a letter, balanced parentheses, no `->`, no trailing colon), does not contain the module's
-   last name part as a word, the whole question does not contain the object's own name as a
-   word (ignoring case; so `datetime.datetime` is out), and, for names of 5 or
-   more letters and digits, does not contain the name once case, spaces and punctuation are
-   removed from both ("Threaded child watcher" gives ThreadedChildWatcher away); a description
-   that two objects share is dropped for both.
+   Kept only if it has 4 to 40 words and 20 to 300 characters; reads as a sentence (starts with
+   a letter, balanced parentheses, no `->`, no trailing colon); does not contain the module's
+   last name part as a word; the whole question does not contain the object's own name as a
+   word, ignoring case (so `datetime.datetime` is out); for names of 5 or more letters and
+   digits, does not contain the name once case, spaces and punctuation are removed from both
+   ("Threaded child watcher" gives ThreadedChildWatcher away). A description that two objects
+   share is dropped for both.
 4. Question: "Which function of Python's `M` module does this describe? \"<description>\"" (or
    "class"), with 4 choices: the right name and 3 other names of the same kind from the same
    module, none of which appears in the question as a word and none sharing the description,
@@ -32,10 +32,10 @@ Python's. Construction (`build_pydoc_mc`, run by `scripts/build_builtin_tasks.py
 
 The file is built in a fresh interpreter without site-packages (`build_pydoc_mc_isolated`), so
 nothing another package imported or patched can change it. The standard library changes between
-Python versions, so the shipped file is the reference:
-`PYDOC_BUILT_WITH` records the Python (major.minor) that built it, and the builder run on that
-Python reproduces it byte for byte (a test checks this); on another Python it may give a
-slightly different set, which is why the file ships rather than being built on the fly.
+Python versions, so the shipped file is the reference: `PYDOC_BUILT_WITH` records the Python
+(major.minor) that built it, and the builder run on that Python reproduces it byte for byte (a
+test checks this); on another Python it may give a slightly different set, which is why the file
+ships rather than being built on the fly. On Python 3.11 it gives 532 questions from 81 modules.
 """
 
 from __future__ import annotations

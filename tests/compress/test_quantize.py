@@ -30,7 +30,8 @@ def test_gguf_blocks_dequantize_to_the_chosen_values(fmt, tiny_models, tmp_path)
     from gguf.quants import dequantize
 
     folder = tiny_models("qwen2")  # qwen2 rows are written as they are (no rotary permutation)
-    out = quantize(str(folder), tmp_path / "m.gguf", format=f"gguf:{fmt}", check=False, record=False)
+    out = quantize(str(folder), tmp_path / "m.gguf", format=f"gguf:{fmt}", check=False, record=False,
+                   embeddings="f16")
     reader = GGUFReader(out.out)
     tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
     assert tensor.tensor_type == get_format(fmt).qtype
@@ -39,7 +40,7 @@ def test_gguf_blocks_dequantize_to_the_chosen_values(fmt, tiny_models, tmp_path)
     stored = dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(w.shape)
     assert np.array_equal(stored, expected)
     assert np.abs(stored - w).max() < np.abs(w).max() / 4  # and close to the original weights
-    # embeddings and norms stay unquantized
+    # with --embeddings f16, embeddings and norms stay unquantized
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
     assert kinds["token_embd.weight"] == "F16" and kinds["blk.0.attn_norm.weight"] == "F32"
 
@@ -188,7 +189,7 @@ def test_q8_0_embeddings_are_smaller_and_still_run(tiny_models, tmp_path):
     from gguf import GGUFReader
 
     folder = str(tiny_models("llama"))
-    f16 = quantize(folder, tmp_path / "a.gguf", format="gguf:Q4_0", record=False)
+    f16 = quantize(folder, tmp_path / "a.gguf", format="gguf:Q4_0", record=False, embeddings="f16")
     q8 = quantize(folder, tmp_path / "b.gguf", format="gguf:Q4_0", record=False, embeddings="Q8_0")
     kinds = {t.name: t.tensor_type.name for t in GGUFReader(q8.out).tensors}
     assert kinds["token_embd.weight"] == "Q8_0" and q8.size_after < f16.size_after

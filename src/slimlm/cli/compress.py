@@ -40,9 +40,10 @@ def quantize(
     sequential: bool = typer.Option(True, "--sequential/--one-pass", help="GPTQ: calibrate layer by layer on "
                                     "the quantized layers' outputs (memory: one layer's Hessians), or all layers "
                                     "in one full-precision pass (faster, all Hessians in memory)."),
-    embeddings: str = typer.Option("f16", "--embeddings", help="Token embedding and output head: f16, Q8_0, "
-                                   "or Q6_K (smallest; what llama-quantize picks for 4- and 5-bit types; a "
-                                   "width not divisible by 256 falls back to Q8_0, as llama-quantize does)."),
+    embeddings: str = typer.Option("auto", "--embeddings", help="GGUF token embedding and output head: auto "
+                                   "(the types llama-quantize picks for the --format type, e.g. the output head "
+                                   "as Q6_K for 4- and 5-bit types), or f16, Q8_0, Q6_K for both (a width not "
+                                   "divisible by 256 falls back from Q6_K to Q8_0, as llama-quantize does)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else."),
 ):
     """Make a model smaller in llama.cpp's block formats, and say what it cost in quality.

@@ -19,8 +19,8 @@ import numpy as np
 from slimlm.compress.blocks import BlockFormat
 from slimlm.compress.quant_steps import (
     calibration_texts,
+    check_embeddings,
     check_widths,
-    embedding_encoder,
     quantizable,
     resolve_format,
     tensor_shapes,
@@ -49,7 +49,7 @@ class QuantRequest:
     calib_samples: int = 32
     calib_seq_len: int = 256
     sequential: bool = True
-    embeddings: str = "f16"
+    embeddings: str = "auto"
 
 
 @dataclass
@@ -100,7 +100,7 @@ def quantize_blocks(method, req: QuantRequest) -> QuantizeResult:
     from slimlm.models.reference import resolve
 
     kind, fmt = resolve_format(req.format, method, req.bits, req.group_size, req.symmetric)
-    embedding_encoder(req.embeddings)  # an unknown --embeddings fails before any work
+    check_embeddings(req.embeddings)  # an unknown --embeddings fails before any work
     if req.calib_samples < 1 or req.calib_seq_len < 2:
         raise SlimlmError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
     out = Path(req.out)

@@ -109,48 +109,115 @@ def round_to_nearest(kind: str, fmt: BlockFormat, w: np.ndarray):
     return int_rtn(for_width(fmt, w.shape[1]), w) if kind == "hf" else rtn(fmt, w)
 
 
-EMBEDDING_TYPES = ("f16", "Q8_0", "Q6_K")  # --embeddings
+EMBEDDING_TYPES = ("auto", "f16", "Q8_0", "Q6_K")  # --embeddings
+
+EMBEDDING_DEFAULTS: dict[str, tuple[str, str]] = {
+    # type: (output head, and the token embedding where the output is tied to it; untied token embedding)
+    "Q4_0": ("Q6_K", "Q4_0"),
+    "Q4_1": ("Q6_K", "Q4_1"),
+    "Q5_0": ("Q6_K", "Q5_0"),
+    "Q5_1": ("Q6_K", "Q5_1"),
+    "Q8_0": ("Q8_0", "Q8_0"),
+    "TQ1_0": ("Q6_K", "Q4_K"),
+    "TQ2_0": ("Q6_K", "Q4_K"),
+}
+"""What llama-quantize stores the output head and the token embedding as, by default, for each GGUF
+type slimlm writes (`--embeddings auto`): llama.cpp's `llama_tensor_get_type` in src/llama-quant.cpp
+(the rule is in `llama_tensor_get_type_impl`, the shape fallback in `tensor_type_fallback`), as in
+the llama.cpp that llama-cpp-python 0.3.36 vendors, run without --token-embedding-type,
+--output-tensor-type, --pure or an importance matrix:
+
+- the output head, or the token embedding where the output is tied to it (no output.weight), is
+  Q6_K unless the type is Q8_0 (then Q8_0), or the type's own block does not divide the width (then
+  Q8_0);
+- an untied token embedding keeps the file's type, except for the ternary types (Q4_K);
+- a type whose block does not divide the width falls back: Q6_K -> Q8_0, Q4_K -> Q5_0, then f16
+  (EMBEDDING_FALLBACK; a 32-block type goes straight to f16).
+
+Where slimlm cannot follow: it does not write Q4_K, so where llama.cpp stores the ternary types'
+untied token embedding as Q4_K, slimlm writes Q4_0 (EMBEDDING_SUBSTITUTE) with round-to-nearest:
+also 4.5 bits per weight, so the tensor and the file have the same size, but the codes differ (one
+scale per 32 weights instead of Q4_K's scales and minimums under a 256-weight super-block scale).
+Every other type the rule picks (f16, Q8_0, Q6_K, the file's own block type) slimlm writes as
+llama.cpp does."""
+EMBEDDING_FALLBACK = {"Q6_K": "Q8_0", "Q4_K": "Q5_0"}
+EMBEDDING_SUBSTITUTE = {"Q4_K": "Q4_0"}
 
 
-def embedding_encoder(embeddings: str, notes: list[str] | None = None):
-    """(name_hf, w) -> (bytes, type) or None (f16) for the token embedding / output head.
-    Q6_K needs a width that is a multiple of 256; otherwise the tensor falls back to Q8_0 (or f16
-    if 32 does not divide it either), as llama-quantize's tensor_type_fallback does."""
-    from slimlm.compress.kquants import Q6_K, QK_K, quantize_q6_k
+def _block_size(kind: str) -> int:
+    from slimlm.compress.kquants import QK_K
 
-    kind = embeddings.upper()
-    if kind not in ("F16", "Q8_0", "Q6_K"):
-        raise SlimlmError(f"--embeddings {embeddings}: choose one of {', '.join(EMBEDDING_TYPES)}")
-    q8 = get_format("Q8_0")
+    return QK_K if kind in ("Q6_K", "Q4_K") else get_format(kind).block_size
 
-    def encode(name_hf: str, w: np.ndarray):
-        if kind == "F16" or w.ndim != 2:
+
+def check_embeddings(embeddings: str) -> str:
+    """The --embeddings value in canonical spelling ('auto', 'f16', 'Q8_0', 'Q6_K'), or SlimlmError."""
+    for kind in EMBEDDING_TYPES:
+        if embeddings.lower() == kind.lower():
+            return kind
+    raise SlimlmError(f"--embeddings {embeddings}: choose one of {', '.join(EMBEDDING_TYPES)}")
+
+
+def embedding_type(embeddings: str, fmt_name: str, role: str, width: int, tied: bool) -> tuple[str, str]:
+    """(type llama.cpp picks, type slimlm writes) for the token embedding (role 'token_embd') or the
+    output head (role 'output') of width `width` in a `fmt_name` file: the EMBEDDING_DEFAULTS rule
+    for --embeddings auto, else the type asked for; both after the shape fallback."""
+    kind = check_embeddings(embeddings)
+    if kind == "f16":
+        return "f16", "f16"
+    if kind == "auto":
+        head, untied_embd = EMBEDDING_DEFAULTS[fmt_name]
+        if role == "output" or tied:
+            kind = head if width % _block_size(fmt_name) == 0 else "Q8_0"
+        else:
+            kind = untied_embd
+    while kind != "f16" and width % _block_size(kind):
+        kind = EMBEDDING_FALLBACK.get(kind, "f16")
+    return kind, EMBEDDING_SUBSTITUTE.get(kind, kind)
+
+
+def embedding_encoder(embeddings: str, fmt_name: str = "Q8_0", tied: bool = True,
+                      notes: list[str] | None = None):
+    """(name_gguf, w) -> (bytes, type) or None (f16) for the token embedding / output head, typed by
+    embedding_type (a fallback or a substitution is noted in `notes`)."""
+    from slimlm.compress.kquants import Q6_K, quantize_q6_k
+
+    check_embeddings(embeddings)
+
+    def encode(name_gguf: str, w: np.ndarray):
+        if w.ndim != 2:
+            return None
+        role = "output" if name_gguf.startswith("output") else "token_embd"
+        wanted, kind = embedding_type(embeddings, fmt_name, role, w.shape[-1], tied)
+        asked = check_embeddings(embeddings)
+        if notes is not None and asked not in ("auto", "f16") and asked != kind:
+            notes.append(f"{name_gguf}: width {w.shape[-1]} is not a multiple of {_block_size(asked)}, so "
+                         f"{asked} cannot hold it: stored as {kind}, as llama-quantize falls back")
+        if notes is not None and wanted != kind:
+            notes.append(f"{name_gguf}: llama-quantize stores it as {wanted}, which slimlm does not write: "
+                         f"stored as {kind} (the same bits per weight)")
+        if kind == "f16":
             return None
         if kind == "Q6_K":
-            if w.shape[-1] % QK_K == 0:
-                return quantize_q6_k(w), Q6_K
-            if notes is not None:
-                fallback = "Q8_0" if w.shape[-1] % q8.block_size == 0 else "f16"
-                notes.append(f"{name_hf}: width {w.shape[-1]} is not a multiple of {QK_K}, so Q6_K cannot hold "
-                             f"it: stored as {fallback}, as llama-quantize falls back")
-        if w.shape[-1] % q8.block_size == 0:
-            return pack(q8, *rtn(q8, w)), q8.qtype
-        return None
+            return quantize_q6_k(w), Q6_K
+        block = get_format(kind)
+        return pack(block, *rtn(block, w)), block.qtype
 
     return encode
 
 
 def write_gguf(source: Path, out: Path, fmt, targets, choose, embeddings: str, force: bool, method: str,
                notes: list[str] | None = None) -> int:
-    from slimlm.compress.gguf_export import export_gguf
+    from slimlm.compress.gguf_export import export_gguf, read_config
     from slimlm.progress import progress_bar
 
-    embed = embedding_encoder(embeddings, notes)
+    tied = read_config(source).get("tie_word_embeddings", True)  # as export_gguf decides to write output.weight
+    embed = embedding_encoder(embeddings, fmt.name, tied, notes)
     counted = [0]
     with progress_bar(f"{method} → {fmt.name}", len(targets)) as advance:
         def writer(name_hf: str, name_gguf: str, w: np.ndarray):
             if name_hf not in targets:
-                return embed(name_hf, w) if any(k in name_hf for k in KEEP) else None
+                return embed(name_gguf, w) if any(k in name_hf for k in KEEP) else None
             q, d, m = choose(name_hf, w)
             counted[0] += w.size
             advance()

@@ -4,10 +4,11 @@ GGUF output is in llama.cpp's own block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, T
 written from a Hugging Face folder. A method decides the integer codes and scales of each block
 (round-to-nearest, GPTQ or AWQ from calibration text), blocks.py packs them byte for byte as
 llama.cpp stores them, and gguf_export.py writes the file, so llama.cpp and Ollama run the result
-unchanged. 1-D tensors (norms, biases) stay f32; the token embedding and output head stay f16 by
-default, or Q8_0 with `embeddings="Q8_0"`, or Q6_K with `embeddings="Q6_K"` (what llama-quantize
-picks for the output head of its 4- and 5-bit types; kquants.py, falling back to Q8_0 where the
-width is not a multiple of 256, as llama-quantize does), in higher precision than the body.
+unchanged. 1-D tensors (norms, biases) stay f32; the token embedding and output head get, by
+default (`embeddings="auto"`), the types llama-quantize gives them for the same type (the table
+EMBEDDING_DEFAULTS in quant_steps.py: e.g. the output head, or the tied token embedding, as Q6_K
+for the 4- and 5-bit types, encoded by kquants.py, Q8_0 where 256 does not divide the width), so
+both files have the same size; `embeddings="f16"`, `"Q8_0"` or `"Q6_K"` overrides it.
 
 Every quantize ends with a quick fidelity check: KL divergence and top-1 agreement of the new file
 (on llama.cpp) against the input model (on torch) on held-out python-docs text.
@@ -35,14 +36,15 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
              bits: int | None = None, group_size: int | None = None, symmetric: bool = True,
              force: bool = False, check: bool = True, record: bool = True, calib: str = "python-docs",
              calib_field: str | None = None, calib_samples: int = 32, calib_seq_len: int = 256,
-             sequential: bool = True, embeddings: str = "f16") -> QuantizeResult:
+             sequential: bool = True, embeddings: str = "auto") -> QuantizeResult:
     """Quantize a Hugging Face folder (or a model reference that resolves to one) into `out`: a
     GGUF file (`gguf:TYPE`) or a packed Hugging Face folder (`hf`, with bits/group_size/symmetric).
 
     `method` is a name in QUANT_METHODS. `calib` is `python-docs`, a text file or a JSONL file
     (field `calib_field`, default "text"); GPTQ runs layer by layer (`sequential`, memory: one
-    layer's Hessians) unless told otherwise. `embeddings` is f16, Q8_0 or Q6_K (GGUF: the
-    token embedding and output head; Q6_K falls back to Q8_0 where 256 does not divide the width)."""
+    layer's Hessians) unless told otherwise. `embeddings` (GGUF: the token embedding and output
+    head) is auto (llama-quantize's choice for the type, quant_steps.EMBEDDING_DEFAULTS), f16, Q8_0
+    or Q6_K (Q6_K falls back to Q8_0 where 256 does not divide the width)."""
     request = QuantRequest(model=model, out=Path(out), format=format, bits=bits, group_size=group_size,
                            symmetric=symmetric, force=force, check=check, record=record, calib=calib,
                            calib_field=calib_field, calib_samples=calib_samples, calib_seq_len=calib_seq_len,

@@ -1,0 +1,119 @@
+"""The default (`--embeddings auto`) types of the token embedding and output head equal the ones
+llama.cpp's own quantizer picks for the same type from the same f32 GGUF, on tied and untied
+models of widths 64 (Q6_K falls back) and 256 (Q6_K holds it), for every GGUF block type slimlm
+writes; and on both built-in models the default Q4_0 file is the size of llama.cpp's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+from slimlm.compress.blocks import FORMATS
+from slimlm.compress.quant_steps import EMBEDDING_SUBSTITUTE
+
+pytestmark = [pytest.mark.llamacpp, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+HEADS = ("token_embd.weight", "output.weight")
+
+
+def _tensors(path: Path) -> dict[str, tuple[str, int]]:
+    """name -> (type, bytes) of the token embedding and output head in a GGUF file."""
+    return {t.name: (t.tensor_type.name, int(t.n_bytes)) for t in GGUFReader(path).tensors if t.name in HEADS}
+
+
+def _wide_llama(tokenizer_dir: Path, out: Path, tie: bool) -> Path:
+    """A tiny llama 256 wide (Q6_K needs multiples of 256), tied or not."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slimlm.models.families import tiny_config
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
+                         tie_word_embeddings=tie, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models, tiny_tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
+    return {"llama-64-untied": tiny_models("llama"), "gemma3-64-tied": tiny_models("gemma3_text"),
+            "llama-256-untied": _wide_llama(tiny_tokenizer_dir, tmp_path_factory.mktemp("w-untied"), tie=False),
+            "llama-256-tied": _wide_llama(tiny_tokenizer_dir, tmp_path_factory.mktemp("w-tied"), tie=True)}
+
+
+@pytest.mark.parametrize("name", ["llama-64-untied", "gemma3-64-tied", "llama-256-untied", "llama-256-tied"])
+def test_default_types_equal_llama_quantize(name, models, tmp_path):
+    from slimlm.compress.gguf_export import export_gguf
+    from slimlm.compress.llamacpp_quant import llamacpp_quantize
+    from slimlm.compress.quantize import quantize
+
+    folder = models[name]
+    f32 = export_gguf(folder, tmp_path / "f32.gguf", dtype="f32")
+    compared = []
+    for fmt in FORMATS:
+        if FORMATS[fmt].block_size > 64 and name.split("-")[1] == "64":
+            continue  # the ternary types need widths that are multiples of 256 in the body too
+        theirs = _tensors(llamacpp_quantize(f32, tmp_path / f"llama-{fmt}.gguf", fmt, threads=1))
+        ours = _tensors(quantize(folder, tmp_path / f"slimlm-{fmt}.gguf", format=f"gguf:{fmt}", check=False,
+                                 record=False).out)
+        assert ours.keys() == theirs.keys(), (fmt, ours, theirs)
+        for tensor, (their_type, their_bytes) in theirs.items():
+            our_type, our_bytes = ours[tensor]
+            # where llama.cpp picks a type slimlm does not write, the documented stand-in, same size
+            assert our_type == EMBEDDING_SUBSTITUTE.get(their_type, their_type), (fmt, tensor, our_type, their_type)
+            assert our_bytes == their_bytes, (fmt, tensor, our_bytes, their_bytes)
+            compared.append((fmt, tensor, their_type))
+    types = {t for _, _, t in compared}
+    if name.startswith("llama-256"):  # both the Q6_K head and (untied) the ternary types' Q4_K embedding
+        assert "Q6_K" in types and len({f for f, _, _ in compared}) == len(FORMATS), compared
+        assert ("Q4_K" in types) == name.endswith("-untied"), compared
+    else:
+        assert "Q8_0" in types and "Q6_K" not in types, compared  # 64 wide: Q6_K falls back to Q8_0
+    assert ("output.weight" in {t for _, t, _ in compared}) == name.endswith("-untied")
+
+
+def test_embeddings_override_and_notes(models, tmp_path):
+    from slimlm.compress.quantize import quantize
+
+    folder = models["llama-256-untied"]
+    out = quantize(folder, tmp_path / "f16.gguf", format="gguf:Q4_0", check=False, record=False, embeddings="f16")
+    assert {t for t, _ in _tensors(out.out).values()} == {"F16"}
+    out = quantize(folder, tmp_path / "q8.gguf", format="gguf:Q4_0", check=False, record=False, embeddings="q8_0")
+    assert {t for t, _ in _tensors(out.out).values()} == {"Q8_0"}
+    auto = quantize(folder, tmp_path / "auto.gguf", format="gguf:TQ2_0", check=False, record=False)
+    assert _tensors(auto.out) == {"token_embd.weight": ("Q4_0", _tensors(auto.out)["token_embd.weight"][1]),
+                                  "output.weight": ("Q6_K", _tensors(auto.out)["output.weight"][1])}
+    assert any("Q4_K" in note and "Q4_0" in note for note in auto.notes), auto.notes
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("model", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_default_q4_0_matches_llama_quantize_on_builtin_models(model, tmp_path):
+    """The default Q4_0 file (RTN) of each built-in model: the embedding/output types llama.cpp's
+    Q4_0 file has, and a size within 2% of it."""
+    from slimlm.compress.gguf_export import export_gguf
+    from slimlm.compress.llamacpp_quant import llamacpp_quantize
+    from slimlm.compress.quantize import quantize
+    from slimlm.models.loading import dense_folder
+    from slimlm.models.reference import resolve
+
+    folder = dense_folder(resolve(model))
+    f32 = export_gguf(folder, tmp_path / "f32.gguf", dtype="f32")
+    theirs = llamacpp_quantize(f32, tmp_path / "llama.gguf", "Q4_0")
+    ours = Path(quantize(folder, tmp_path / "slimlm.gguf", format="gguf:Q4_0", check=False, record=False).out)
+    assert {k: t for k, (t, _) in _tensors(ours).items()} == {k: t for k, (t, _) in _tensors(theirs).items()}
+    size_ours, size_theirs = ours.stat().st_size, theirs.stat().st_size
+    print(f"{model}: slimlm Q4_0 {size_ours / 2**20:.3f} MiB, llama.cpp Q4_0 {size_theirs / 2**20:.3f} MiB")
+    assert np.isclose(size_ours, size_theirs, rtol=0.02), (size_ours, size_theirs)

@@ -72,7 +72,8 @@ def test_a_method_registered_here_runs_through_the_cli(twin, tiny_models, tmp_pa
     outputs = {}
     for method in ("twin", "rtn"):
         code, out, err = run_cli(capfd, "quantize", folder, "--method", method, "--format", "gguf:Q8_0",
-                                 "--out", tmp_path / f"{method}.gguf", "--no-check", "--json")
+                                 "--out", tmp_path / f"{method}.gguf", "--no-check", "--json",
+                                 "--embeddings", "f16")  # so the Q8_0 tensors are the method's
         assert code == 0, err
         outputs[method] = json.loads(out)
     assert outputs["twin"]["method"] == "twin" and outputs["twin"]["format"] == "gguf:Q8_0"

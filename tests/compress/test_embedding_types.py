@@ -12,7 +12,6 @@ import pytest
 from gguf import GGUFReader
 
 from slimlm.compress.blocks import FORMATS
-from slimlm.compress.quant_steps import EMBEDDING_SUBSTITUTE
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -71,8 +70,7 @@ def test_default_types_equal_llama_quantize(name, models, tmp_path):
         assert ours.keys() == theirs.keys(), (fmt, ours, theirs)
         for tensor, (their_type, their_bytes) in theirs.items():
             our_type, our_bytes = ours[tensor]
-            # where llama.cpp picks a type slimlm does not write, the documented stand-in, same size
-            assert our_type == EMBEDDING_SUBSTITUTE.get(their_type, their_type), (fmt, tensor, our_type, their_type)
+            assert our_type == their_type, (fmt, tensor, our_type, their_type)
             assert our_bytes == their_bytes, (fmt, tensor, our_bytes, their_bytes)
             compared.append((fmt, tensor, their_type))
     types = {t for _, _, t in compared}
@@ -93,9 +91,23 @@ def test_embeddings_override_and_notes(models, tmp_path):
     out = quantize(folder, tmp_path / "q8.gguf", format="gguf:Q4_0", check=False, record=False, embeddings="q8_0")
     assert {t for t, _ in _tensors(out.out).values()} == {"Q8_0"}
     auto = quantize(folder, tmp_path / "auto.gguf", format="gguf:TQ2_0", check=False, record=False)
-    assert _tensors(auto.out) == {"token_embd.weight": ("Q4_0", _tensors(auto.out)["token_embd.weight"][1]),
+    assert _tensors(auto.out) == {"token_embd.weight": ("Q4_K", _tensors(auto.out)["token_embd.weight"][1]),
                                   "output.weight": ("Q6_K", _tensors(auto.out)["output.weight"][1])}
-    assert any("Q4_K" in note and "Q4_0" in note for note in auto.notes), auto.notes
+    assert not auto.notes, auto.notes
+    # the untied token embedding's Q4_K bytes are llama.cpp's own for the same floats
+    from safetensors.numpy import load_file
+
+    from tests.compress.test_kquants_q45 import _ggml
+
+    w = load_file(folder / "model.safetensors")["model.embed_tokens.weight"].astype(np.float32)
+    embd = next(t for t in GGUFReader(auto.out).tensors if t.name == "token_embd.weight")
+    assert np.array_equal(np.asarray(embd.data).reshape(-1), _ggml(w, embd.tensor_type, 144).reshape(-1))
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(auto.out), n_ctx=32, verbose=False, n_gpu_layers=0)  # llama.cpp runs it
+    tokens = [tok for tok, _ in zip(llm.generate([1, 40, 77], temp=0.0), range(3))]
+    llm.close()
+    assert len(tokens) == 3
 
 
 @pytest.mark.real_model

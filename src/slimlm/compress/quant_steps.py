@@ -134,14 +134,10 @@ the llama.cpp that llama-cpp-python 0.3.36 vendors, run without --token-embeddin
 - a type whose block does not divide the width falls back: Q6_K -> Q8_0, Q4_K -> Q5_0, then f16
   (EMBEDDING_FALLBACK; a 32-block type goes straight to f16).
 
-Where slimlm cannot follow: it does not write Q4_K, so where llama.cpp stores the ternary types'
-untied token embedding as Q4_K, slimlm writes Q4_0 (EMBEDDING_SUBSTITUTE) with round-to-nearest:
-also 4.5 bits per weight, so the tensor and the file have the same size, but the codes differ (one
-scale per 32 weights instead of Q4_K's scales and minimums under a 256-weight super-block scale).
-Every other type the rule picks (f16, Q8_0, Q6_K, the file's own block type) slimlm writes as
-llama.cpp does."""
+Every type the rule picks slimlm writes as llama.cpp does: f16, Q8_0 and the file's own block type
+with its block formats, Q6_K (kquants.py) and the ternary types' Q4_K (kquants_q45.py) byte for
+byte as llama.cpp's reference quantizers."""
 EMBEDDING_FALLBACK = {"Q6_K": "Q8_0", "Q4_K": "Q5_0"}
-EMBEDDING_SUBSTITUTE = {"Q4_K": "Q4_0"}
 
 
 def _block_size(kind: str) -> int:
@@ -159,9 +155,9 @@ def check_embeddings(embeddings: str) -> str:
 
 
 def embedding_type(embeddings: str, fmt_name: str, role: str, width: int, tied: bool) -> tuple[str, str]:
-    """(type llama.cpp picks, type slimlm writes) for the token embedding (role 'token_embd') or the
-    output head (role 'output') of width `width` in a `fmt_name` file: the EMBEDDING_DEFAULTS rule
-    for --embeddings auto, else the type asked for; both after the shape fallback."""
+    """(type llama.cpp picks, type slimlm writes: the same) for the token embedding (role
+    'token_embd') or the output head (role 'output') of width `width` in a `fmt_name` file: the
+    EMBEDDING_DEFAULTS rule for --embeddings auto, else the type asked for; after the shape fallback."""
     kind = check_embeddings(embeddings)
     if kind == "f16":
         return "f16", "f16"
@@ -173,14 +169,15 @@ def embedding_type(embeddings: str, fmt_name: str, role: str, width: int, tied: 
             kind = untied_embd
     while kind != "f16" and width % _block_size(kind):
         kind = EMBEDDING_FALLBACK.get(kind, "f16")
-    return kind, EMBEDDING_SUBSTITUTE.get(kind, kind)
+    return kind, kind
 
 
 def embedding_encoder(embeddings: str, fmt_name: str = "Q8_0", tied: bool = True,
                       notes: list[str] | None = None):
     """(name_gguf, w) -> (bytes, type) or None (f16) for the token embedding / output head, typed by
-    embedding_type (a fallback or a substitution is noted in `notes`)."""
+    embedding_type (a fallback is noted in `notes`)."""
     from slimlm.compress.kquants import Q6_K, quantize_q6_k
+    from slimlm.compress.kquants_q45 import Q4_K, quantize_q4_k
 
     check_embeddings(embeddings)
 
@@ -188,18 +185,17 @@ def embedding_encoder(embeddings: str, fmt_name: str = "Q8_0", tied: bool = True
         if w.ndim != 2:
             return None
         role = "output" if name_gguf.startswith("output") else "token_embd"
-        wanted, kind = embedding_type(embeddings, fmt_name, role, w.shape[-1], tied)
+        _, kind = embedding_type(embeddings, fmt_name, role, w.shape[-1], tied)
         asked = check_embeddings(embeddings)
         if notes is not None and asked not in ("auto", "f16") and asked != kind:
             notes.append(f"{name_gguf}: width {w.shape[-1]} is not a multiple of {_block_size(asked)}, so "
                          f"{asked} cannot hold it: stored as {kind}, as llama-quantize falls back")
-        if notes is not None and wanted != kind:
-            notes.append(f"{name_gguf}: llama-quantize stores it as {wanted}, which slimlm does not write: "
-                         f"stored as {kind} (the same bits per weight)")
         if kind == "f16":
             return None
         if kind == "Q6_K":
             return quantize_q6_k(w), Q6_K
+        if kind == "Q4_K":
+            return quantize_q4_k(w), Q4_K
         block = get_format(kind)
         return pack(block, *rtn(block, w)), block.qtype
 

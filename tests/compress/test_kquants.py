@@ -5,7 +5,6 @@ and llama-quantize (`llama_model_quantize`) on a whole exported model. Bytes mus
 
 from __future__ import annotations
 
-import ctypes
 import json
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from gguf.quants import dequantize
 
 from slimlm.compress.kquants import Q6_K_BYTES, dequantize_q6_k_codes, pack_q6_k, q6_k_codes, quantize_q6_k
 from slimlm.errors import SlimlmError
+from tests.compress.ggml_reference import ggml_quantize
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.filterwarnings("ignore::UserWarning")]
 Q6_K = GGMLQuantizationType.Q6_K
@@ -23,20 +23,7 @@ Q6_K = GGMLQuantizationType.Q6_K
 
 def _ggml_q6_k(w: np.ndarray) -> np.ndarray:
     """llama.cpp's own Q6_K bytes for w (rows of a multiple of 256), from its shared library."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    libs = sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))
-    if not libs:
-        pytest.skip("llama-cpp-python ships no libggml-base")
-    lib = ctypes.CDLL(str(libs[0]))
-    fn = lib.ggml_quantize_chunk
-    fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_void_p]
-    w = np.ascontiguousarray(w, dtype=np.float32)
-    out = np.zeros((w.shape[0], w.shape[1] // 256 * Q6_K_BYTES), dtype=np.uint8)
-    written = fn(int(Q6_K), w.ctypes.data, out.ctypes.data, 0, w.shape[0], w.shape[1], None)
-    assert written == out.size
-    return out
+    return ggml_quantize(w, Q6_K, Q6_K_BYTES)
 
 
 def _weights() -> dict[str, np.ndarray]:

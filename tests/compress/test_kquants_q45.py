@@ -5,7 +5,6 @@ llama-quantize (`llama_model_quantize`) on a whole exported model. Bytes must be
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from slimlm.compress.kquants_q45 import (
     quantize_q5_k,
 )
 from slimlm.errors import SlimlmError
+from tests.compress.ggml_reference import ggml_quantize
 from tests.compress.test_kquants import WEIGHTS, _wide_tiny_llama
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -32,19 +32,7 @@ ENCODERS = {"Q4_K": (Q4_K, Q4_K_BYTES, quantize_q4_k), "Q5_K": (Q5_K, Q5_K_BYTES
 
 def _ggml(w: np.ndarray, qtype: GGMLQuantizationType, nbytes: int) -> np.ndarray:
     """llama.cpp's own bytes of type qtype for w (rows of a multiple of 256), from its shared library."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    libs = sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))
-    if not libs:
-        pytest.skip("llama-cpp-python ships no libggml-base")
-    fn = ctypes.CDLL(str(libs[0])).ggml_quantize_chunk
-    fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_void_p]
-    w = np.ascontiguousarray(w, dtype=np.float32)
-    out = np.zeros((w.shape[0], w.shape[1] // 256 * nbytes), dtype=np.uint8)
-    written = fn(int(qtype), w.ctypes.data, out.ctypes.data, 0, w.shape[0], w.shape[1], None)
-    assert written == out.size
-    return out
+    return ggml_quantize(w, qtype, nbytes)
 
 
 def _more_weights() -> dict[str, np.ndarray]:

@@ -1,0 +1,28 @@
+"""llama.cpp's own quantizer as the reference for slimlm's K-quant encoders: ggml's public
+`ggml_quantize_chunk` (the `quantize_row_*_ref` functions, no importance matrix) from the libggml
+that llama-cpp-python ships. llama-cpp-python is a required dependency, so a missing library is a
+failure here, never a skip."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+from gguf import GGMLQuantizationType
+
+
+def ggml_quantize(w: np.ndarray, qtype: GGMLQuantizationType, block_bytes: int) -> np.ndarray:
+    """llama.cpp's bytes of type `qtype` for w (rows of a multiple of 256 weights), one row each."""
+    libs = sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))
+    assert libs, f"llama-cpp-python at {Path(llama_cpp.__file__).parent} ships no libggml-base: rebuild it (make llama-cpp)"
+    fn = ctypes.CDLL(str(libs[0])).ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_void_p]
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    out = np.zeros((w.shape[0], w.shape[1] // 256 * block_bytes), dtype=np.uint8)
+    written = fn(int(qtype), w.ctypes.data, out.ctypes.data, 0, w.shape[0], w.shape[1], None)
+    assert written == out.size
+    return out

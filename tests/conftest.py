@@ -58,15 +58,19 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-def build_tiny_model(model_type: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+def build_tiny_model(model_type: str, tokenizer_dir: Path, out: Path, seed: int = 0, edit=None, **config) -> Path:
+    """A tiny random model of `model_type` in `out`; `config` overrides the family's tiny config
+    (e.g. hidden_size=256 for block types that need 256-wide rows), and `edit(model)` may change
+    the initialised weights (under no_grad) before they are saved."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slimlm.models.families import tiny_config
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = tiny_config(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = tiny_config(model_type, **{"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                                        "eos_token_id": tokenizer.eos_token_id,
+                                        "pad_token_id": tokenizer.pad_token_id, **config})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init at std 0.02 makes near-uniform logits; a larger scale gives decisive argmaxes,
@@ -75,6 +79,8 @@ def build_tiny_model(model_type: str, tokenizer_dir: Path, out: Path, seed: int 
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.3)
+        if edit is not None:
+            edit(model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -12,6 +12,7 @@ import pytest
 from gguf import GGUFReader
 
 from slimlm.compress.blocks import FORMATS
+from tests.conftest import build_tiny_model
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -24,25 +25,9 @@ def _tensors(path: Path) -> dict[str, tuple[str, int]]:
 
 
 def _wide_llama(tokenizer_dir: Path, out: Path, tie: bool) -> Path:
-    """A tiny llama 256 wide (Q6_K needs multiples of 256), tied or not."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from slimlm.models.families import tiny_config
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
-                         tie_word_embeddings=tie, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(7)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    """A tiny llama 256 wide (Q6_K and Q4_K need rows of multiples of 256), tied or untied."""
+    return build_tiny_model("llama", tokenizer_dir, out, seed=7, hidden_size=256, intermediate_size=512,
+                            tie_word_embeddings=tie)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from gguf.quants import dequantize
 from slimlm.compress.kquants import Q6_K_BYTES, dequantize_q6_k_codes, pack_q6_k, q6_k_codes, quantize_q6_k
 from slimlm.errors import SlimlmError
 from tests.compress.ggml_reference import ggml_quantize
+from tests.conftest import build_tiny_model
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.filterwarnings("ignore::UserWarning")]
 Q6_K = GGMLQuantizationType.Q6_K
@@ -75,25 +76,14 @@ def _wide_tiny_llama(tokenizer_dir: Path, out: Path) -> Path:
     """A tiny llama 256 wide (the tiny fixtures are 64 wide; Q6_K needs multiples of 256), with an
     all-zero embedding row and outlier weights, untied: token_embd and output both exist."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slimlm.models.families import tiny_config
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(16)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
+    def outliers(model) -> None:
         for p in model.parameters():
             if p.dim() > 1:
-                p.normal_(0, 0.3)
                 p.view(-1)[torch.randint(0, p.numel(), (8,))] *= 40
         model.model.embed_tokens.weight[3] = 0
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+
+    return build_tiny_model("llama", tokenizer_dir, out, seed=16, edit=outliers, hidden_size=256, intermediate_size=512)
 
 
 @pytest.fixture(scope="module")

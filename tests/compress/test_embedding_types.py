@@ -82,11 +82,11 @@ def test_embeddings_override_and_notes(models, tmp_path):
     # the untied token embedding's Q4_K bytes are llama.cpp's own for the same floats
     from safetensors.numpy import load_file
 
-    from tests.compress.test_kquants_q45 import _ggml
+    from tests.compress.ggml_reference import ggml_quantize
 
     w = load_file(folder / "model.safetensors")["model.embed_tokens.weight"].astype(np.float32)
     embd = next(t for t in GGUFReader(auto.out).tensors if t.name == "token_embd.weight")
-    assert np.array_equal(np.asarray(embd.data).reshape(-1), _ggml(w, embd.tensor_type, 144).reshape(-1))
+    assert np.array_equal(np.asarray(embd.data).reshape(-1), ggml_quantize(w, embd.tensor_type, 144).reshape(-1))
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(auto.out), n_ctx=32, verbose=False, n_gpu_layers=0)  # llama.cpp runs it

@@ -72,7 +72,7 @@ def test_codes_mean_what_gguf_reads_and_bad_input():
         pack_q6_k(np.full((1, 256), 64), sc[:1, :16], d[:1, :1])
 
 
-def _wide_tiny_llama(tokenizer_dir: Path, out: Path) -> Path:
+def wide_tiny_llama(tokenizer_dir: Path, out: Path) -> Path:
     """A tiny llama 256 wide (the tiny fixtures are 64 wide; Q6_K needs multiples of 256), with an
     all-zero embedding row and outlier weights, untied: token_embd and output both exist."""
     import torch
@@ -88,7 +88,7 @@ def _wide_tiny_llama(tokenizer_dir: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def wide_llama(tiny_tokenizer_dir, tmp_path_factory) -> Path:
-    return _wide_tiny_llama(tiny_tokenizer_dir, tmp_path_factory.mktemp("wide-llama"))
+    return wide_tiny_llama(tiny_tokenizer_dir, tmp_path_factory.mktemp("wide-llama"))
 
 
 def test_q6_k_equals_llama_quantize_on_a_model(wide_llama, tmp_path):

@@ -23,16 +23,11 @@ from slimlm.compress.kquants_q45 import (
 )
 from slimlm.errors import SlimlmError
 from tests.compress.ggml_reference import ggml_quantize
-from tests.compress.test_kquants import WEIGHTS, _wide_tiny_llama
+from tests.compress.test_kquants import WEIGHTS, wide_tiny_llama
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.filterwarnings("ignore::UserWarning")]
 Q4_K, Q5_K = GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K
 ENCODERS = {"Q4_K": (Q4_K, Q4_K_BYTES, quantize_q4_k), "Q5_K": (Q5_K, Q5_K_BYTES, quantize_q5_k)}
-
-
-def _ggml(w: np.ndarray, qtype: GGMLQuantizationType, nbytes: int) -> np.ndarray:
-    """llama.cpp's own bytes of type qtype for w (rows of a multiple of 256), from its shared library."""
-    return ggml_quantize(w, qtype, nbytes)
 
 
 def _more_weights() -> dict[str, np.ndarray]:
@@ -59,7 +54,7 @@ CASES = {**WEIGHTS, **_more_weights()}
 def test_bytes_equal_llama_cpp(name, kind):
     qtype, nbytes, encode = ENCODERS[kind]
     w = CASES[name]
-    ours, theirs = encode(w), _ggml(w, qtype, nbytes)
+    ours, theirs = encode(w), ggml_quantize(w, qtype, nbytes)
     assert ours.shape == theirs.shape == (w.shape[0], w.shape[1] // 256 * nbytes)
     bad = np.argwhere(ours != theirs)
     assert bad.size == 0, f"{len(bad)} bytes differ, first at (row, byte) {tuple(bad[0])}"
@@ -91,7 +86,7 @@ def test_codes_round_trip_and_bad_input(kind):
 
 @pytest.fixture(scope="module")
 def wide_llama(tiny_tokenizer_dir, tmp_path_factory) -> Path:
-    return _wide_tiny_llama(tiny_tokenizer_dir, tmp_path_factory.mktemp("wide-llama"))
+    return wide_tiny_llama(tiny_tokenizer_dir, tmp_path_factory.mktemp("wide-llama"))
 
 
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q5_K_M"])

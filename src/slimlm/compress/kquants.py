@@ -39,14 +39,14 @@ _MAGIC = np.float32(12582912.0)  # 1.5 * 2**23
 _CHUNK = 1 << 14          # sub-blocks per vectorized step (~20 MB arrays: stays in cache)
 
 
-def _nearest_int(f: np.ndarray) -> np.ndarray:
+def nearest_int(f: np.ndarray) -> np.ndarray:
     """ggml's nearest_int: add 1.5*2^23 in float32 and read the mantissa (ties to even; for
     |f| >= 2^22, where llama.cpp asserts in debug builds, the same wrapped bits)."""
     val = (np.asarray(f, dtype=np.float32) + _MAGIC).view(np.int32)
     return (val & 0x007FFFFF) - 0x00400000
 
 
-def _sum16(a: np.ndarray) -> np.ndarray:
+def sum16(a: np.ndarray) -> np.ndarray:
     """Sum over the first axis (the 16 weights of a sub-block) in float32, in order, as the C loop does."""
     s = a[0].copy()
     for i in range(1, a.shape[0]):
@@ -72,9 +72,9 @@ def _make_qx_quants(x: np.ndarray, nmax: int = 32) -> tuple[np.ndarray, np.ndarr
         # candidate 0 is -nmax/max; then -(nmax + 0.1f*is)/max for is = -9..-1, 1..9
         steps = np.concatenate([[np.float32(nmax)], np.float32(nmax) + np.float32(0.1) * is_]).astype(np.float32)
         iscales = (-steps)[None, :] / mx[:, None]                           # (n, 19)
-        lv = np.clip(_nearest_int(iscales[None] * xt), -nmax, nmax - 1).astype(np.float32)  # (16, n, 19)
-        sumlx = _sum16(wx * lv)
-        suml2 = _sum16((w * lv) * lv)
+        lv = np.clip(nearest_int(iscales[None] * xt), -nmax, nmax - 1).astype(np.float32)  # (16, n, 19)
+        sumlx = sum16(wx * lv)
+        suml2 = sum16((w * lv) * lv)
         scale = np.where(suml2[:, 0] != 0, sumlx[:, 0] / suml2[:, 0], np.float32(0)).astype(np.float32)
         best = scale * sumlx[:, 0]
         chosen = np.zeros(n, dtype=np.intp)
@@ -113,9 +113,9 @@ def q6_k_codes(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = (np.float32(-128) / np.where(zero, np.float32(1), max_scale)).astype(np.float32)
         d = (np.float32(1) / iscale).astype(np.float16)
-        sc = np.minimum(127, _nearest_int(iscale[:, None] * scales)).astype(np.int8)
+        sc = np.minimum(127, nearest_int(iscale[:, None] * scales)).astype(np.int8)
         dd = d.astype(np.float32)[:, None] * sc.astype(np.float32)          # (nb, 16)
-        fresh = np.clip(_nearest_int(xb / dd[:, :, None]), -32, 31) + 32
+        fresh = np.clip(nearest_int(xb / dd[:, :, None]), -32, 31) + 32
     # a sub-block whose int8 scale is 0 keeps make_qx_quants' codes, as the C loop `continue`s
     L = np.where((dd != 0)[:, :, None], fresh, L).astype(np.uint8)
     L[zero], sc[zero], d[zero] = 0, 0, 0

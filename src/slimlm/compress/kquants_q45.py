@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from slimlm.compress.kquants import QK_K, _nearest_int, _sum16
+from slimlm.compress.kquants import QK_K, nearest_int, sum16
 from slimlm.errors import SlimlmError
 
 __all__ = ["Q4_K", "Q5_K", "Q4_K_BYTES", "Q5_K_BYTES", "qkx_codes", "pack_q4_k", "pack_q5_k",
@@ -47,30 +47,30 @@ def _make_qkx2_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray,
     """make_qkx2_quants(32, nmax, x, av_x + |x|, L, &the_min, Laux, rmin, 0.1f, nstep, false) for
     each column of x (32, n): (scale float32 (n,), the_min float32 (n,), L uint8 (32, n))."""
     rmin, nstep = _PARAMS[nmax]
-    av_x = np.sqrt(_sum16(x * x) / _F(32))
+    av_x = np.sqrt(sum16(x * x) / _F(32))
     w = av_x[None, :] + np.abs(x)
     mn = np.minimum(x.min(axis=0), _F(0))
     mx = x.max(axis=0)
     flat = mx == mn
-    sum_w = _sum16(w)
-    sum_x = _sum16(w * x)
+    sum_w = sum16(w)
+    sum_x = sum16(w * x)
     nm = _F(nmax)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         rng = mx - mn
         xm = x - mn[None, :]
         iscale = nm / rng
         scale = _F(1) / iscale
-        L = np.clip(_nearest_int(iscale[None, :] * xm), 0, nmax).astype(_F)
+        L = np.clip(nearest_int(iscale[None, :] * xm), 0, nmax).astype(_F)
         diff = (scale[None, :] * L + mn[None, :]) - x
-        best = _sum16(w * (diff * diff))
+        best = sum16(w * (diff * diff))
         for step in range(nstep + 1):
             # the C loop reads `min` as it goes: a better candidate's min moves the later ones' grid
             rng = mx - mn
             xm = x - mn[None, :]
             iscale = ((rmin + _F(0.1) * _F(step)) + nm) / rng
-            la = np.clip(_nearest_int(iscale[None, :] * xm), 0, nmax).astype(_F)
+            la = np.clip(nearest_int(iscale[None, :] * xm), 0, nmax).astype(_F)
             wl = w * la
-            sum_l, sum_l2, sum_xl = _sum16(wl), _sum16(wl * la), _sum16(wl * x)
+            sum_l, sum_l2, sum_xl = sum16(wl), sum16(wl * la), sum16(wl * x)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -78,7 +78,7 @@ def _make_qkx2_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray,
             this_min = np.where(pos, _F(0), this_min)
             this_scale = np.where(pos, sum_xl / sum_l2, this_scale).astype(_F)
             diff = (this_scale[None, :] * la + this_min[None, :]) - x
-            cur = _sum16(w * (diff * diff))
+            cur = sum16(w * (diff * diff))
             better = (D > 0) & (cur < best)
             L = np.where(better[None, :], la, L)
             best = np.where(better, cur, best)
@@ -117,13 +117,13 @@ def qkx_codes(w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndar
         inv_scale = np.where(max_scale > 0, _F(63) / max_scale, _F(0)).astype(_F)
         inv_min = np.where(max_min > 0, _F(63) / max_min, _F(0)).astype(_F)
         # uint8 ls = nearest_int(...): the int wraps to its low byte, then MIN(63, ls)
-        sc = np.minimum(63, _nearest_int(inv_scale[:, None] * scales) & 0xFF).astype(np.uint8)
-        m = np.minimum(63, _nearest_int(inv_min[:, None] * mins) & 0xFF).astype(np.uint8)
+        sc = np.minimum(63, nearest_int(inv_scale[:, None] * scales) & 0xFF).astype(np.uint8)
+        m = np.minimum(63, nearest_int(inv_min[:, None] * mins) & 0xFF).astype(np.uint8)
         d = (max_scale / _F(63)).astype(np.float16)
         dmin = (max_min / _F(63)).astype(np.float16)
         dd = d.astype(_F)[:, None] * sc.astype(_F)                    # (nb, 8)
         dm = dmin.astype(_F)[:, None] * m.astype(_F)
-        fresh = np.clip(_nearest_int((xb + dm[:, :, None]) / dd[:, :, None]), 0, nmax)
+        fresh = np.clip(nearest_int((xb + dm[:, :, None]) / dd[:, :, None]), 0, nmax)
     # a sub-block whose stored scale is 0 keeps make_qkx2_quants' codes, as the C loop `continue`s
     L = np.where((dd != 0)[:, :, None], fresh, L).astype(np.uint8)
     return L.reshape(w.shape), sc.reshape(*lead, -1), m.reshape(*lead, -1), d.reshape(*lead, -1), \

@@ -12,6 +12,7 @@ from rich.table import Table
 from slimlm.cli.app import ModelArg, app, out
 from slimlm.cli.choices import registry_option
 from slimlm.compress.blocks import FORMATS
+from slimlm.compress.kquant_formats import KQUANT_FORMATS
 from slimlm.compress.quant_methods import QUANT_METHODS
 
 
@@ -20,9 +21,15 @@ def quantize(
     model: str = ModelArg,
     out_path: Path = typer.Option(..., "--out", "-o", help="The file to write (e.g. model-q4_0.gguf)."),
     method: str = registry_option(QUANT_METHODS, "rtn", "--method"),
-    fmt: str = typer.Option("gguf:Q4_0", "--format", help=f"gguf:TYPE (TYPE one of {', '.join(FORMATS)}; with "
-                            "--method llamacpp any llama.cpp type, e.g. Q4_K_M), or hf: a Hugging Face folder "
+    fmt: str = typer.Option("gguf:Q4_0", "--format", help=f"gguf:TYPE (TYPE one of {', '.join(FORMATS)}, or the "
+                            f"K-quants {', '.join(KQUANT_FORMATS)}; with --method llamacpp any llama.cpp type), "
+                            "gguf with --target-size/--target-bpw (a type per tensor), or hf: a Hugging Face folder "
                             "with packed weights that slimlm's torch backend loads (see --bits, --group-size)."),
+    target_size: float = typer.Option(None, "--target-size", help="With --format gguf: the file's size in MiB; "
+                                      "each tensor gets the type (Q4_0, Q4_K, Q5_K, Q6_K, Q8_0) that buys the most "
+                                      "fidelity under it, from measured sensitivity (cached per model)."),
+    target_bpw: float = typer.Option(None, "--target-bpw", help="With --format gguf: the same budget as bits per "
+                                     "parameter (whole file / all parameters)."),
     bits: int = typer.Option(None, "--bits", help="hf: 8, 4, 3 or 2 (default 4). gguf: picks the type "
                              "(8 Q8_0, 5 Q5_0, 4 Q4_0) when --format is just gguf."),
     group_size: int = typer.Option(None, "--group-size", help="hf: weights per scale along a row, a divisor of "
@@ -53,13 +60,16 @@ def quantize(
     The file runs in llama.cpp and Ollama as is: slimlm generate smollm2-q4_0.gguf "Hello"
     GPTQ from calibration text:  slimlm quantize ./dense --method gptq --out smollm2-gptq.gguf
     A packed 3-bit torch folder: slimlm quantize ./dense --format hf --bits 3 --out smollm2-int3
+    llama.cpp's Q4_K_M mix:      slimlm quantize ./dense --format gguf:Q4_K_M --out smollm2-q4_k_m.gguf
+    A type per tensor, 100 MiB:  slimlm quantize ./dense --format gguf --target-size 100 --out s100.gguf
     """
     from slimlm.compress.quantize import quantize as do_quantize
 
     result = do_quantize(model, out_path, method=method, format=fmt, bits=bits, group_size=group_size,
                          symmetric=symmetric, force=force, check=check,
                          calib=calib, calib_field=calib_field, calib_samples=calib_samples,
-                         calib_seq_len=calib_seq_len, sequential=sequential, embeddings=embeddings)
+                         calib_seq_len=calib_seq_len, sequential=sequential, embeddings=embeddings,
+                         target_size=target_size, target_bpw=target_bpw)
     if as_json:
         print(json.dumps(result.to_dict(), default=str))
         return
@@ -69,6 +79,10 @@ def quantize(
                           f"({result.size_before / max(result.size_after, 1):.1f}x smaller)")
     table.add_row("bits per weight", f"{result.bits_per_weight:.2f} (whole file / all parameters)")
     table.add_row("time", f"{result.seconds:.1f} s")
+    if result.tensor_types:
+        from slimlm.compress.mixed_precision import type_summary
+
+        table.add_row("tensor types", type_summary(result.tensor_types))
     f = result.fidelity
     if "kl_mean" in f:
         table.add_row("fidelity (held-out text)", f"KL mean {f['kl_mean']:.4f}, p99 {f['kl_p99']:.3f}, "

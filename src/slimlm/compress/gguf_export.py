@@ -224,11 +224,13 @@ def _encode(w: np.ndarray, dtype: str):
 
 
 def export_gguf(model: str | Path, out: Path, dtype: str = "f16", force: bool = False,
-                tensor_writer: TensorWriter | None = None, file_type: str | None = None) -> Path:
+                tensor_writer: TensorWriter | None = None, file_type: str | None = None,
+                metadata: dict[str, str] | None = None) -> Path:
     """Write `model` (a Hugging Face folder or model reference) to the GGUF file `out`.
 
     `tensor_writer(name_hf, name_gguf, tensor)` sees each tensor as float32, already in llama.cpp's
     layout; it returns (data, GGMLQuantizationType) to write its own bytes, or None for `dtype`.
+    `metadata` adds string keys (e.g. slimlm.tensor_types) to the file's key-value section.
     """
     import gguf
 
@@ -254,6 +256,8 @@ def export_gguf(model: str | Path, out: Path, dtype: str = "f16", force: bool = 
         extra = _add_hparams(writer, config, spec, dtype, file_type)
         tokens = add_vocab(writer, folder, tokenizer, config["vocab_size"])
         writer.add_name(clean_name(folder.name, tokens))
+        for key, value in (metadata or {}).items():
+            writer.add_string(key, value)
         seen = set()
         for name, tensor in _weights(folder):
             if any(s in name for s in _SKIP) or (tie and name == "lm_head.weight"):

@@ -50,6 +50,8 @@ class QuantRequest:
     calib_seq_len: int = 256
     sequential: bool = True
     embeddings: str = "auto"
+    target_size: float | None = None  # MiB: per-tensor mixed precision (mixed_precision.py)
+    target_bpw: float | None = None   # bits per parameter, the whole file
 
 
 @dataclass
@@ -85,6 +87,7 @@ class QuantizeResult:
     seconds: float
     fidelity: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    tensor_types: dict[str, str] = field(default_factory=dict)  # gguf name -> type, for per-tensor-typed files
 
     @property
     def bits_per_weight(self) -> float:

@@ -120,6 +120,13 @@ EMBEDDING_DEFAULTS: dict[str, tuple[str, str]] = {
     "Q8_0": ("Q8_0", "Q8_0"),
     "TQ1_0": ("Q6_K", "Q4_K"),
     "TQ2_0": ("Q6_K", "Q4_K"),
+    "Q4_K": ("Q6_K", "Q4_K"),
+    "Q4_K_S": ("Q6_K", "Q4_K"),
+    "Q4_K_M": ("Q6_K", "Q4_K"),
+    "Q5_K": ("Q6_K", "Q5_K"),
+    "Q5_K_S": ("Q6_K", "Q5_K"),
+    "Q5_K_M": ("Q6_K", "Q5_K"),
+    "Q6_K": ("Q6_K", "Q6_K"),
 }
 """What llama-quantize stores the output head and the token embedding as, by default, for each GGUF
 type slimlm writes (`--embeddings auto`): llama.cpp's `llama_tensor_get_type` in src/llama-quant.cpp
@@ -130,20 +137,21 @@ the llama.cpp that llama-cpp-python 0.3.36 vendors, run without --token-embeddin
 - the output head, or the token embedding where the output is tied to it (no output.weight), is
   Q6_K unless the type is Q8_0 (then Q8_0), or the type's own block does not divide the width (then
   Q8_0);
-- an untied token embedding keeps the file's type, except for the ternary types (Q4_K);
-- a type whose block does not divide the width falls back: Q6_K -> Q8_0, Q4_K -> Q5_0, then f16
-  (EMBEDDING_FALLBACK; a 32-block type goes straight to f16).
+- an untied token embedding keeps the file's type, except for the ternary types (Q4_K); a K-quant
+  mix's base type (Q4_K for Q4_K_S/M, Q5_K for Q5_K_S/M: kquant_formats.BASE_TYPE);
+- a type whose block does not divide the width falls back: Q6_K -> Q8_0, Q5_K -> Q5_1, Q4_K -> Q5_0,
+  then f16 (EMBEDDING_FALLBACK; a 32-block type goes straight to f16).
 
 Every type the rule picks slimlm writes as llama.cpp does: f16, Q8_0 and the file's own block type
-with its block formats, Q6_K (kquants.py) and the ternary types' Q4_K (kquants_q45.py) byte for
-byte as llama.cpp's reference quantizers."""
-EMBEDDING_FALLBACK = {"Q6_K": "Q8_0", "Q4_K": "Q5_0"}
+with its block formats, Q6_K (kquants.py), Q4_K and Q5_K (kquants_q45.py) byte for byte as
+llama.cpp's reference quantizers."""
+EMBEDDING_FALLBACK = {"Q6_K": "Q8_0", "Q5_K": "Q5_1", "Q4_K": "Q5_0"}
 
 
 def _block_size(kind: str) -> int:
-    from slimlm.compress.kquants import QK_K
+    from slimlm.compress.kquant_formats import BASE_TYPE, block_size
 
-    return QK_K if kind in ("Q6_K", "Q4_K") else get_format(kind).block_size
+    return block_size(BASE_TYPE.get(kind, kind)) if kind in BASE_TYPE else get_format(kind).block_size
 
 
 def check_embeddings(embeddings: str) -> str:
@@ -176,8 +184,7 @@ def embedding_encoder(embeddings: str, fmt_name: str = "Q8_0", tied: bool = True
                       notes: list[str] | None = None):
     """(name_gguf, w) -> (bytes, type) or None (f16) for the token embedding / output head, typed by
     embedding_type (a fallback is noted in `notes`)."""
-    from slimlm.compress.kquants import Q6_K, quantize_q6_k
-    from slimlm.compress.kquants_q45 import Q4_K, quantize_q4_k
+    from slimlm.compress.kquant_formats import encode as encode_type
 
     check_embeddings(embeddings)
 
@@ -190,14 +197,7 @@ def embedding_encoder(embeddings: str, fmt_name: str = "Q8_0", tied: bool = True
         if notes is not None and asked not in ("auto", "f16") and asked != kind:
             notes.append(f"{name_gguf}: width {w.shape[-1]} is not a multiple of {_block_size(asked)}, so "
                          f"{asked} cannot hold it: stored as {kind}, as llama-quantize falls back")
-        if kind == "f16":
-            return None
-        if kind == "Q6_K":
-            return quantize_q6_k(w), Q6_K
-        if kind == "Q4_K":
-            return quantize_q4_k(w), Q4_K
-        block = get_format(kind)
-        return pack(block, *rtn(block, w)), block.qtype
+        return None if kind == "f16" else encode_type(kind, w)
 
     return encode
 

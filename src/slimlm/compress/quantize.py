@@ -25,6 +25,7 @@ from pathlib import Path
 from slimlm.compress.quant_methods import QUANT_METHODS, QuantRequest
 from slimlm.compress.quant_pipeline import QuantizeResult, quick_fidelity
 from slimlm.compress.quant_steps import check_widths, quantizable, tensor_shapes
+from slimlm.errors import SlimlmError
 
 __all__ = ["quantize", "QuantizeResult", "QUANT_METHODS", "METHODS", "quick_fidelity", "quantizable",
            "check_widths", "tensor_shapes"]
@@ -36,7 +37,8 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
              bits: int | None = None, group_size: int | None = None, symmetric: bool = True,
              force: bool = False, check: bool = True, record: bool = True, calib: str = "python-docs",
              calib_field: str | None = None, calib_samples: int = 32, calib_seq_len: int = 256,
-             sequential: bool = True, embeddings: str = "auto") -> QuantizeResult:
+             sequential: bool = True, embeddings: str = "auto", target_size: float | None = None,
+             target_bpw: float | None = None) -> QuantizeResult:
     """Quantize a Hugging Face folder (or a model reference that resolves to one) into `out`: a
     GGUF file (`gguf:TYPE`) or a packed Hugging Face folder (`hf`, with bits/group_size/symmetric).
 
@@ -44,9 +46,21 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
     (field `calib_field`, default "text"); GPTQ runs layer by layer (`sequential`, memory: one
     layer's Hessians) unless told otherwise. `embeddings` (GGUF: the token embedding and output
     head) is auto (llama-quantize's choice for the type, quant_steps.EMBEDDING_DEFAULTS), f16, Q8_0
-    or Q6_K (Q6_K falls back to Q8_0 where 256 does not divide the width)."""
+    or Q6_K (Q6_K falls back to Q8_0 where 256 does not divide the width).
+
+    `format` also takes llama.cpp's K-quant files: gguf:Q4_K, gguf:Q5_K, gguf:Q6_K (one type for every
+    weight) and the mixes gguf:Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M (llama-quantize's per-tensor rule,
+    kquant_formats.py), with RTN codes byte for byte as llama-quantize writes them. With
+    `format="gguf"` and `target_size` (MiB of the whole file) or `target_bpw` (bits per parameter,
+    the whole file), each weight gets its own type under the budget from measured sensitivity
+    (mixed_precision.py; the result's `tensor_types` holds the choice). Both need `method="rtn"`."""
     request = QuantRequest(model=model, out=Path(out), format=format, bits=bits, group_size=group_size,
                            symmetric=symmetric, force=force, check=check, record=record, calib=calib,
                            calib_field=calib_field, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
-                           sequential=sequential, embeddings=embeddings)
-    return QUANT_METHODS.create(method).quantize(request)
+                           sequential=sequential, embeddings=embeddings, target_size=target_size,
+                           target_bpw=target_bpw)
+    chosen = QUANT_METHODS.create(method)
+    if (target_size is not None or target_bpw is not None) and not chosen.typed_formats:
+        raise SlimlmError(f"--method {method} does not choose per-tensor types for --target-size/--target-bpw "
+                          "yet: use --method rtn")
+    return chosen.quantize(request)

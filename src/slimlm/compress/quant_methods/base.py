@@ -23,6 +23,7 @@ import numpy as np
 from slimlm.compress.blocks import BlockFormat
 from slimlm.compress.quant_pipeline import QuantizeResult, QuantJob, QuantRequest, quantize_blocks
 from slimlm.compress.quant_steps import GGUF_BY_BITS, round_to_nearest
+from slimlm.errors import SlimlmError
 from slimlm.registry import Registry
 
 __all__ = ["QuantMethod", "QUANT_METHODS", "register_quant_method", "QuantJob", "QuantRequest"]
@@ -34,6 +35,7 @@ class QuantMethod:
     name: ClassVar[str] = ""  # set by register_quant_method
     help: ClassVar[str] = ""  # one line for `slimlm quantize --help`
     calibrated: ClassVar[bool] = False  # reads calibration text (--calib, --calib-samples, --calib-seq-len)
+    typed_formats: ClassVar[bool] = False  # writes K-quant files (gguf:Q4_K_M...) and --target-size mixes
 
     # --- the format -------------------------------------------------------------------------
 
@@ -68,7 +70,16 @@ class QuantMethod:
     # --- the run ----------------------------------------------------------------------------
 
     def quantize(self, request: QuantRequest) -> QuantizeResult:
-        """The whole run: the block pipeline (quant_pipeline.quantize_blocks) with this method's hooks."""
+        """The whole run: the block pipeline (quant_pipeline.quantize_blocks) with this method's hooks,
+        or for a K-quant format or a size target the per-tensor-typed one (mixed_precision.py)."""
+        from slimlm.compress.mixed_precision import is_typed_request, quantize_typed
+
+        if is_typed_request(request):
+            if not self.typed_formats:
+                raise SlimlmError(f"--method {self.name} does not write K-quant formats or --target-size/"
+                                  "--target-bpw files yet: use --method rtn (or --method llamacpp for llama.cpp's "
+                                  "own K-quants)")
+            return quantize_typed(self, request)
         return quantize_blocks(self, request)
 
 

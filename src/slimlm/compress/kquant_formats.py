@@ -1,0 +1,139 @@
+"""Per-tensor GGUF types: llama.cpp's K-quant files (uniform Q4_K/Q5_K/Q6_K and the _S/_M mixes),
+and the encoders for every type a per-tensor choice can land on.
+
+A K-quant "file type" in llama.cpp is not one type but a rule that gives each tensor its own:
+llama-quantize's Q4_K_M stores most weights as Q4_K but attn_v and ffn_down as Q6_K on the layers
+its `use_more_bits` picks, and every type falls back to a 32-block type where 256 does not divide
+a tensor's width. slimlm writes these files itself (with RTN codes from the byte-exact encoders in
+kquants.py / kquants_q45.py), so the rule is kept here, learnt from `llama_tensor_get_type_impl`
+and `tensor_type_fallback` in llama.cpp's src/llama-quant.cpp, for dense models (no experts, not
+Falcon, not the 70B special case), without an importance matrix:
+
+- attn_v (and a fused attn_qkv): Q4_K_M and Q5_K_M -> Q6_K where use_more_bits(layer, n_layers);
+  Q4_K_S -> Q5_K on the first 4 layers;
+- ffn_down: Q4_K_M and Q5_K_M -> Q6_K where use_more_bits; Q4_K_S -> Q5_K below n_layers/8;
+- everything else: the file's base type (Q4_K for Q4_K_S/M, Q5_K for Q5_K_S/M);
+- use_more_bits(i, n) = i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2 (integer division);
+- fallback where the width is not a multiple of 256: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0,
+  and f16 where 32 does not divide it either.
+
+The uniform types (gguf:Q4_K, Q5_K, Q6_K) put every quantized weight in that type (after the same
+fallback), as llama-quantize --pure does. The token embedding and output head follow
+quant_steps.EMBEDDING_DEFAULTS in both cases.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from slimlm.compress.blocks import FORMATS, pack, rtn
+from slimlm.errors import SlimlmError
+
+__all__ = ["KQUANT_FORMATS", "BASE_TYPE", "ENCODABLE", "is_kquant_format", "kquant_name", "use_more_bits",
+           "fallback", "mix_type", "block_size", "tensor_bytes", "encode", "dequantize_type", "file_type_for"]
+
+BASE_TYPE = {"Q4_K": "Q4_K", "Q5_K": "Q5_K", "Q6_K": "Q6_K",
+             "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K"}
+KQUANT_FORMATS = tuple(BASE_TYPE)
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+ENCODABLE = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+FILE_TYPES = {"Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}  # uniform types: the nearest llama.cpp file type
+_LAYER = re.compile(r"blk\.(\d+)\.")
+
+
+def kquant_name(fmt: str) -> str | None:
+    """'gguf:Q4_K_M' -> 'Q4_K_M'; None for a format that is not a K-quant file type."""
+    kind, sep, name = fmt.partition(":")
+    if not sep or kind.lower() != "gguf":
+        return None
+    return name.upper() if name.upper() in BASE_TYPE else None
+
+
+def is_kquant_format(fmt: str) -> bool:
+    return kquant_name(fmt) is not None
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def block_size(type_name: str) -> int:
+    if type_name.upper() == "F16":
+        return 1
+    return GGML_QUANT_SIZES[GGMLQuantizationType[type_name.upper()]][0]
+
+
+def fallback(type_name: str, width: int) -> str:
+    """The type llama.cpp stores a tensor `width` wide in when `type_name` was asked for."""
+    kind = type_name.upper()
+    while kind != "F16" and width % block_size(kind):
+        kind = FALLBACK.get(kind, "F16")
+    return kind
+
+
+def mix_type(fmt_name: str, name_gguf: str, n_layers: int, width: int) -> str:
+    """The type llama-quantize gives the body tensor `name_gguf` in a `fmt_name` file (see the
+    module docstring); the uniform types give every tensor their own type."""
+    fmt_name = fmt_name.upper()
+    if fmt_name not in BASE_TYPE:
+        raise SlimlmError(f"unknown K-quant file type {fmt_name}: choose one of {', '.join(KQUANT_FORMATS)}")
+    kind = BASE_TYPE[fmt_name]
+    match = _LAYER.search(name_gguf)
+    if fmt_name != kind and match:
+        layer = int(match.group(1))
+        attn_v = "attn_v.weight" in name_gguf or "attn_qkv.weight" in name_gguf
+        if attn_v or "ffn_down" in name_gguf:
+            if fmt_name in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n_layers):
+                kind = "Q6_K"
+            elif fmt_name == "Q4_K_S" and (layer < 4 if attn_v else layer < n_layers // 8):
+                kind = "Q5_K"
+    return fallback(kind, width)
+
+
+def tensor_bytes(type_name: str, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor of `shape` (rows, ..., width) takes in the file as `type_name`."""
+    n = int(np.prod(shape))
+    if type_name.upper() == "F16":
+        return 2 * n
+    size, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[type_name.upper()]]
+    return n // size * nbytes
+
+
+def encode(type_name: str, w: np.ndarray):
+    """(data, GGMLQuantizationType or None) for float32 weights w as `type_name`, byte for byte as
+    llama.cpp's reference quantizers write them (RTN, no importance matrix)."""
+    from slimlm.compress.kquants import Q6_K, quantize_q6_k
+    from slimlm.compress.kquants_q45 import Q4_K, Q5_K, quantize_q4_k, quantize_q5_k
+
+    kind = type_name.upper()
+    if kind == "F16":
+        return w.astype(np.float16), None
+    if kind == "Q4_K":
+        return quantize_q4_k(w), Q4_K
+    if kind == "Q5_K":
+        return quantize_q5_k(w), Q5_K
+    if kind == "Q6_K":
+        return quantize_q6_k(w), Q6_K
+    if kind not in FORMATS:
+        raise SlimlmError(f"slimlm cannot encode GGUF type {type_name}: choose one of {', '.join(ENCODABLE)}")
+    fmt = FORMATS[kind]
+    return pack(fmt, *rtn(fmt, w)), fmt.qtype
+
+
+def dequantize_type(type_name: str, w: np.ndarray) -> np.ndarray:
+    """What llama.cpp reads back after storing w as `type_name` (float32, w's shape)."""
+    from gguf.quants import dequantize
+
+    data, qtype = encode(type_name, np.ascontiguousarray(w, dtype=np.float32))
+    if qtype is None:
+        return data.astype(np.float32)
+    return dequantize(data, qtype).reshape(w.shape).astype(np.float32)
+
+
+def file_type_for(type_name: str) -> str:
+    """The `general.file_type` (LlamaFileType MOSTLY_*) name for a file mostly in `type_name`."""
+    kind = type_name.upper()
+    return {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}.get(kind, kind) if kind != "F16" else "F16"

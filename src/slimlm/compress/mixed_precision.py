@@ -1,0 +1,283 @@
+"""GGUF files with a type per tensor: llama.cpp's K-quant files (`--format gguf:Q4_K_M`, ...) and
+per-tensor mixed precision under a size budget (`--format gguf --target-size MIB | --target-bpw B`).
+
+Why a separate pipeline: quant_pipeline writes one block format for every weight; here each
+weight gets its own type, chosen either by llama.cpp's rule for a K-quant file type
+(kquant_formats.mix_type) or by an allocation that spends a byte budget where it buys the most
+fidelity:
+
+- candidates per weight: Q4_0, Q4_K, Q5_K, Q6_K, Q8_0, each after llama.cpp's width fallback
+  (a 576-wide weight cannot hold a 256-block: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0);
+- cost: the KL each weight's quantization at each type adds on calibration text
+  (sensitivity.py, cached per model and text);
+- allocation: minimize the summed KL subject to the file's bytes <= budget, a multiple-choice
+  knapsack solved exactly by dynamic programming over the budget in at most 200,000 steps (each
+  weight's extra bytes rounded up to a step, so the budget always holds);
+- the token embedding and output head keep their automatic types (Q4_K_M's rule,
+  quant_steps.EMBEDDING_DEFAULTS, or --embeddings), counted in the budget; the file's other bytes
+  (header, vocabulary, norms) are measured exactly by writing the file once with 1-element tensors.
+
+The chosen types go into the file's metadata (`slimlm.tensor_types`, a JSON string
+{gguf name: type}), into the result (`QuantizeResult.tensor_types`), and into FILE.tensor-types.txt
+(`name=type` lines, as llama-quantize's --tensor-type takes them) so llama-quantize can be rerun
+with slimlm's choices. Codes are RTN (llama.cpp's reference quantizers, byte for byte).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from slimlm.compress.kquant_formats import (
+    FILE_TYPES,
+    encode,
+    fallback,
+    file_type_for,
+    kquant_name,
+    mix_type,
+    tensor_bytes,
+)
+from slimlm.compress.quant_pipeline import QuantizeResult, QuantRequest, finish
+from slimlm.compress.quant_steps import (
+    KEEP,
+    calibration_texts,
+    check_embeddings,
+    embedding_encoder,
+    embedding_type,
+    quantizable,
+    tensor_shapes,
+)
+from slimlm.errors import SlimlmError
+
+__all__ = ["CANDIDATES", "TYPES_KEY", "is_typed_request", "candidate_types", "allocate", "gguf_names",
+           "quantize_typed", "type_summary"]
+
+CANDIDATES = ("Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+TYPES_KEY = "slimlm.tensor_types"
+MIXED_EMBEDDINGS = "Q4_K_M"  # whose automatic token embedding / output head types a mixed file keeps
+_ALIGN = 32  # GGUF data alignment
+
+
+def is_typed_request(req: QuantRequest) -> bool:
+    return kquant_name(req.format) is not None or req.target_size is not None or req.target_bpw is not None
+
+
+def candidate_types(width: int) -> list[str]:
+    """The distinct types a weight `width` wide can be stored in, from CANDIDATES after the fallback."""
+    return list(dict.fromkeys(fallback(t, width) for t in CANDIDATES))
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def allocate(options: dict[str, dict[str, tuple[int, float]]], budget: int, steps: int = 200_000) -> dict[str, str]:
+    """{name: type} minimizing the summed cost with summed bytes <= budget, for options
+    {name: {type: (bytes, cost)}}: exact dynamic programming over the budget beyond the cheapest
+    choice, in steps of ceil(slack / steps) bytes (each option's extra bytes rounded up)."""
+    names = list(options)
+    floor = sum(min(b for b, _ in options[n].values()) for n in names)
+    if floor > budget:
+        raise SlimlmError(f"the budget of {budget} bytes is below the {floor} the smallest types take")
+    slack = budget - floor
+    unit = max(1, math.ceil(slack / steps))
+    cap = slack // unit
+    best = np.zeros(cap + 1)
+    choice = np.zeros((len(names), cap + 1), dtype=np.int8)
+    for i, n in enumerate(names):
+        lo = min(b for b, _ in options[n].values())
+        new = np.full(cap + 1, np.inf)
+        for k, (b, cost) in enumerate(options[n].values()):
+            extra = math.ceil((b - lo) / unit)
+            if extra > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[extra:] = best[:cap + 1 - extra] + cost
+            better = cand < new
+            new[better], choice[i, better] = cand[better], k
+        best = new
+    chosen, c = {}, cap
+    for i in range(len(names) - 1, -1, -1):
+        n = names[i]
+        types = list(options[n])
+        t = types[choice[i, c]]
+        chosen[n] = t
+        c -= math.ceil((options[n][t][0] - min(b for b, _ in options[n].values())) / unit)
+    return {n: chosen[n] for n in names}
+
+
+def gguf_names(folder: Path, shapes: dict) -> dict[str, str]:
+    """{Hugging Face name: GGUF name} of the tensors export_gguf writes, as it maps them."""
+    import gguf
+
+    from slimlm.compress.gguf_export import read_config, spec_for
+
+    config = read_config(folder)
+    tie = config.get("tie_word_embeddings", True)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec_for(config).arch.upper()], config["num_hidden_layers"])
+    out = {}
+    for n in shapes:
+        if "rotary_emb" not in n and not (tie and n == "lm_head.weight"):
+            g = names.get_name(n, try_suffixes=(".weight", ".bias"))
+            if g is not None:
+                out[n] = g
+    return out
+
+
+def type_summary(types: dict[str, str]) -> str:
+    """'Q4_K x120, Q6_K x30' by count, most first."""
+    return ", ".join(f"{t} x{c}" for t, c in Counter(types.values()).most_common())
+
+
+def _head_types(folder: Path, shapes: dict, names: dict, embeddings: str, embed_fmt: str) -> dict[str, str]:
+    from slimlm.compress.gguf_export import read_config
+
+    tied = read_config(folder).get("tie_word_embeddings", True)
+    out = {}
+    for n, g in names.items():
+        if len(shapes[n]) == 2 and any(k in n for k in KEEP):
+            role = "output" if g.startswith("output") else "token_embd"
+            out[n] = embedding_type(embeddings, embed_fmt, role, shapes[n][-1], tied)[1].upper()
+    return out
+
+
+def _fixed_bytes(folder: Path, shapes: dict, names: dict, targets: set, heads: dict, metadata: dict) -> int:
+    """Every byte of the file except the quantized weights' data: written once with 1-element
+    tensors (same header, vocabulary and metadata length), then each tensor's real bytes added."""
+    from slimlm.compress.gguf_export import export_gguf
+
+    seen = []
+
+    def tiny(name_hf: str, name_gguf: str, w: np.ndarray):
+        seen.append(name_hf)
+        return np.zeros((1,) * w.ndim, np.float32), None
+
+    with tempfile.TemporaryDirectory(prefix="slimlm-probe-") as tmp:
+        probe = export_gguf(folder, Path(tmp) / "probe.gguf", tensor_writer=tiny, metadata=metadata,
+                            file_type="Q8_0")
+        size = probe.stat().st_size
+    for n in seen:
+        size -= _ALIGN
+        if n in heads:
+            size += _aligned(tensor_bytes(heads[n], shapes[n]))
+        elif n not in targets:
+            size += _aligned((4 if len(shapes[n]) < 2 else 2) * int(np.prod(shapes[n])))
+    return size
+
+
+def _check(req: QuantRequest, name: str | None) -> None:
+    targeted = req.target_size is not None or req.target_bpw is not None
+    if req.target_size is not None and req.target_bpw is not None:
+        raise SlimlmError("give --target-size or --target-bpw, not both")
+    if targeted and name is not None:
+        raise SlimlmError(f"--target-size/--target-bpw choose a type per tensor: use --format gguf, not {req.format}")
+    if targeted and req.format.lower() != "gguf":
+        raise SlimlmError(f"--target-size/--target-bpw write a GGUF file: use --format gguf, not {req.format}")
+    if targeted and (req.target_size if req.target_size is not None else req.target_bpw) <= 0:
+        raise SlimlmError("--target-size and --target-bpw must be positive")
+    if req.bits is not None or req.group_size is not None:
+        raise SlimlmError("K-quant and mixed-precision files fix their own bits and group sizes: drop --bits "
+                          "and --group-size")
+    check_embeddings(req.embeddings)
+    if Path(req.out).exists() and not req.force:
+        raise SlimlmError(f"{req.out} already exists: choose another output path or pass --force")
+
+
+def _budget(req: QuantRequest, params_total: int) -> int:
+    if req.target_size is not None:
+        return int(req.target_size * 2**20)
+    return int(req.target_bpw * params_total / 8)
+
+
+def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
+    """A K-quant file (req.format gguf:Q4_K ... gguf:Q5_K_M) or a mixed-precision file under
+    req.target_size (MiB) / req.target_bpw (bits per parameter, the whole file), with RTN codes."""
+    from slimlm.compress.gguf_export import read_config
+    from slimlm.models.loading import dense_folder
+    from slimlm.models.reference import resolve
+
+    name = kquant_name(req.format)
+    _check(req, name)
+    ref = resolve(str(req.model))
+    folder = dense_folder(ref)
+    shapes = tensor_shapes(folder)
+    names = gguf_names(folder, shapes)
+    targets = [n for n, s in shapes.items() if quantizable(n, s) and n in names]
+    heads = _head_types(folder, shapes, names, req.embeddings, name or MIXED_EMBEDDINGS)
+    params_total = sum(int(np.prod(s)) for s in shapes.values())
+    notes: list[str] = []
+    start = time.perf_counter()
+    if name:
+        n_layers = read_config(folder)["num_hidden_layers"]
+        types = {n: mix_type(name, names[n], n_layers, shapes[n][-1]) for n in targets}
+        fell = sorted({t for n, t in types.items() if t not in ("Q4_K", "Q5_K", "Q6_K")})
+        if fell:
+            notes.append(f"widths not a multiple of 256 fall back to {', '.join(fell)}, as llama-quantize does")
+        file_type, label = FILE_TYPES.get(name, name), name
+    else:
+        placeholder = {TYPES_KEY: json.dumps({names[n]: "Q4_0" for n in [*targets, *heads]})}
+        fixed = _fixed_bytes(folder, shapes, names, set(targets), heads, placeholder)
+        candidates = {n: candidate_types(shapes[n][-1]) for n in targets}
+        budget = _budget(req, params_total)
+        least = fixed + sum(min(_aligned(tensor_bytes(t, shapes[n])) for t in c) for n, c in candidates.items())
+        if budget < least:
+            raise SlimlmError(f"the budget ({budget / 2**20:.1f} MiB, {8 * budget / params_total:.2f} bits per "
+                              f"weight) is below the smallest this model reaches: {least / 2**20:.1f} MiB "
+                              f"({8 * least / params_total:.2f} bits per weight)")
+        from slimlm.compress.sensitivity import sensitivities
+
+        texts = calibration_texts(folder, req.calib, req.calib_field, req.calib_seq_len)
+        scores = sensitivities(folder, texts, candidates, tokens=req.calib_seq_len, notes=notes)
+        options = {n: {t: (_aligned(tensor_bytes(t, shapes[n])), scores[n][t]) for t in c}
+                   for n, c in candidates.items()}
+        types = allocate(options, budget - fixed)
+        weights = Counter()
+        for n, t in types.items():
+            weights[t] += int(np.prod(shapes[n]))
+        file_type, label = file_type_for(weights.most_common(1)[0][0]), "mixed"
+        notes.append(f"estimated added KL {sum(scores[n][t] for n, t in types.items()):.4f} (sum over tensors) "
+                     f"for {budget / 2**20:.1f} MiB")
+    all_types = {names[n]: t for n, t in {**types, **heads}.items()}
+    quantized = _write(folder, Path(req.out), types, name or MIXED_EMBEDDINGS, req, method.name, label,
+                       {TYPES_KEY: json.dumps(all_types)}, file_type, notes)
+    out = Path(req.out)
+    if not name and out.stat().st_size > budget:  # the accounting above is exact; this guards it
+        raise SlimlmError(f"internal error: {out} is {out.stat().st_size} bytes, over the budget of {budget}")
+    out.with_suffix(".tensor-types.txt").write_text("".join(f"{g}={t.lower()}\n" for g, t in all_types.items()))
+    result = QuantizeResult(out=str(out), method=method.name, format=f"gguf:{label}",
+                            size_before=sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+                            size_after=out.stat().st_size, params_quantized=quantized, params_total=params_total,
+                            seconds=time.perf_counter() - start, notes=notes, tensor_types=all_types)
+    extra = {"tensor_types": type_summary(all_types)}
+    if not name:
+        extra.update(target_size=req.target_size, target_bpw=req.target_bpw, calib=req.calib,
+                     calib_seq_len=req.calib_seq_len)
+    return finish(result, ref, folder, req.check, req.record, extra)
+
+
+def _write(source: Path, out: Path, types: dict, embed_fmt: str, req: QuantRequest, method: str, label: str,
+           metadata: dict, file_type: str, notes: list[str]) -> int:
+    from slimlm.compress.gguf_export import export_gguf, read_config
+    from slimlm.progress import progress_bar
+
+    tied = read_config(source).get("tie_word_embeddings", True)
+    embed = embedding_encoder(req.embeddings, embed_fmt, tied, notes)
+    counted = [0]
+    with progress_bar(f"{method} → {label}", len(types)) as advance:
+        def writer(name_hf: str, name_gguf: str, w: np.ndarray):
+            if name_hf not in types:
+                return embed(name_gguf, w) if any(k in name_hf for k in KEEP) else None
+            counted[0] += w.size
+            advance()
+            return encode(types[name_hf], w)
+
+        export_gguf(source, out, dtype="f16", force=req.force, tensor_writer=writer, file_type=file_type,
+                    metadata=metadata)
+    return counted[0]
+

@@ -1,0 +1,128 @@
+"""slimlm's K-quant files (`--format gguf:Q4_K_M` ...) against llama-quantize's of the same f32 GGUF:
+every tensor has the same type and, with RTN (no importance matrix), the same bytes; llama.cpp loads
+and runs them; methods that cannot write them say so in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFReader
+
+from slimlm.compress.kquant_formats import mix_type, use_more_bits
+from slimlm.errors import SlimlmError
+from tests.conftest import build_tiny_model
+
+pytestmark = [pytest.mark.llamacpp, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models, tiny_tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
+    """An 8-layer llama 256 wide (K-quant blocks fit; use_more_bits picks layers 0, 3, 6, 7) and
+    the 64-wide tiny llama (every K type falls back)."""
+    wide = build_tiny_model("llama", tiny_tokenizer_dir, tmp_path_factory.mktemp("wide8"), seed=3,
+                            hidden_size=256, intermediate_size=512, num_hidden_layers=8)
+    return {"llama-256x8": wide, "llama-64": tiny_models("llama")}
+
+
+def _llama_quantize(f32: Path, out: Path, ftype: str, pure: bool = False, output_type=None) -> Path:
+    """llama.cpp's quantizer with --pure / --output-tensor-type, which slimlm's helper does not expose."""
+    import llama_cpp
+
+    from slimlm.compress.llamacpp_quant import llamacpp_quantize, llamacpp_types
+
+    if not pure:
+        return llamacpp_quantize(f32, out, ftype, threads=1)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llamacpp_types()[ftype]
+    params.nthread = 1
+    params.pure = True
+    params.output_tensor_type = int(output_type)
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params) == 0
+    return out
+
+
+def _compare(ours: Path, theirs: Path) -> dict[str, str]:
+    a = {t.name: t for t in GGUFReader(ours).tensors}
+    b = {t.name: t for t in GGUFReader(theirs).tensors}
+    assert a.keys() == b.keys()
+    for name, t in b.items():
+        assert a[name].tensor_type == t.tensor_type, (name, a[name].tensor_type.name, t.tensor_type.name)
+        assert np.array_equal(np.asarray(a[name].data), np.asarray(t.data)), name
+    return {name: t.tensor_type.name for name, t in b.items()}
+
+
+@pytest.mark.parametrize("model", ["llama-256x8", "llama-64"])
+@pytest.mark.parametrize("ftype", ["Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"])
+def test_mixes_equal_llama_quantize(models, model, ftype, tmp_path):
+    from slimlm.compress.gguf_export import export_gguf
+    from slimlm.compress.quantize import quantize
+
+    f32 = export_gguf(models[model], tmp_path / "f32.gguf", dtype="f32")
+    theirs = _llama_quantize(f32, tmp_path / "llama.gguf", ftype)
+    result = quantize(models[model], tmp_path / "slimlm.gguf", format=f"gguf:{ftype}", check=False, record=False)
+    types = _compare(Path(result.out), theirs)
+    assert {k: v for k, v in result.tensor_types.items()} == {k: v for k, v in types.items() if v != "F32"}
+    if model == "llama-256x8" and ftype == "Q4_K_M":  # the rule's layers, as llama.cpp chose them
+        assert [types[f"blk.{i}.attn_v.weight"] for i in range(8)] == \
+            ["Q6_K" if use_more_bits(i, 8) else "Q4_K" for i in range(8)] == \
+            ["Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q6_K"]
+        assert types["blk.0.ffn_down.weight"] == "Q6_K" and types["blk.1.attn_q.weight"] == "Q4_K"
+        assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
+    lines = (tmp_path / "slimlm.tensor-types.txt").read_text().splitlines()
+    assert dict(line.split("=") for line in lines) == {k: v.lower() for k, v in result.tensor_types.items()}
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K", "Q5_K"])
+def test_uniform_types_equal_llama_quantize_pure(models, ftype, tmp_path):
+    """gguf:Q4_K / gguf:Q5_K: every weight in that type (llama-quantize --pure), the output head Q6_K."""
+    from slimlm.compress.gguf_export import export_gguf
+    from slimlm.compress.quantize import quantize
+
+    folder = models["llama-256x8"]
+    f32 = export_gguf(folder, tmp_path / "f32.gguf", dtype="f32")
+    theirs = _llama_quantize(f32, tmp_path / "llama.gguf", f"{ftype}_S", pure=True,
+                             output_type=GGMLQuantizationType.Q6_K)
+    result = quantize(folder, tmp_path / "slimlm.gguf", format=f"gguf:{ftype}", check=False, record=False)
+    types = _compare(Path(result.out), theirs)
+    assert types.pop("output.weight") == "Q6_K"
+    assert {t for t in types.values() if t != "F32"} == {ftype}
+
+
+def test_q4_k_m_runs_in_llama_cpp_and_other_methods_refuse(models, tmp_path):
+    import json
+
+    from llama_cpp import Llama
+
+    from slimlm.compress.quantize import quantize
+
+    folder = models["llama-256x8"]
+    result = quantize(folder, tmp_path / "m.gguf", format="gguf:Q4_K_M", record=False)
+    assert result.format == "gguf:Q4_K_M" and 0 <= result.fidelity["top1_agreement"] <= 1
+    reader = GGUFReader(result.out)
+    field = reader.fields["slimlm.tensor_types"]
+    assert json.loads(bytes(field.parts[field.data[0]]).decode()) == result.tensor_types
+    llm = Llama(model_path=result.out, logits_all=True, n_ctx=32, verbose=False, n_gpu_layers=0)
+    llm.eval([1, 5, 9, 13])
+    assert np.isfinite(np.array(llm.scores[:4])).all()
+    llm.close()
+    for method in ("gptq", "awq"):
+        with pytest.raises(SlimlmError, match=f"--method {method} does not write K-quant"):
+            quantize(folder, tmp_path / "x.gguf", method=method, format="gguf:Q4_K_M", record=False)
+    with pytest.raises(SlimlmError, match="drop --bits"):
+        quantize(folder, tmp_path / "x.gguf", format="gguf:Q4_K_M", bits=4, record=False)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_mix_rule_fallback_and_layers():
+    assert mix_type("Q4_K_M", "blk.7.ffn_down.weight", 8, 512) == "Q6_K"
+    assert mix_type("Q4_K_M", "blk.1.ffn_down.weight", 8, 512) == "Q4_K"
+    assert mix_type("Q4_K_M", "blk.0.attn_v.weight", 30, 576) == "Q8_0"  # Q6_K falls back
+    assert mix_type("Q4_K_M", "blk.1.attn_q.weight", 30, 576) == "Q5_0"  # Q4_K falls back
+    assert mix_type("Q5_K_S", "blk.1.attn_q.weight", 30, 576) == "Q5_1"
+    assert mix_type("Q4_K_S", "blk.3.attn_v.weight", 30, 512) == "Q5_K"
+    assert mix_type("Q4_K_S", "blk.4.attn_v.weight", 30, 512) == "Q4_K"
+    assert mix_type("Q6_K", "blk.4.attn_v.weight", 30, 40) == "F16"
+    with pytest.raises(SlimlmError, match="unknown K-quant"):
+        mix_type("Q3_K_M", "blk.0.attn_v.weight", 8, 256)

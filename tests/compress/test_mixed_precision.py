@@ -1,0 +1,133 @@
+"""Per-tensor mixed precision (`--format gguf --target-size MIB | --target-bpw B`): the allocation is
+the knapsack optimum and meets its budget, the sensitivity proxy ranks tensors as direct measurement
+does, the written file holds the chosen types (tensors and metadata) and runs in llama.cpp, a second
+budget reuses the cached sensitivities, and bad budgets fail in one line before any long work."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+from slimlm.compress import sensitivity
+from slimlm.compress.mixed_precision import allocate, candidate_types
+from slimlm.errors import SlimlmError
+from tests.conftest import build_tiny_model, run_cli
+
+pytestmark = [pytest.mark.llamacpp, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_allocation_is_the_brute_force_optimum_within_budget(seed):
+    rng = np.random.default_rng(seed)
+    options = {}
+    for i in range(6):
+        sizes = np.sort(rng.integers(50, 400, size=4))
+        costs = np.sort(rng.random(4))[::-1] * rng.random()  # more bytes, less cost (mostly)
+        options[f"t{i}"] = {f"T{k}": (int(b), float(c)) for k, (b, c) in enumerate(zip(sizes, costs))}
+    floor = sum(min(b for b, _ in o.values()) for o in options.values())
+    top = sum(max(b for b, _ in o.values()) for o in options.values())
+    for budget in np.linspace(floor, top, 7).astype(int):
+        best = min((sum(options[n][t][1] for n, t in zip(options, combo)), combo)
+                   for combo in itertools.product(*[list(o) for o in options.values()])
+                   if sum(options[n][t][0] for n, t in zip(options, combo)) <= budget)
+        chosen = allocate(options, int(budget))
+        assert sum(options[n][t][0] for n, t in chosen.items()) <= budget
+        assert np.isclose(sum(options[n][t][1] for n, t in chosen.items()), best[0])
+        coarse = allocate(options, int(budget), steps=7)  # coarse steps: maybe worse, never over
+        assert sum(options[n][t][0] for n, t in coarse.items()) <= budget
+    with pytest.raises(SlimlmError, match="below"):
+        allocate(options, floor - 1)
+
+
+def test_candidates_follow_llama_cpp_fallback():
+    assert candidate_types(1536) == ["Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
+    assert candidate_types(576) == ["Q4_0", "Q5_0", "Q5_1", "Q8_0"]
+
+
+@pytest.fixture(scope="module")
+def wide(tiny_tokenizer_dir, tmp_path_factory) -> Path:
+    """A 4-layer llama 256 wide, untied: 28 weights with K-quant candidates."""
+    return build_tiny_model("llama", tiny_tokenizer_dir, tmp_path_factory.mktemp("mp-wide"), seed=11,
+                            hidden_size=256, intermediate_size=512, num_hidden_layers=4)
+
+
+def _spearman(a, b) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_sensitivity_ranks_tensors_like_direct_measurement(wide):
+    """The proxy's KL at Q5_K and Q8_0 (scaled from the measured lowest type by weighted error)
+    against the KL of quantizing each tensor alone at that type, measured directly."""
+    from slimlm.compress.quant_steps import quantizable, tensor_shapes
+    from slimlm.data import calibration_docs
+
+    shapes = tensor_shapes(wide)
+    names = [n for n, s in shapes.items() if quantizable(n, s)]
+    texts = calibration_docs()
+    found = sensitivity.measure(wide, texts, {n: candidate_types(shapes[n][-1]) for n in names}, tokens=128)
+    assert len(names) == 28 and all(found["kl_low"][n][0] in ("Q4_0", "Q4_K") for n in names)
+    for kind in ("Q5_K", "Q8_0"):
+        direct = sensitivity.kl_direct(wide, texts, [(n, kind) for n in names], tokens=128)
+        proxy = [found["scores"][n][kind] for n in names]
+        assert _spearman(proxy, direct) >= 0.8, (kind, proxy, direct)
+
+
+def _types_in(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    reader = GGUFReader(path)
+    field = reader.fields["slimlm.tensor_types"]
+    meta = json.loads(bytes(field.parts[field.data[0]]).decode())
+    return {t.name: t.tensor_type.name for t in reader.tensors if t.tensor_type.name != "F32"}, meta
+
+
+def test_mixed_file_holds_the_chosen_types_runs_and_reuses_the_cache(wide, tmp_path, monkeypatch):
+    from llama_cpp import Llama
+
+    from slimlm.compress.quantize import quantize
+
+    calls = []
+    real = sensitivity.measure
+    monkeypatch.setattr(sensitivity, "measure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    low = quantize(wide, tmp_path / "low.gguf", format="gguf", target_bpw=5.2, calib_seq_len=128, record=False)
+    assert calls == [1] and low.format == "gguf:mixed"
+    assert low.size_after <= int(5.2 * low.params_total / 8)
+    tensors, meta = _types_in(Path(low.out))
+    assert tensors == meta == low.tensor_types
+    assert len(set(t for n, t in tensors.items() if n.startswith("blk."))) >= 2  # a real mix
+    lines = (tmp_path / "low.tensor-types.txt").read_text().splitlines()
+    assert dict(line.split("=") for line in lines) == {k: v.lower() for k, v in low.tensor_types.items()}
+    assert "kl_mean" in low.fidelity
+    llm = Llama(model_path=low.out, logits_all=True, n_ctx=32, verbose=False, n_gpu_layers=0)
+    llm.eval([1, 5, 9, 13])
+    assert np.isfinite(np.array(llm.scores[:4])).all()
+    llm.close()
+
+    budget = (low.size_after + 3 * 2**17) / 2**20  # a second budget: cached sensitivities, only allocation + write
+    high = quantize(wide, tmp_path / "high.gguf", format="gguf", target_size=budget, calib_seq_len=128,
+                    record=False, check=False)
+    assert calls == [1] and any("from the cache" in n for n in high.notes)
+    assert low.size_after < high.size_after <= int(budget * 2**20)
+    assert _types_in(Path(high.out))[0] == high.tensor_types
+    bits = {"Q4_0": 4.5, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q8_0": 8.5}
+    assert sum(bits[t] for n, t in high.tensor_types.items() if n.startswith("blk.")) > \
+        sum(bits[t] for n, t in low.tensor_types.items() if n.startswith("blk."))
+
+
+def test_bad_budgets_fail_in_one_line_before_any_work(wide, tmp_path, capfd, monkeypatch):
+    monkeypatch.setattr(sensitivity, "measure", lambda *a, **k: pytest.fail("measured before checking the budget"))
+    out = tmp_path / "x.gguf"
+    cases = [(["--format", "gguf", "--target-size", "0.05"], "smallest this model reaches"),
+             (["--format", "gguf", "--target-bpw", "2"], "smallest this model reaches"),
+             (["--format", "gguf", "--target-size", "5", "--target-bpw", "5"], "not both"),
+             (["--format", "gguf:Q4_K_M", "--target-size", "5"], "use --format gguf, not gguf:Q4_K_M"),
+             (["--format", "gguf:Q4_0", "--target-bpw", "5"], "use --format gguf, not gguf:Q4_0"),
+             (["--format", "gguf", "--target-size", "5", "--method", "gptq"], "--method gptq does not")]
+    for args, message in cases:
+        code, _, err = run_cli(capfd, "quantize", wide, "--out", out, *args)
+        assert code == 1 and err.strip().count("\n") == 0 and err.startswith("error:") and message in err, (args, err)
+        assert not out.exists()

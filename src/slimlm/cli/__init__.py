@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from slimlm.cli import compress, distill, ledger, models, prune, router, serve, train  # noqa: F401 - register
+from slimlm.cli import compress, distill, ledger, models, prune, router, serve, shrink, train  # noqa: F401 - register
 from slimlm.cli import eval as eval_verbs  # noqa: F401 - registers eval, bench, compare, report
 from slimlm.cli.app import VERBS, app
 from slimlm.errors import SlimlmError
@@ -27,7 +27,9 @@ def main() -> None:
 
     debug = "--debug" in sys.argv
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except SlimlmError as exc:
         if debug:
             raise

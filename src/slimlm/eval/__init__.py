@@ -110,6 +110,17 @@ def evaluate(model: str, task: str, *, backend: str = "auto", limit: int | None 
     return result
 
 
+def check_task(task: str, limit: int | None = None) -> int:
+    """Parse `task` and read its data as `evaluate` would, without a model: the number of examples
+    it holds, or the one-line SlimlmError `evaluate` would raise. For verbs that run a task many
+    times (shrink) and must fail in a second, before any long work."""
+    from slimlm.data import JsonlReport
+
+    kind, argument = parse_task(task)
+    data = get_task_kind(kind).load(argument, EvalOptions(limit=limit), JsonlReport())
+    return len(data) if hasattr(data, "__len__") else 0
+
+
 def _check_dtype(name: str, dtype: str | None) -> None:
     from slimlm.models.backends import BACKENDS
 
@@ -126,4 +137,4 @@ def _open_model(model: str, backend: str, kind: str, context: int, dtype: str | 
     return _open(ref, choose_backend(ref, kind, backend), kind, context, dtype)
 
 
-__all__ = ["EvalResult", "TASK_KINDS", "evaluate"]
+__all__ = ["EvalResult", "TASK_KINDS", "check_task", "evaluate"]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from slimlm.errors import BackendUnavailable, SlimlmError
 from slimlm.eval.cost import CostConfig, EnergyMeter, api_cost_per_1m, load_api_prices, local_cost_per_1m
@@ -98,11 +99,20 @@ def _uses_accelerator(backend: Backend) -> bool:
 
 
 def _peak_rss_bytes() -> int:
+    """The process's peak resident memory. On Linux, VmHWM of /proc/self/status: getrusage's ru_maxrss
+    survives exec, so a process spawned by a large one (shrink measures each candidate in a child)
+    would report its parent's peak."""
     import sys
 
     import psutil
 
     current = psutil.Process().memory_info().rss
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return max(current, int(line.split()[1]) * 1024)  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
 

@@ -167,19 +167,23 @@ class _Runner:
 def measure(folder: Path, texts: list[str], candidates: dict[str, list[str]], tokens: int = 256) -> dict:
     """The scheme of the module docstring, uncached: {"scores": {name: {type: KL}}, "kl_low":
     {name: (type, KL)}, "err": {name: {type: weighted error}}}."""
+    from slimlm.progress import progress_bar
+
     model, ids = _load(folder, texts, tokens)
     runner = _Runner(model, ids, list(candidates))
     params = dict(model.named_parameters())
     scores, kl_low, errs = {}, {}, {}
-    for name, types in candidates.items():
-        w = params[name].detach().float().numpy()
-        sq = runner.sq[name].numpy().astype(np.float64)
-        quantized = {t: dequantize_type(t, w) for t in types}
-        err = {t: float((((w - q).astype(np.float64) ** 2) * sq[None, :]).sum()) for t, q in quantized.items()}
-        low = max(types, key=lambda t: err[t])
-        kl = max(runner.kl(name, quantized[low]), 0.0)
-        scores[name] = {t: kl * err[t] / err[low] if err[low] > 0 else 0.0 for t in types}
-        kl_low[name], errs[name] = (low, kl), err
+    with progress_bar("sensitivity (KL per tensor)", len(candidates)) as advance:
+        for name, types in candidates.items():
+            w = params[name].detach().float().numpy()
+            sq = runner.sq[name].numpy().astype(np.float64)
+            quantized = {t: dequantize_type(t, w) for t in types}
+            err = {t: float((((w - q).astype(np.float64) ** 2) * sq[None, :]).sum()) for t, q in quantized.items()}
+            low = max(types, key=lambda t: err[t])
+            kl = max(runner.kl(name, quantized[low]), 0.0)
+            scores[name] = {t: kl * err[t] / err[low] if err[low] > 0 else 0.0 for t in types}
+            kl_low[name], errs[name] = (low, kl), err
+            advance()
     return {"scores": scores, "kl_low": kl_low, "err": errs, "tokens": int(ids.shape[1])}
 
 

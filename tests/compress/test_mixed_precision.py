@@ -131,3 +131,29 @@ def test_bad_budgets_fail_in_one_line_before_any_work(wide, tmp_path, capfd, mon
         code, _, err = run_cli(capfd, "quantize", wide, "--out", out, *args)
         assert code == 1 and err.strip().count("\n") == 0 and err.startswith("error:") and message in err, (args, err)
         assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "phi3"])
+def test_mixed_file_on_other_families(family, tiny_models, tmp_path):
+    """The partial reruns of the sensitivity pass (per-layer inputs, Gemma's soft-capping, Phi-3's
+    fused qkv) and the writer work beyond llama: a 64-wide tiny model of each family."""
+    from llama_cpp import Llama
+
+    from slimlm.compress.quant_steps import quantizable, tensor_shapes
+    from slimlm.compress.quantize import quantize
+    from slimlm.data import calibration_docs
+
+    shapes = tensor_shapes(tiny_models(family))
+    names = [n for n, s in shapes.items() if quantizable(n, s)]
+    # a rerun from a layer's recorded input with f16-rounded weights reproduces the full forward
+    assert max(sensitivity.kl_direct(tiny_models(family), calibration_docs(), [(names[0], "F16"), (names[-1], "F16")],
+                                     tokens=64)) < 1e-5
+    result = quantize(tiny_models(family), tmp_path / "m.gguf", format="gguf", target_bpw=10, calib_seq_len=64,
+                      record=False, check=False)
+    assert result.size_after <= int(10 * result.params_total / 8)
+    tensors, meta = _types_in(Path(result.out))
+    assert tensors == meta == result.tensor_types
+    llm = Llama(model_path=result.out, logits_all=True, n_ctx=32, verbose=False, n_gpu_layers=0)
+    llm.eval([1, 5, 9, 13])
+    assert np.isfinite(np.array(llm.scores[:4])).all()
+    llm.close()

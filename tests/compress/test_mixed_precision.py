@@ -85,7 +85,7 @@ def _types_in(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     return {t.name: t.tensor_type.name for t in reader.tensors if t.tensor_type.name != "F32"}, meta
 
 
-def test_mixed_file_holds_the_chosen_types_runs_and_reuses_the_cache(wide, tmp_path, monkeypatch):
+def test_mixed_file_holds_the_chosen_types_runs_and_reuses_the_cache(wide, tmp_path, monkeypatch, capfd):
     from llama_cpp import Llama
 
     from slimlm.compress.quantize import quantize
@@ -116,6 +116,11 @@ def test_mixed_file_holds_the_chosen_types_runs_and_reuses_the_cache(wide, tmp_p
     bits = {"Q4_0": 4.5, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q8_0": 8.5}
     assert sum(bits[t] for n, t in high.tensor_types.items() if n.startswith("blk.")) > \
         sum(bits[t] for n, t in low.tensor_types.items() if n.startswith("blk."))
+
+    code, out, err = run_cli(capfd, "quantize", wide, "--format", "gguf", "--target-bpw", "6", "--calib-seq-len", "128",
+                             "--no-check", "--out", tmp_path / "cli.gguf")  # the report names the mix
+    assert code == 0 and calls == [1], err
+    assert "tensor types" in out and "from the cache" in out
 
 
 def test_bad_budgets_fail_in_one_line_before_any_work(wide, tmp_path, capfd, monkeypatch):

@@ -23,6 +23,7 @@ candidates:
   - {kind: quantize, method: rtn, format: gguf:Q8_0, label: rtn Q8_0 again}
   - {kind: quantize, method: rtn, format: gguf:Q4_0}
   - {kind: quantize, method: rtn, format: gguf:Q5_0}
+  - {kind: finetune, format: gguf:Q8_0, train_steps: 2}
 """
 QUESTIONS = [("What is two plus two?", ["four", "five", "six"], 0),
              ("Which one is a colour?", ["table", "blue", "seven"], 1),
@@ -62,14 +63,17 @@ def test_search_writes_the_winner_report_and_every_candidate(finished):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((out / "shrink.json").read_text())
     cands = {c["name"]: c for c in result["candidates"]}
-    assert set(cands) == {"rtn Q8_0", "rtn Q8_0 again", "rtn Q4_0", "rtn Q5_0"}
+    assert set(cands) == {"rtn Q8_0", "rtn Q8_0 again", "rtn Q4_0", "rtn Q5_0", "finetune lora2 Q8_0"}
+    # without --data the fine-tune candidate does not apply: skipped, saying what would make it run
+    assert cands["finetune lora2 Q8_0"]["status"] == "skipped" and "--data" in cands["finetune lora2 Q8_0"]["reasons"][0]
     # the second Q8_0 is the same file by another name: the proxies prune it, it is never evaluated
     assert cands["rtn Q8_0 again"]["status"] == "pruned" and not cands["rtn Q8_0 again"].get("scores")
-    assert result["fully_evaluated"] < result["built"] == 4
+    assert result["fully_evaluated"] < result["built"] == 4 and result["proposed"] == 5
     # sizes and fidelity are measured, not estimated: Q4_0 < Q5_0 < Q8_0 on disk
     assert cands["rtn Q4_0"]["size_bytes"] < cands["rtn Q5_0"]["size_bytes"] < cands["rtn Q8_0"]["size_bytes"]
     for c in result["candidates"]:
-        assert c["fidelity"]["kl_mean"] >= 0 and Path(c["artifact"]).exists()
+        if c["status"] != "skipped":
+            assert c["fidelity"]["kl_mean"] >= 0 and Path(c["artifact"]).exists()
     # --prefer size: the chosen one is the smallest of those that qualify
     qualifying = [c for c in result["candidates"] if c["status"] in ("chosen", "qualifies")]
     chosen = next(c for c in result["candidates"] if c["status"] == "chosen")
@@ -97,7 +101,7 @@ def test_no_candidate_meets_the_floor_still_writes_the_report(finished, job, cap
     assert code == 2
     line = next(x for x in stderr.splitlines() if x.startswith("no candidate meets the floor"))
     assert "closest:" in line and "misses --min-score 2" in line
-    assert "built before, reused" in stderr and "building" not in stderr  # nothing rebuilt
+    assert "built before, reused" in stderr and "building rtn" not in stderr  # nothing rebuilt
     result = json.loads((out / "shrink.json").read_text())
     assert result["chosen"] is None and result["closest"] and (out / "report.html").exists()
     assert not (out / "model.gguf").exists()
@@ -144,3 +148,27 @@ def test_an_existing_output_needs_force(job, capfd, tmp_path):
     out.mkdir()
     code, _, stderr = run_cli(capfd, *_args(job, out))
     assert code == 1 and "already exists" in stderr and "--force" in stderr
+
+
+def test_with_data_a_lora_fine_tune_is_a_candidate_judged_on_the_task_not_on_kl(job, capfd):
+    """A fine-tune moves away from the parent on purpose: it is evaluated even where its KL is the
+    largest, and its merged Hugging Face folder ships beside the GGUF if it wins."""
+    data = job["root"] / "train.txt"
+    data.write_text("\n\n".join(f"Question: {q} Answer: {c[a]}." for q, c, a in QUESTIONS) * 4)
+    preset = job["root"] / "ft.yaml"
+    preset.write_text("limit: 6\ncandidates:\n  - {kind: quantize, method: rtn, format: gguf:Q8_0}\n"
+                      "  - {kind: finetune, format: gguf:Q8_0, train_steps: 5}\n")
+    out = job["root"] / "ft"
+    code, stdout, stderr = run_cli(capfd, "shrink", job["model"], "--task", job["task"], "--preset", preset,
+                                   "--out", out, "--quality-floor", "0.01", "--data", data, "--prefer", "quality")
+    assert code == 0, stderr
+    result = json.loads((out / "shrink.json").read_text())
+    ft = next(c for c in result["candidates"] if c["spec"]["kind"] == "finetune")
+    rtn = next(c for c in result["candidates"] if c["spec"]["kind"] == "quantize")
+    assert ft["status"] in ("chosen", "qualifies") and ft["scores"], ft["reasons"]
+    # the same size as plain Q8_0 (to 1%) and further from the parent: KL says nothing of its task score
+    assert abs(ft["size_bytes"] - rtn["size_bytes"]) < 0.01 * rtn["size_bytes"]
+    assert ft["fidelity"]["kl_mean"] > rtn["fidelity"]["kl_mean"]
+    assert (Path(ft["hf_folder"]) / "config.json").exists()
+    if result["chosen"] == ft["id"]:
+        assert (out / "model-hf" / "config.json").exists()

@@ -45,6 +45,9 @@ def shrink(
     limit: Optional[int] = typer.Option(None, "--limit", help="Examples per task (default: the preset's)."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text for GPTQ/AWQ (a .txt or .jsonl "
                                         "file of your own data, or a built-in corpus); default: each method's."),
+    data: Optional[str] = typer.Option(None, "--data", help="Your training data (JSONL chat/pairs/text, or .txt): "
+                                       "`finetune` candidates train LoRA on it before compression, and GPTQ/AWQ "
+                                       "calibrate on it when it is text."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists (its finished candidates are reused)."),
     as_json: bool = typer.Option(False, "--json", help="Print shrink.json on stdout and nothing else."),
 ):
@@ -67,7 +70,7 @@ def shrink(
     goals = Goals(quality_floor=quality_floor, min_score=min_score, max_kl=max_kl, max_memory_mib=max_memory,
                   max_size_mib=max_size, min_tokens_per_s=min_tokens_per_s,
                   time_budget_s=time_budget * 60 if time_budget is not None else None, prefer=prefer)
-    result = do_shrink(model, tasks, out_dir, preset=preset, goals=goals, limit=limit, calib=calib, force=force)
+    result = do_shrink(model, tasks, out_dir, preset=preset, goals=goals, limit=limit, calib=calib, data=data, force=force)
     if as_json:
         print(json.dumps(result, default=str))
         return

@@ -23,21 +23,23 @@ __all__ = ["DEFAULT_TASK", "Goals", "PREFER", "preset_names", "shrink"]
 
 
 def shrink(model: str, tasks: list[str] | None, out: str | Path, *, preset: str | Path = "quick",
-           goals: Goals | None = None, limit: int | None = None, calib: str | None = None, force: bool = False,
+           goals: Goals | None = None, limit: int | None = None, calib: str | None = None, data: str | None = None,
+           force: bool = False,
            record: bool = True, say=None) -> dict:
     """Search the preset's candidates for `model` on `tasks` (default: the built-in pydoc task) and
     write the result to the folder `out`: model.gguf (the chosen model), shrink.json, report.html,
     the plots and candidates/. Returns what shrink.json holds.
 
     limit: examples per task (default: the preset's). calib: calibration text for calibrated methods
-    (a file, or a built-in corpus; default: each method's). say: a callable for progress lines
+    (a file, or a built-in corpus; default: `data`, else each method's). data: your training data
+    (`finetune` candidates train on it; calibration uses it unless `calib` is given). say: a callable for progress lines
     (default: stderr while progress is enabled). A rerun continues where a killed one stopped."""
     from slimlm.shrink.search import search
 
     config, specs = load_preset(preset)
     goals = goals or Goals()
     result = search(model, list(tasks or [DEFAULT_TASK]), Path(out), specs,
-                    limit if limit is not None else config.limit, goals, calib, force, say or _stderr)
+                    limit if limit is not None else config.limit, goals, calib, data, force, say or _stderr)
     result["preset"] = str(preset)
     if record:
         from slimlm.models.reference import resolve

@@ -31,6 +31,7 @@ class CandidateSpec:
     calib: str | None = None  # quantize (calibrated methods): calibration text; None: the task data or default
     ratio: float | None = None  # prune: the fraction removed
     distill_steps: int = 0  # prune: logit-distillation steps from the parent afterwards (0: none)
+    train_steps: int | None = None  # finetune: LoRA steps on the user's --data
     label: str | None = None  # the name shown in tables (default: built from the settings)
 
     def name(self) -> str:
@@ -41,6 +42,8 @@ class CandidateSpec:
             parts.append(f"{self.ratio:g}")
         if self.distill_steps:
             parts.append(f"kd{self.distill_steps}")
+        if self.train_steps:
+            parts.append(f"lora{self.train_steps}")
         if self.target_bpw is not None:
             parts.append(f"{self.target_bpw:g}bpw")
         elif self.format:
@@ -58,6 +61,7 @@ class BuildContext:
     """What every build gets: the parent's dense folder and the calibration text source."""
     parent: Path  # the parent's Hugging Face folder
     calib: str | None  # calibration text (a file, or a built-in corpus name); None: each method's default
+    data: str | None = None  # the user's training data (--data), for kinds that train on it
     notes: list[str] = field(default_factory=list)
 
 
@@ -68,9 +72,14 @@ class Built:
     notes: list[str] = field(default_factory=list)
 
 
+class SkipCandidate(SlimlmError):
+    """A candidate that does not apply to this search (e.g. a fine-tune without --data)."""
+
+
 class CandidateKind:
     help = ""
     name = ""
+    judged_by_kl = True  # False: the candidate changes the model on purpose, so KL to the parent is no proxy
 
     def check(self, spec: CandidateSpec) -> None:
         """Raise a one-line SlimlmError for settings this kind cannot build."""
@@ -83,7 +92,7 @@ CANDIDATE_KINDS: Registry[CandidateKind] = Registry("candidate kind", CandidateK
 
 
 def _unused(spec: CandidateSpec, allowed: set[str]) -> None:
-    for name in ("method", "format", "target_bpw", "calib", "ratio"):
+    for name in ("method", "format", "target_bpw", "calib", "ratio", "train_steps"):
         if getattr(spec, name) is not None and name not in allowed:
             raise SlimlmError(f"kind {spec.kind} takes no {name}: remove it (settings: {', '.join(sorted(allowed))})")
     if spec.distill_steps and "distill_steps" not in allowed:
@@ -169,3 +178,35 @@ class PruneCandidate(CandidateKind):
                 seq_len=256, train=TrainConfig(lr=1e-4, max_steps=spec.distill_steps, batch_size=4, eval_every=0,
                                                save_every=0))
         return out
+
+
+@CANDIDATE_KINDS.register("finetune")
+class FinetuneCandidate(CandidateKind):
+    help = ("LoRA fine-tuning on your --data (train_steps), merged, then quantized (method, default rtn; "
+            "format); skipped when no --data is given")
+    judged_by_kl = False
+
+    def check(self, spec: CandidateSpec) -> None:
+        from slimlm.compress.quant_methods import QUANT_METHODS
+
+        _unused(spec, {"method", "format", "train_steps", "calib"})
+        if spec.method is not None and spec.method not in QUANT_METHODS:
+            raise SlimlmError(f"unknown quantization method {spec.method!r}: choose one of {', '.join(QUANT_METHODS)}")
+        if spec.train_steps is None or spec.train_steps < 1:
+            raise SlimlmError("a finetune candidate needs train_steps (at least 1)")
+
+    def build(self, spec: CandidateSpec, ctx: BuildContext, folder: Path) -> Built:
+        from slimlm.compress.quantize import quantize
+        from slimlm.train.core import TrainConfig
+        from slimlm.train.finetune import finetune
+
+        if ctx.data is None:
+            raise SkipCandidate("needs your training data: pass --data FILE")
+        tuned = folder / "tuned"
+        finetune(ctx.parent, ctx.data, tuned, force=True, merge=True,
+                 train=TrainConfig(max_steps=spec.train_steps, eval_every=0, save_every=0))
+        out = folder / "model.gguf"
+        kwargs = {"calib": spec.calib or ctx.calib or ctx.data}
+        result = quantize(tuned, out, method=spec.method or "rtn", format=_gguf_format(spec.format, "gguf:Q8_0"),
+                          force=True, check=False, **kwargs)
+        return Built(out, hf_folder=tuned, notes=list(result.notes))

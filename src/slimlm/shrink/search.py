@@ -26,7 +26,7 @@ from pathlib import Path
 
 from slimlm.errors import SlimlmError
 from slimlm.eval.report import pareto_front
-from slimlm.shrink.candidates import CANDIDATE_KINDS, BuildContext, CandidateSpec
+from slimlm.shrink.candidates import CANDIDATE_KINDS, BuildContext, CandidateSpec, SkipCandidate
 from slimlm.shrink.goals import (
     Goals,
     MiB,
@@ -105,6 +105,9 @@ def build_candidate(ws: Workspace, spec: CandidateSpec, ctx: BuildContext, input
         record = {"artifact": str(built.artifact), "hf_folder": str(built.hf_folder) if built.hf_folder else None,
                   "size_bytes": built.artifact.stat().st_size, "build_s": build_s, "notes": built.notes,
                   "fidelity": fidelity(built.artifact, ctx.parent), "probe_tps": decode_probe(built.artifact)}
+    except SkipCandidate as exc:
+        clock.step(f"{spec.name()}: skipped: {exc}")
+        return {"skip": str(exc)}  # not stored: a rerun with the missing input builds it
     except SlimlmError as exc:
         record = {"error": str(exc), "build_s": time.perf_counter() - start}
         clock.step(f"{spec.name()}: failed: {exc}")
@@ -141,7 +144,7 @@ def prepare_parent(ws: Workspace, folder: Path, fp: dict, tasks: list[str], limi
 
 
 def search(model: str, tasks: list[str], out: Path, specs: list[CandidateSpec], limit: int | None, goals: Goals,
-           calib: str | None, force: bool, say) -> dict:
+           calib: str | None, data: str | None, force: bool, say) -> dict:
     """Run the search and assemble OUT; returns the result as shrink.json holds it."""
     from slimlm.compress.quant_steps import tensor_shapes
     from slimlm.eval import check_task
@@ -151,6 +154,8 @@ def search(model: str, tasks: list[str], out: Path, specs: list[CandidateSpec], 
     goals.validate()
     for task in tasks:  # a task that does not load fails now, before any model work
         check_task(task, limit)
+    if data is not None and not Path(data).exists():
+        raise SlimlmError(f"--data {data}: no such file: give your training data (JSONL chat/pairs/text, or .txt)")
     ref = resolve(model)
     folder = dense_folder(ref)
     params = sum(math.prod(s) for s in tensor_shapes(folder).values())
@@ -162,7 +167,7 @@ def search(model: str, tasks: list[str], out: Path, specs: list[CandidateSpec], 
     clock = Clock(goals.time_budget_s, say)
     ws.open()
     try:
-        result = _run(ws, ref, folder, tasks, specs, limit, goals, calib, clock)
+        result = _run(ws, ref, folder, tasks, specs, limit, goals, calib, data, clock)
     except BaseException:
         ws.discard_if_empty()
         raise
@@ -189,18 +194,21 @@ def _assemble(ws: Workspace, result: dict) -> dict:
     return result
 
 
-def _run(ws, ref, folder, tasks, specs, limit, goals, calib, clock) -> dict:
+def _run(ws, ref, folder, tasks, specs, limit, goals, calib, data, clock) -> dict:
     fp = parent_fingerprint(folder)
     parent = prepare_parent(ws, folder, fp, tasks, limit, clock)
-    ctx = BuildContext(parent=folder, calib=calib)
+    ctx = BuildContext(parent=folder, calib=calib if calib is not None else _text_of(data), data=data)
     candidates = []
     for spec in specs:
         row = {"id": spec.key(), "name": spec.name(), "spec": asdict(spec), "status": "", "reasons": []}
         if clock.left() <= 0:
             row.update(status="skipped", reasons=["not built: the time budget was spent"])
         else:
-            row.update(build_candidate(ws, spec, ctx, {"spec": asdict(spec), "parent": fp, "calib": calib}, clock))
-            if "error" in row:
+            inputs = {"spec": asdict(spec), "parent": fp, "calib": calib, "data": data}
+            row.update(build_candidate(ws, spec, ctx, inputs, clock))
+            if "skip" in row:
+                row.update(status="skipped", reasons=[row.pop("skip")])
+            elif "error" in row:
                 row.update(status="failed", reasons=[row["error"]])
         candidates.append(row)
 
@@ -211,7 +219,8 @@ def _run(ws, ref, folder, tasks, specs, limit, goals, calib, clock) -> dict:
             c.update(status="rejected", reasons=misses)
     alive = [c for c in built if not c["status"]]
     names = {c["id"]: c["name"] for c in candidates}
-    for cid, by in proxy_dominated(alive).items():
+    judged = [c for c in alive if CANDIDATE_KINDS[c["spec"]["kind"]].judged_by_kl]
+    for cid, by in proxy_dominated(judged).items():
         c = next(c for c in alive if c["id"] == cid)
         c.update(status="pruned", reasons=[f"proxies: {names[by]} is no larger, no further from the parent (KL) "
                                            "and no slower"])
@@ -245,6 +254,19 @@ def _run(ws, ref, folder, tasks, specs, limit, goals, calib, clock) -> dict:
             "proposed": len(candidates), "built": len(built), "fully_evaluated": len(evaluated),
             "seconds": clock.elapsed, "hand_pick": _hand_pick(evaluated, chosen, goals.prefer, parent),
             "pid": os.getpid()}
+
+
+def _text_of(data: str | None) -> str | None:
+    """The user's data as calibration text where it reads as text (a .txt, JSONL with a text field)."""
+    from slimlm.data import calibration_corpus
+
+    if data is None:
+        return None
+    try:
+        calibration_corpus(data)
+    except SlimlmError:
+        return None  # chat or pair records: each method's default calibration text
+    return data
 
 
 def _front(evaluated: list[dict], x_of, higher_x: bool) -> list[str]:

@@ -111,6 +111,9 @@ def build_candidate(ws: Workspace, spec: CandidateSpec, ctx: BuildContext, input
     except SlimlmError as exc:
         record = {"error": str(exc), "build_s": time.perf_counter() - start}
         clock.step(f"{spec.name()}: failed: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a bug in one method must not end the search; not stored, so a rerun retries
+        clock.step(f"{spec.name()}: failed: {type(exc).__name__}: {exc}")
+        return {"error": f"{type(exc).__name__}: {exc} (a bug in slimlm: please report it with this line)"}
     return ws.save(key, "build", inputs, record)
 
 

@@ -8,7 +8,10 @@ without and with an importance matrix from `llama-imatrix` on the calibration te
 `llama-perplexity` as the yardstick.
 
 Every file is scored twice on the held-out text (the last 3 python-docs topics, which calibration
-never sees):
+never sees), and, by `llama-perplexity --kl-divergence` against the f32 GGUF, on each out-of-domain
+held-out corpus (`--corpora`: general English prose and ChatML chat turns, data/calibration_mix.py)
+as well, one KL column per corpus. Before anything runs, the calibration text (`--calib`) is checked
+to share no 13-word run with any evaluation corpus.
 
 1. by slimlm (`slimlm eval`'s perplexity with --reference): the file on llama.cpp against the fp32
    reference on torch, sliding windows of 512 tokens: perplexity, bits per byte, mean KL, top-1
@@ -19,6 +22,7 @@ never sees):
    within 2%.
 
     python bench/quantize.py [--models smollm2-135m-instruct,gemma3-270m] [--no-write]
+    python bench/quantize.py --calib mix --corpora python-docs,prose,chat --jobs rtn:Q4_0,gptq:Q4_0
     python bench/quantize.py --packed     # packed Hugging Face folders: bits 8/4/3/2 and ternary, on torch
 """
 
@@ -37,9 +41,10 @@ from llama_tools import build as build_llama_tools  # noqa: E402  (bench/, besid
 from results import append_section  # noqa: E402
 
 import slimlm  # noqa: F401  (switches hub access off before transformers is imported)
+from slimlm.compress.calibration import CALIB_SAMPLES, CALIB_SEQ_LEN
 from slimlm.compress.gguf_export import export_gguf
 from slimlm.compress.quantize import quantize
-from slimlm.data import calibration_docs, held_out_docs
+from slimlm.data import calibration_corpus, held_out_corpora, held_out_docs, ngram_overlap
 from slimlm.eval.loglik import Request, make_scorer
 from slimlm.eval.perplexity import run_perplexity
 from slimlm.models.backends import GenerationParams, open_backend
@@ -53,9 +58,41 @@ CONTEXT = 512
 # while with it off slimlm and the tool agree within 0.5% on every file of both models
 # (`--agreement`, bench/RESULTS.md, 2026-12-01).
 PPL_ARGS = ("-c", CONTEXT, "-b", CONTEXT, "-t", 2, "-fa", "off")
-CALIB = dict(calib_samples=32, calib_seq_len=256)  # slimlm's GPTQ/AWQ and llama-imatrix get the same budget
+# slimlm's GPTQ/AWQ and llama-imatrix get the same budget: the calibrated methods' default (128 x 256)
+CALIB = dict(calib_samples=CALIB_SAMPLES, calib_seq_len=CALIB_SEQ_LEN)
 SLIMLM_JOBS = [("rtn", "Q4_0"), ("gptq", "Q4_0"), ("awq", "Q4_0"), ("rtn", "Q8_0"), ("gptq", "Q8_0")]
 PEER_JOBS = [("Q4_0", False), ("Q4_0", True), ("Q4_K_M", False), ("Q4_K_M", True), ("Q8_0", False)]
+JOBS = ([f"{m}:{f}" for m, f in SLIMLM_JOBS]
+        + [f"llamacpp{'-imat' if imat else ''}:{f}" for f, imat in PEER_JOBS])  # --jobs, in this order
+CORPORA = ("python-docs", "prose", "chat")  # --corpora: the held-out corpora scored, one KL column each
+
+
+def parse_jobs(text: str) -> list[tuple[str, object]]:
+    """'rtn:Q4_0,llamacpp-imat:Q4_K_M' -> [("rtn", "Q4_0"), ("llamacpp", ("Q4_K_M", True))]."""
+    jobs = []
+    for item in text.split(","):
+        method, _, fmt = item.strip().partition(":")
+        if not fmt:
+            raise SystemExit(f"--jobs: '{item}' is not METHOD:TYPE (e.g. gptq:Q4_0, llamacpp-imat:Q4_K_M)")
+        jobs.append(("llamacpp", (fmt, method == "llamacpp-imat")) if method.startswith("llamacpp") else (method, fmt))
+    return jobs
+
+
+def eval_corpora(names: list[str], calib_docs: list[str]) -> dict[str, list[str]]:
+    """The held-out corpora to score, after checking that the calibration text shares no 13-word
+    run with any of them (a shared run would let a method fit the text it is judged on)."""
+    corpora = held_out_corpora()
+    unknown = [n for n in names if n not in corpora]
+    if unknown:
+        raise SystemExit(f"--corpora: unknown {', '.join(unknown)}; choose from {', '.join(corpora)}")
+    for name in names:
+        shared = ngram_overlap(calib_docs, corpora[name])
+        if shared:
+            why = (" (python-docs' 'compound' topic quotes the held-out 'while' and 'with' statements: use "
+                   "--calib mix, or leave python-docs out of --corpora)" if name == "python-docs" else "")
+            raise SystemExit(f"the calibration text shares {shared} 13-word runs with held-out {name}{why}: "
+                             "calibrate on other text")
+    return {name: corpora[name] for name in names}
 
 
 def run_tool(tools: Path, name: str, *args) -> str:
@@ -120,6 +157,18 @@ def slimlm_scores(path: Path, reference, docs: list[str], name: str) -> dict:
     return {**result.metrics, "decode_tps": sorted(rates)[1]}
 
 
+def corpus_baselines(tools: Path, f32: Path, corpora: dict[str, list[str]], tmp: Path) -> dict[str, tuple[Path, Path]]:
+    """{corpus: (text file, llama-perplexity's saved f32 logits)}. llama-perplexity reads a text file
+    without parsing special tokens, so the chat corpus's ChatML markers are scored as plain text."""
+    out = {}
+    for name, docs in corpora.items():
+        text, kld = tmp / f"held-out-{name}.txt", tmp / f"base-{name}.kld"
+        text.write_text("\n\n".join(docs))
+        run_tool(tools, "llama-perplexity", "-m", f32, "-f", text, *PPL_ARGS, "--kl-divergence-base", kld)
+        out[name] = (text, kld)
+    return out
+
+
 def f32_baseline(folder: Path, tools: Path, tmp: Path):
     """What both comparisons with llama-perplexity start from: the held-out text file, the f32 GGUF,
     llama-perplexity's saved base logits (.kld), its chunks of the text, and slimlm's scorer on the
@@ -136,20 +185,27 @@ def f32_baseline(folder: Path, tools: Path, tmp: Path):
     return held_out, f32, base_kld, chunks, f32_reference
 
 
-def bench_model(model: str, tools: Path, tmp: Path) -> tuple[list[str], list[str], float]:
+def bench_model(model: str, tools: Path, tmp: Path, calib_name: str = "mix",
+                corpora: dict[str, list[str]] | None = None,
+                jobs: list | None = None) -> tuple[list[str], list[str], float]:
     folder = dense_folder(resolve(model))
     held_out, f32, base_kld, chunks, f32_reference = f32_baseline(folder, tools, tmp)
-    calib = tmp / "calib.txt"
-    calib.write_text("\n\n".join(calibration_docs()))
-    start = time.perf_counter()
-    run_tool(tools, "llama-imatrix", "-m", f32, "-f", calib, "-o", tmp / "imatrix.gguf", "-c", CALIB["calib_seq_len"],
-             "--chunks", CALIB["calib_samples"], "-t", 2)
-    imatrix_s = time.perf_counter() - start
+    corpora = eval_corpora(list(CORPORA), calibration_corpus(calib_name)) if corpora is None else corpora
+    bases = corpus_baselines(tools, f32, corpora, tmp)
+    jobs = jobs if jobs is not None else SLIMLM_JOBS + [("llamacpp", job) for job in PEER_JOBS]
+    imatrix_s = 0.0
+    if any(method == "llamacpp" and fmt[1] for method, fmt in jobs):  # only when an imatrix row is asked for
+        calib = tmp / "calib.txt"
+        calib.write_text("\n\n".join(calibration_corpus(calib_name)))
+        start = time.perf_counter()
+        run_tool(tools, "llama-imatrix", "-m", f32, "-f", calib, "-o", tmp / "imatrix.gguf", "-c",
+                 CALIB["calib_seq_len"], "--chunks", CALIB["calib_samples"], "-t", 2)
+        imatrix_s = time.perf_counter() - start
     reference = make_scorer(open_backend(str(folder), "torch", dtype="float32"))
     docs = held_out_docs()
 
     rows = []
-    for method, fmt in SLIMLM_JOBS + [("llamacpp", job) for job in PEER_JOBS]:
+    for method, fmt in jobs:
         if method == "llamacpp":
             fmt, imatrix = fmt
             out = tmp / f"peer-{fmt}{'-imat' if imatrix else ''}.gguf"
@@ -160,37 +216,48 @@ def bench_model(model: str, tools: Path, tmp: Path) -> tuple[list[str], list[str
         else:
             out = tmp / f"{method}-{fmt}.gguf"
             start = time.perf_counter()
-            quantize(str(folder), out, method=method, format=f"gguf:{fmt}", check=False, record=False, **CALIB)
+            quantize(str(folder), out, method=method, format=f"gguf:{fmt}", check=False, record=False,
+                     calib=calib_name, **CALIB)
             seconds, label = time.perf_counter() - start, f"slimlm {method}"
         ours = slimlm_scores(out, reference, docs, model)
         peer = llama_perplexity(tools, out, held_out, base_kld)
         same = slimlm_protocol(out, chunks, f32_reference)
-        rows.append((label, fmt, out.stat().st_size, seconds, ours, peer, same))
+        by_corpus = {name: llama_perplexity(tools, out, text, kld)["kl_mean"] for name, (text, kld) in bases.items()}
+        rows.append((label, fmt, out.stat().st_size, seconds, ours, peer, same, by_corpus))
         print(f"{model} {label} {fmt}: KL {ours['kl_mean']:.4f}, ppl {ours['perplexity']:.3f}; llama-perplexity "
               f"ppl {peer['perplexity']:.3f} KL {peer['kl_mean']:.4f} vs slimlm same tokens ppl "
-              f"{same['perplexity']:.3f} KL {same['kl_mean']:.4f}", flush=True)
+              f"{same['perplexity']:.3f} KL {same['kl_mean']:.4f}; KL by corpus "
+              + ", ".join(f"{k} {v:.4f}" for k, v in by_corpus.items()), flush=True)
     n_params = sum(int(np.prod(s)) for s in _shapes(folder).values())
+    sizes = {name: len(protocol_ids(f32, text.read_text())) for name, (text, _) in bases.items()}
     table = [f"**{model}** (reference perplexity {rows[0][4]['reference_perplexity']:.3f}, {rows[0][4]['tokens']} "
-             "held-out tokens)", "",
+             f"held-out tokens; calibration: {calib_name}; KL by corpus from llama-perplexity, chunks of {CONTEXT}: "
+             + ", ".join(f"{k} {n}" for k, n in sizes.items()) + ")", "",
              "| method | type | file MiB | bits/weight | perplexity | bits/byte | KL mean | top-1 | decode tok/s "
-             "| quantize s | llama-perplexity ppl / KL | slimlm on its tokens ppl / KL | agreement ppl / KL |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| quantize s | llama-perplexity ppl / KL | slimlm on its tokens ppl / KL | agreement ppl / KL | "
+             + " | ".join(f"KL {k}" for k in bases) + " |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(bases)]
     worst = 0.0
-    for label, fmt, size, seconds, m, peer, same in rows:
+    for label, fmt, size, seconds, m, peer, same, by_corpus in rows:
         d_ppl = abs(same["perplexity"] / peer["perplexity"] - 1)
         d_kl = abs(same["kl_mean"] / peer["kl_mean"] - 1) if peer["kl_mean"] > 0 else 0.0
         worst = max(worst, d_ppl, d_kl)
         table.append(f"| {label} | {fmt} | {size / 2**20:.1f} | {8 * size / n_params:.2f} | {m['perplexity']:.3f} | "
                      f"{m['bits_per_byte']:.4f} | {m['kl_mean']:.4f} | {m['top1_agreement']:.1%} | "
                      f"{m['decode_tps']:.0f} | {seconds:.1f} | {peer['perplexity']:.3f} / {peer['kl_mean']:.4f} | "
-                     f"{same['perplexity']:.3f} / {same['kl_mean']:.4f} | {d_ppl:.2%} / {d_kl:.2%} |")
-    kl = {(label, fmt): m["kl_mean"] for label, fmt, _, _, m, _, _ in rows}
-    best = min((k for k in kl if k[0].startswith("slimlm") and k[1] == "Q4_0"), key=kl.get)
-    plain, imat = kl[("llama.cpp (peer)", "Q4_0")], kl[("llama.cpp (peer) + imatrix", "Q4_0")]
-    lines = [f"Q4_0: best slimlm method ({best[0]}) KL {kl[best]:.4f} = {kl[best] / plain:.2f}x llama.cpp's Q4_0 "
-             f"without importance matrix ({plain:.4f}; target <= 0.7x) and {kl[best] / imat:.2f}x with one "
-             f"({imat:.4f}; target <= 1.0x)",
-             f"largest disagreement between slimlm and llama-perplexity on the same tokens: {worst:.2%} (target < 2%)"]
+                     f"{same['perplexity']:.3f} / {same['kl_mean']:.4f} | {d_ppl:.2%} / {d_kl:.2%} | "
+                     + " | ".join(f"{by_corpus[k]:.4f}" for k in bases) + " |")
+    kl = {(label, fmt): m["kl_mean"] for label, fmt, _, _, m, _, _, _ in rows}
+    lines = []
+    ours_q4 = [k for k in kl if k[0].startswith("slimlm") and k[1] == "Q4_0"]
+    if ours_q4 and ("llama.cpp (peer)", "Q4_0") in kl and ("llama.cpp (peer) + imatrix", "Q4_0") in kl:
+        best = min(ours_q4, key=kl.get)
+        plain, imat = kl[("llama.cpp (peer)", "Q4_0")], kl[("llama.cpp (peer) + imatrix", "Q4_0")]
+        lines.append(f"Q4_0: best slimlm method ({best[0]}) KL {kl[best]:.4f} = {kl[best] / plain:.2f}x llama.cpp's "
+                     f"Q4_0 without importance matrix ({plain:.4f}; target <= 0.7x) and {kl[best] / imat:.2f}x with "
+                     f"one ({imat:.4f}; target <= 1.0x)")
+    lines.append(f"largest disagreement between slimlm and llama-perplexity on the same tokens: {worst:.2%} "
+                 "(target < 2%)")
     return table, lines, worst
 
 
@@ -266,6 +333,11 @@ def main() -> int:
     ap.add_argument("--packed", action="store_true", help="only the packed Hugging Face rows (bits 8..2, ternary)")
     ap.add_argument("--agreement", action="store_true", help="only the agreement check with llama-perplexity")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--calib", default="mix",
+                    help="calibration text of slimlm's GPTQ/AWQ and llama-imatrix (python-docs, mix, or a file)")
+    ap.add_argument("--corpora", default=",".join(CORPORA),
+                    help=f"held-out corpora scored, one KL column each (from {', '.join(CORPORA)})")
+    ap.add_argument("--jobs", default=",".join(JOBS), help="files to build and score, METHOD:TYPE in order")
     args = ap.parse_args()
     if args.agreement:
         tools, body = build_llama_tools(), []
@@ -287,25 +359,33 @@ def main() -> int:
         if not args.no_write:
             append_section("quantize, packed Hugging Face folders", "Held-out text: the last 3 python-docs topics, "
                            f"context {CONTEXT}; KL against the fp32 reference, both on torch; GPTQ calibrated on "
-                           "32 x 256 tokens. Command: `python bench/quantize.py --packed`.", body)
+                           f"{CALIB['calib_samples']} x {CALIB['calib_seq_len']} tokens. "
+                           "Command: `python bench/quantize.py --packed`.", body)
         return 0
+    corpora = eval_corpora([c for c in args.corpora.split(",") if c], calibration_corpus(args.calib))
+    jobs = parse_jobs(args.jobs)
     tools = build_llama_tools()
     for model in args.models.split(","):  # one section per model, written as soon as it is measured
         with tempfile.TemporaryDirectory() as tmp:
-            table, lines, _ = bench_model(model, tools, Path(tmp))
+            table, lines, _ = bench_model(model, tools, Path(tmp), args.calib, corpora, jobs)
         print("\n".join(table + [""] + lines), flush=True)
         if not args.no_write:
             body = table + [""] + [f"- {x}" for x in lines]
-            print(f"appended to {append_section('quantize', DESCRIPTION, body)}")
+            command = " ".join(["python bench/quantize.py", *sys.argv[1:]])
+            print(f"appended to {append_section('quantize', DESCRIPTION.format(calib=args.calib, command=command), body)}")
     return 0
 
 
 DESCRIPTION = ("References: dense fp32 conversions of the built-in models. Held-out text: the last 3 python-docs "
-               f"topics, context {CONTEXT}. slimlm GPTQ/AWQ and llama-imatrix calibrate on 32 x 256 tokens of the "
-               "other topics. Peer rows: llama.cpp's own llama-quantize / llama-imatrix / llama-perplexity built "
+               f"topics, context {CONTEXT}; the KL columns by corpus: llama-perplexity against the f32 GGUF on "
+               "held-out python-docs and the out-of-domain held-out corpora of data/calibration_mix.py (prose: paper "
+               "abstracts; chat: ChatML turns, whose markers llama-perplexity reads as plain text), none sharing a "
+               "13-word run with the calibration text. slimlm GPTQ/AWQ and llama-imatrix calibrate on "
+               f"{CALIB['calib_samples']} x {CALIB['calib_seq_len']} tokens of {{calib}}. Peer rows: llama.cpp's own "
+               "llama-quantize / llama-imatrix / llama-perplexity built "
                "from the llama.cpp vendored by llama-cpp-python 0.3.36 (bench/llama_tools.py); quantize seconds "
                "of imatrix rows include computing the matrix. bits/weight: file bits / all parameters. "
-               "Command: `python bench/quantize.py`.")
+               "Command: `{command}`.")
 
 if __name__ == "__main__":
     sys.exit(main())

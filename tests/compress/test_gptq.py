@@ -194,3 +194,18 @@ def test_sequential_gptq_codes_and_weights(tiny_models):
     _, logp = _run(model, held_out)
     kl_rtn = float((ref.exp() * (ref - logp)).sum(-1).mean())
     assert kl_seq < 0.9 * kl_rtn, (kl_seq, kl_rtn)
+
+
+def test_defaults_are_the_ones_measured_to_generalize():
+    """compress/gptq.py's table: act-order on, damping 0.01, 128 x 256 calibration tokens on `mix`."""
+    import inspect
+
+    from slimlm.compress.calibration import CALIB_SAMPLES, CALIB_SEQ_LEN
+    from slimlm.compress.gptq import DEFAULT_ACT_ORDER, DEFAULT_DAMP
+    from slimlm.compress.gptq_sequential import sequential_gptq
+    from slimlm.data import DEFAULT_CALIB
+
+    assert (DEFAULT_ACT_ORDER, DEFAULT_DAMP, CALIB_SAMPLES, CALIB_SEQ_LEN, DEFAULT_CALIB) == (True, 0.01, 128, 256, "mix")
+    assert GPTQ().act_order is True and GPTQ().damp == DEFAULT_DAMP
+    for fn in (gptq_quantize, sequential_gptq):
+        assert inspect.signature(fn).parameters["act_order"].default is DEFAULT_ACT_ORDER

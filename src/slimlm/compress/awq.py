@@ -45,7 +45,14 @@ import time
 from pathlib import Path
 
 from slimlm.compress.blocks import BlockFormat, dequantize_codes, get_format, rtn
-from slimlm.compress.calibration import calibration_model, calibration_windows, find_decoder_layers, run_calibration
+from slimlm.compress.calibration import (
+    CALIB_SAMPLES,
+    CALIB_SEQ_LEN,
+    calibration_model,
+    calibration_windows,
+    find_decoder_layers,
+    run_calibration,
+)
 from slimlm.errors import SlimlmError
 
 __all__ = ["apply_awq", "search_scale"]
@@ -243,12 +250,13 @@ def _apply_scale(g: _Group, s) -> None:
 # --- the verb ---------------------------------------------------------------------------------
 
 def apply_awq(folder: str | Path, out: str | Path, fmt: str | BlockFormat,
-              calib_texts: list[str] | None = None, samples: int = 32, seq_len: int = 256, grid: int = 20,
+              calib_texts: list[str] | None = None, samples: int = CALIB_SAMPLES, seq_len: int = CALIB_SEQ_LEN,
+              grid: int = 20,
               max_tokens: int = 4096, force: bool = False, progress: bool = False, batch_size: int = 4) -> dict:
     """AWQ-scale the Hugging Face model in `folder` for block format `fmt` and save it to `out`
     (a Hugging Face folder, fp32, written atomically; tokenizer files copied from `folder`).
-    The fp32 model's outputs are unchanged. calib_texts defaults to python-docs without the last
-    three topics (held out for fidelity checks). Returns a report: per scaled group its layer,
+    The fp32 model's outputs are unchanged. calib_texts defaults to the default calibration set
+    (data.DEFAULT_CALIB, `mix`). Returns a report: per scaled group its layer,
     kind (attn/mlp/down), linears, alpha, and calibration errors with AWQ and with plain RTN;
     "skipped" lists what was left alone and why."""
     from slimlm.models.loading import atomic_dir

@@ -26,8 +26,8 @@ from contextlib import nullcontext
 import numpy as np
 
 from slimlm.compress.blocks import dequantize_codes, get_format
-from slimlm.compress.calibration import calibration_windows, find_decoder_layers
-from slimlm.compress.gptq import HessianHooks, decoder_linears, gptq_quantize
+from slimlm.compress.calibration import CALIB_SAMPLES, CALIB_SEQ_LEN, calibration_windows, find_decoder_layers
+from slimlm.compress.gptq import DEFAULT_ACT_ORDER, DEFAULT_DAMP, HessianHooks, decoder_linears, gptq_quantize
 from slimlm.errors import SlimlmError
 from slimlm.progress import progress_bar
 
@@ -85,8 +85,9 @@ def _run_layer(layer, hidden, kw: dict):
     return out[0] if isinstance(out, tuple) else out
 
 
-def sequential_gptq(model, tokenizer, transform, fmt, texts: list[str], samples: int = 32,
-                    seq_len: int = 256, damp: float = 0.01, act_order: bool = False, batch_size: int = 4,
+def sequential_gptq(model, tokenizer, transform, fmt, texts: list[str], samples: int = CALIB_SAMPLES,
+                    seq_len: int = CALIB_SEQ_LEN, damp: float = DEFAULT_DAMP, act_order: bool = DEFAULT_ACT_ORDER,
+                    batch_size: int = 4,
                     progress: bool = True) -> dict:
     """{HF weight name: (q, d, m)} for every decoder linear, codes in llama.cpp's layout (`transform`
     is gguf_export.layout_transform(folder)). `fmt` is a format, or a function of a layer's width

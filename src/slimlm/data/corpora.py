@@ -1,19 +1,28 @@
-"""Text corpora: the built-in `python-docs`, text files, folders of text files, and one field of
-a JSONL file.
+"""Text corpora: the built-in ones, text files, folders of text files, and one field of a JSONL
+file.
 
 Everything is local. The built-in corpus `python-docs` is the prose of Python's own reference
 documentation (`pydoc_data.topics`), which every Python install carries, so a perplexity number
-or a calibration run can be reproduced on any machine without fetching a data set.
+or a calibration run can be reproduced on any machine without fetching a data set. `mix` is the
+diverse calibration set (prose of several kinds, code, chat turns, other languages) and
+`held-out-prose` / `held-out-chat` the out-of-domain evaluation corpora that it never contains,
+all built from text `make setup` installs (data/calibration_mix.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from slimlm.data.jsonl import JsonlReport, read_jsonl
 from slimlm.errors import SlimlmError
 
-BUILTIN_CORPORA = {"python-docs": "the English prose of Python's reference documentation (pydoc_data.topics)"}
+BUILTIN_CORPORA = {
+    "python-docs": "the English prose of Python's reference documentation (pydoc_data.topics)",
+    "mix": "diverse calibration text: English prose of several kinds, code, chat turns, other languages",
+    "held-out-prose": "general English prose (paper abstracts) that no calibration set contains",
+    "held-out-chat": "chat-formatted conversations (ChatML) that no calibration set contains",
+}
 TEXT_SUFFIXES = (".txt", ".md")  # what a folder of text is read for
 
 
@@ -22,6 +31,22 @@ def python_docs() -> list[str]:
     from pydoc_data.topics import topics
 
     return [topics[name].strip() for name in sorted(topics) if topics[name].strip()]
+
+
+_LOADERS: dict[str, Callable[[], list[str]]] = {"python-docs": lambda: python_docs()}
+
+
+def register_corpus(name: str, loader: Callable[[], list[str]]) -> None:
+    """Give a built-in corpus named in BUILTIN_CORPORA its loader (calibration_mix.py registers
+    `mix` and the held-out corpora, so this module needs no import of it)."""
+    if name not in BUILTIN_CORPORA:
+        raise SlimlmError(f"'{name}' is not a built-in corpus")
+    _LOADERS[name] = loader
+
+
+def builtin_corpus(name: str) -> list[str]:
+    """The documents of a built-in corpus (BUILTIN_CORPORA), whole."""
+    return _LOADERS[name]()  # the package's __init__ imports calibration_mix, which registers its corpora
 
 
 def text_files(folder: Path) -> list[str]:
@@ -42,7 +67,7 @@ def text_documents(source: str, field_name: str | None = None, skip_bad_lines: b
     a folder (one document per text file), or a JSONL file's `field_name` (one document per
     line; default field 'text')."""
     if source in BUILTIN_CORPORA:
-        return python_docs()
+        return builtin_corpus(source)
     path = Path(source)
     if not path.exists():
         names = ", ".join(BUILTIN_CORPORA)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slimlm.data.corpora import BUILTIN_CORPORA, python_docs, text_files
+from slimlm.data.corpora import BUILTIN_CORPORA, builtin_corpus, text_files
 from slimlm.data.jsonl import JsonlReport, read_jsonl
 from slimlm.errors import SlimlmError
 
@@ -45,7 +45,7 @@ def read_records(source: str | Path, skip_bad_lines: bool = False, report: Jsonl
     """Each training record as a list of messages (instruction data) or a string (plain text)."""
     name = str(source)
     if name in BUILTIN_CORPORA:
-        return python_docs()
+        return builtin_corpus(name)
     path = Path(source)
     if path.is_dir():
         return text_files(path)

@@ -14,7 +14,7 @@ import numpy as np
 
 from slimlm.compress.blocks import BlockFormat, rtn
 from slimlm.compress.calibration import calibration_model
-from slimlm.compress.gptq import collect_hessians, gptq_quantize
+from slimlm.compress.gptq import DEFAULT_ACT_ORDER, DEFAULT_DAMP, collect_hessians, gptq_quantize
 from slimlm.compress.quant_methods.base import QuantJob, QuantMethod, register_quant_method
 
 __all__ = ["GPTQ", "GPTQMethod"]
@@ -23,7 +23,7 @@ __all__ = ["GPTQ", "GPTQMethod"]
 class GPTQ:
     """prepare() once (calibration), then quantize_tensor() per weight from quantize()'s hook."""
 
-    def __init__(self, damp: float = 0.01, act_order: bool = False):
+    def __init__(self, damp: float = DEFAULT_DAMP, act_order: bool = DEFAULT_ACT_ORDER):
         self.damp, self.act_order = damp, act_order
         self.hessians: dict = {}
         self.codes: dict = {}  # from prepare_sequential: HF weight name -> (q, d, m)

@@ -23,6 +23,7 @@ candidates:
   - {kind: quantize, method: rtn, format: gguf:Q8_0, label: rtn Q8_0 again}
   - {kind: quantize, method: rtn, format: gguf:Q4_0}
   - {kind: quantize, method: rtn, format: gguf:Q5_0}
+  - {kind: quantize, method: rtn, format: gguf:Q5_0, label: rtn Q5_0 baseline, baseline: true}
   - {kind: finetune, format: gguf:Q8_0, train_steps: 2}
 """
 QUESTIONS = [("What is two plus two?", ["four", "five", "six"], 0),
@@ -63,12 +64,15 @@ def test_search_writes_the_winner_report_and_every_candidate(finished):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((out / "shrink.json").read_text())
     cands = {c["name"]: c for c in result["candidates"]}
-    assert set(cands) == {"rtn Q8_0", "rtn Q8_0 again", "rtn Q4_0", "rtn Q5_0", "finetune lora2 Q8_0"}
+    assert set(cands) == {"rtn Q8_0", "rtn Q8_0 again", "rtn Q4_0", "rtn Q5_0", "rtn Q5_0 baseline",
+                          "finetune lora2 Q8_0"}
+    # a baseline is evaluated in full even where the proxies would prune it (it equals rtn Q5_0)
+    assert cands["rtn Q5_0 baseline"]["scores"] and cands["rtn Q5_0 baseline"]["status"] != "pruned"
     # without --data the fine-tune candidate does not apply: skipped, saying what would make it run
     assert cands["finetune lora2 Q8_0"]["status"] == "skipped" and "--data" in cands["finetune lora2 Q8_0"]["reasons"][0]
     # the second Q8_0 is the same file by another name: the proxies prune it, it is never evaluated
     assert cands["rtn Q8_0 again"]["status"] == "pruned" and not cands["rtn Q8_0 again"].get("scores")
-    assert result["fully_evaluated"] < result["built"] == 4 and result["proposed"] == 5
+    assert result["fully_evaluated"] < result["built"] == 5 and result["proposed"] == 6
     # sizes and fidelity are measured, not estimated: Q4_0 < Q5_0 < Q8_0 on disk
     assert cands["rtn Q4_0"]["size_bytes"] < cands["rtn Q5_0"]["size_bytes"] < cands["rtn Q8_0"]["size_bytes"]
     for c in result["candidates"]:

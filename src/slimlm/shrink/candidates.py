@@ -33,6 +33,7 @@ class CandidateSpec:
     distill_steps: int = 0  # prune: logit-distillation steps from the parent afterwards (0: none)
     train_steps: int | None = None  # finetune: LoRA steps on the user's --data
     label: str | None = None  # the name shown in tables (default: built from the settings)
+    baseline: bool = False  # always evaluated in full (never pruned on proxies): the reference users compare with
 
     def name(self) -> str:
         if self.label:

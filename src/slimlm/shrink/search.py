@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -107,6 +108,7 @@ def build_candidate(ws: Workspace, spec: CandidateSpec, ctx: BuildContext, input
                   "fidelity": fidelity(built.artifact, ctx.parent), "probe_tps": decode_probe(built.artifact)}
     except SkipCandidate as exc:
         clock.step(f"{spec.name()}: skipped: {exc}")
+        shutil.rmtree(ws.folder(key), ignore_errors=True)
         return {"skip": str(exc)}  # not stored: a rerun with the missing input builds it
     except SlimlmError as exc:
         record = {"error": str(exc), "build_s": time.perf_counter() - start}
@@ -222,7 +224,7 @@ def _run(ws, ref, folder, tasks, specs, limit, goals, calib, data, clock) -> dic
             c.update(status="rejected", reasons=misses)
     alive = [c for c in built if not c["status"]]
     names = {c["id"]: c["name"] for c in candidates}
-    judged = [c for c in alive if CANDIDATE_KINDS[c["spec"]["kind"]].judged_by_kl]
+    judged = [c for c in alive if CANDIDATE_KINDS[c["spec"]["kind"]].judged_by_kl and not c["spec"]["baseline"]]
     for cid, by in proxy_dominated(judged).items():
         c = next(c for c in alive if c["id"] == cid)
         c.update(status="pruned", reasons=[f"proxies: {names[by]} is no larger, no further from the parent (KL) "

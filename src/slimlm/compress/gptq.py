@@ -41,16 +41,32 @@ mix, 128 x 256               0.01     yes       0.322        0.403   0.329  0.81
 ==========================  =======  ========  ===========  ======  ====  ==========================
 
 (python-docs calibration also contains most of its own held-out text: its 'compound' topic quotes
-the held-out 'while' and 'with' statements, so its in-domain column is partly in-sample.) What
-made GPTQ generalize badly, largest first: the calibration domain (one kind of text: the Hessian
-of prose and chat inputs differs from python-docs', and error pushed into directions quiet on
-python-docs is not quiet on prose), act-order off (the default chose each block's scale from the
-error-updated weights, so scales grow with propagated error; act-order takes columns in order of
-decreasing diag(H) with scales fixed from the original weights), and too few tokens (8,192 tokens
-for a 1536-wide down_proj Hessian). Damping 0.1 instead of 0.01 only trades a little average
-error for a better worst layer. So the defaults are now: calibration on `mix`
-(data.DEFAULT_CALIB), CALIB_SAMPLES = 128 windows of 256 tokens (compress/calibration.py), and
-act-order on (DEFAULT_ACT_ORDER); damping stays 0.01 (DEFAULT_DAMP).
+the held-out 'while' and 'with' statements, so its in-domain column is partly in-sample.)
+
+Whole model, the same SmolLM2 Q4_0 files at equal size (87.5 MiB: `--embeddings auto`, Q6_K
+output), mean KL against the fp32 model on torch over 512-token chunks of each held-out corpus
+(python-docs 1,022 tokens, prose 1,533, chat 1,533 with its ChatML markers as special tokens):
+
+=========================================  ===========  =====  =====
+file                                       python-docs  prose  chat
+=========================================  ===========  =====  =====
+RTN                                        0.292        0.292  0.235
+GPTQ, python-docs 32 x 256 (old defaults)  0.144        0.229  0.164
+GPTQ, mix 32 x 256, act-order off          0.190        0.239  0.192
+GPTQ, mix 128 x 256, act-order (new)       0.097        0.117  0.087
+=========================================  ===========  =====  =====
+
+So at equal size the old GPTQ did not lose to RTN on these corpora, but its gain shrank from 0.49x
+of RTN's KL in domain to 0.78x on prose. What closes the gap is act-order with 4x the tokens
+(prose 0.229 -> 0.117, chat 0.164 -> 0.087, and in domain too). The calibration text alone, at
+8,192 tokens without act-order, did not help the whole model (mix 0.239 vs python-docs 0.229 on
+prose) even though the per-layer error above says it should: with that few tokens a diverse set
+is a thinner sample of each kind. What is not separated here (each whole-model GPTQ file took
+4-14 minutes on the shared 2 cores): act-order with python-docs at 128 x 256. The cost: the
+defaults took 830 s to quantize SmolLM2 against 251 s for the old ones (4x the calibration
+forward passes, layer by layer). The new defaults: act-order on (DEFAULT_ACT_ORDER), damping 0.01
+(DEFAULT_DAMP), 128 x 256 tokens (calibration.CALIB_SAMPLES) of `mix` (data.DEFAULT_CALIB); the
+last two take effect once quantize()'s literal defaults (32, "python-docs") name them.
 """
 
 from __future__ import annotations

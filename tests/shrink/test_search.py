@@ -112,21 +112,34 @@ def test_no_candidate_meets_the_floor_still_writes_the_report(finished, job, cap
 
 
 def test_a_killed_search_resumes_without_rebuilding(job, capfd):
+    """Killed (SIGKILL) while a candidate is being evaluated in its child process: nothing at OUT,
+    the child ends with its parent, and a rerun reuses every finished candidate."""
+    import psutil
+
     out = job["root"] / "killed"
     work = out.parent / f".{out.name}.shrink-work"
     proc = subprocess.Popen([sys.executable, "-m", "slimlm", *map(str, _args(job, out))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "SLIMLM_PROGRESS": "1"})
     deadline = time.time() + 300
-    while time.time() < deadline and not any(p.parent.name != "parent-f16" for p in work.glob("candidates/*/build.json")):
-        time.sleep(0.2)
+    for line in proc.stderr:  # progress lines, one per step
+        if "evaluating rtn" in line or time.time() > deadline:
+            break
+    time.sleep(1.0)  # the evaluation's child process is up
+    children = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    proc.stderr.close()
+    assert children, "an evaluation runs in a child process"
+    gone, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, f"children left running after the search was killed: {alive}"
     finished_before = {p.parent.name for p in work.glob("candidates/*/build.json")}
-    assert len(finished_before) >= 2, "the search was killed after its first candidate"
+    assert len(finished_before) >= 3, "the parent and the candidates were built before the kill"
     assert not out.exists(), "nothing half-written at the output path"
     code, stdout, stderr = run_cli(capfd, *_args(job, out))
     assert code == 0, stderr
     assert stderr.count("built before, reused") >= len(finished_before) - 1  # the parent says it differently
+    assert "building rtn" not in stderr
     assert (out / "model.gguf").exists() and not work.exists()
 
 

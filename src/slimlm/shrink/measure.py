@@ -70,9 +70,23 @@ def evaluate_tasks(artifact: str, tasks: list[str], limit: int | None) -> dict:
     return {"scores": scores, "systems": systems, "seconds": time.perf_counter() - start}
 
 
+def _die_with_parent() -> None:
+    """In the child: end when the search process dies (Linux), so a killed search leaves no
+    evaluation running on behind it; elsewhere a no-op."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 def evaluate_in_child(artifact: Path, tasks: list[str], limit: int | None) -> dict:
     """evaluate_tasks in a fresh spawned process (its own peak memory); a SlimlmError comes back as one."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), initializer=_die_with_parent) as pool:
         try:
             return pool.submit(evaluate_tasks, str(artifact), list(tasks), limit).result()
         except SlimlmError:

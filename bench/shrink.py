@@ -51,7 +51,7 @@ def main() -> None:
     def row(label, c, kept):
         score = c.get("scores", {}).get(task, {}).get("score")
         fid = c.get("fidelity") or {}
-        return (f"| {label} | {c['size_bytes'] / MiB:.1f} | {score if score is None else f'{score:.3f}'} | {kept} | "
+        return (f"| {label} | {c['size_bytes'] / MiB:.1f} | {'–' if score is None else f'{score:.3f}'} | {kept} | "
                 f"{fid.get('kl_mean', 0):.4f} | {decode_tps(c) or 0:.0f} | {c.get('status', 'reference')} |")
 
     body = [f"Wall time of the whole search: **{wall / 60:.1f} min** (cold: no candidate cached). Candidates "

@@ -12,8 +12,10 @@ from rich.table import Table
 from slimlm.cli.app import ModelArg, app, out
 from slimlm.cli.choices import registry_option
 from slimlm.compress.blocks import FORMATS
+from slimlm.compress.calibration import CALIB_SAMPLES
 from slimlm.compress.kquant_formats import KQUANT_FORMATS
 from slimlm.compress.quant_methods import QUANT_METHODS
+from slimlm.data import DEFAULT_CALIB
 
 
 @app.command()
@@ -39,10 +41,11 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     check: bool = typer.Option(True, "--check/--no-check", help="Measure KL and top-1 agreement against "
                                "the input on held-out text afterwards."),
-    calib: str = typer.Option("python-docs", "--calib", help="GPTQ/AWQ calibration text: python-docs (built in), "
+    calib: str = typer.Option(DEFAULT_CALIB, "--calib", help="GPTQ/AWQ calibration text: mix (built in: prose, code, "
+                              "chat turns, other languages; data/calibration_mix.py), python-docs (built in), "
                               "a .txt file, or a .jsonl file (see --calib-field)."),
     calib_field: str = typer.Option(None, "--calib-field", help="The JSONL field holding the text (default: text)."),
-    calib_samples: int = typer.Option(32, "--calib-samples", help="GPTQ/AWQ: calibration sequences."),
+    calib_samples: int = typer.Option(CALIB_SAMPLES, "--calib-samples", help="GPTQ/AWQ: calibration sequences."),
     calib_seq_len: int = typer.Option(256, "--calib-seq-len", help="GPTQ/AWQ: tokens per calibration sequence."),
     sequential: bool = typer.Option(True, "--sequential/--one-pass", help="GPTQ: calibrate layer by layer on "
                                     "the quantized layers' outputs (memory: one layer's Hessians), or all layers "

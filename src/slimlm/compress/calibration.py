@@ -28,7 +28,7 @@ __all__ = ["calibration_windows", "run_calibration", "find_decoder_layers", "cal
 # layer; 128 x 256 = 32,768 tokens are 21. On SmolLM2-135M the extra tokens lower GPTQ's output
 # error on held-out prose from 0.681 to 0.629 of round-to-nearest's (python-docs calibration) and
 # from 0.524 to 0.491 (mix), and on every other corpus too (compress/gptq.py has the table). The
-# literal default of quantize() / QuantRequest / the CLI (32) should become CALIB_SAMPLES.
+# default of quantize(), QuantRequest and `slimlm quantize --calib-samples`.
 CALIB_SAMPLES = 128
 CALIB_SEQ_LEN = 256
 

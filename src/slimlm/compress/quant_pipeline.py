@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from slimlm.compress.blocks import BlockFormat
+from slimlm.compress.calibration import CALIB_SAMPLES
 from slimlm.compress.quant_steps import (
     calibration_texts,
     check_embeddings,
@@ -27,6 +28,7 @@ from slimlm.compress.quant_steps import (
     write_gguf,
     write_hf,
 )
+from slimlm.data import DEFAULT_CALIB
 from slimlm.errors import SlimlmError
 
 __all__ = ["QuantRequest", "QuantJob", "QuantizeResult", "quantize_blocks", "finish", "quick_fidelity"]
@@ -44,9 +46,9 @@ class QuantRequest:
     force: bool = False
     check: bool = True
     record: bool = True
-    calib: str = "python-docs"
+    calib: str = DEFAULT_CALIB
     calib_field: str | None = None
-    calib_samples: int = 32
+    calib_samples: int = CALIB_SAMPLES
     calib_seq_len: int = 256
     sequential: bool = True
     embeddings: str = "auto"

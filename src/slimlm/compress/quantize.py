@@ -22,9 +22,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from slimlm.compress.calibration import CALIB_SAMPLES
 from slimlm.compress.quant_methods import QUANT_METHODS, QuantRequest
 from slimlm.compress.quant_pipeline import QuantizeResult, quick_fidelity
 from slimlm.compress.quant_steps import check_widths, quantizable, tensor_shapes
+from slimlm.data import DEFAULT_CALIB
 from slimlm.errors import SlimlmError
 
 __all__ = ["quantize", "QuantizeResult", "QUANT_METHODS", "METHODS", "quick_fidelity", "quantizable",
@@ -35,8 +37,8 @@ METHODS = QUANT_METHODS  # the registry under its earlier name: {name: method cl
 
 def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format: str = "gguf:Q4_0",
              bits: int | None = None, group_size: int | None = None, symmetric: bool = True,
-             force: bool = False, check: bool = True, record: bool = True, calib: str = "python-docs",
-             calib_field: str | None = None, calib_samples: int = 32, calib_seq_len: int = 256,
+             force: bool = False, check: bool = True, record: bool = True, calib: str = DEFAULT_CALIB,
+             calib_field: str | None = None, calib_samples: int = CALIB_SAMPLES, calib_seq_len: int = 256,
              sequential: bool = True, embeddings: str = "auto", target_size: float | None = None,
              target_bpw: float | None = None) -> QuantizeResult:
     """Quantize a Hugging Face folder (or a model reference that resolves to one) into `out`: a

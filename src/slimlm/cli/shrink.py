@@ -82,6 +82,7 @@ def shrink(
     for row in table_rows:
         style = {"chosen": "bold green", "qualifies": "green", "misses": "red", "failed": "red"}.get(row["status"])
         table.add_row(*[str(row[k]) for k in columns], style=style)
+    out.width = max(out.width, 132)  # whole numbers in logs too (a pipe is 80 columns wide)
     out.print(table)
     for row in table_rows:
         if row["why"]:

@@ -38,7 +38,7 @@ class CandidateSpec:
     def name(self) -> str:
         if self.label:
             return self.label
-        parts = [self.method or self.kind]
+        parts = ["finetune" if self.kind == "finetune" else (self.method or self.kind)]
         if self.ratio is not None:
             parts.append(f"{self.ratio:g}")
         if self.distill_steps:

@@ -11,12 +11,7 @@ from rich.table import Table
 
 from slimlm.cli.app import ModelArg, app, err, out
 from slimlm.shrink import DEFAULT_TASK, PREFER, Goals, preset_names
-
-
-def _kinds_help() -> str:
-    from slimlm.shrink.candidates import CANDIDATE_KINDS
-
-    return "; ".join(f"{name}: {text}" for name, text in CANDIDATE_KINDS.helps.items())
+from slimlm.shrink.candidates import CANDIDATE_KINDS
 
 
 @app.command()
@@ -29,7 +24,7 @@ def shrink(
                                  "report.html, shrink.json, candidates/."),
     preset: str = typer.Option("quick", "--preset", help=f"The candidates to try: {', '.join(preset_names())} "
                                "(shipped, in slimlm/shrink/presets/), or a YAML file of your own listing candidates of the kinds "
-                               f"{_kinds_help()}."),
+                               f"{CANDIDATE_KINDS.describe()}."),
     quality_floor: float = typer.Option(0.95, "--quality-floor", help="Fraction of the parent's score the model must "
                                         "keep on every task."),
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Absolute floor on every task's headline "

@@ -67,7 +67,8 @@ def _by_task(runs: list[Run], x_of) -> dict[str, list[tuple[str, float, float, s
     return groups
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
+    """A matplotlib Figure as PNG bytes, on the Agg canvas (no display, no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
@@ -109,7 +110,7 @@ def _quality_plot(groups: dict, xlabel: str, title: str, higher_is_better_x: boo
         ax.set_title(task, fontsize=10)
         ax.margins(x=0.18, y=0.1)  # room for the labels of the outermost points
         ax.grid(True, alpha=0.3)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _cost_plot(runs: list[Run]) -> bytes | None:
@@ -143,7 +144,7 @@ def _cost_plot(runs: list[Run]) -> bytes | None:
     ax.set_title("Cost per 1M tokens: local (blue) vs API (grey)" + (f", API prices as of {as_of}" if as_of else ""))
     ax.margins(x=0.15)
     ax.grid(True, axis="x", alpha=0.3)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _plots(runs: list[Run]) -> list[tuple[str, str, bytes | None, str]]:

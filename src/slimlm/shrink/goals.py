@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 from slimlm.errors import SlimlmError
+from slimlm.eval.compare import median
 from slimlm.shrink.measure import relative
 
 MiB = 1024 * 1024
@@ -87,21 +88,14 @@ def final_misses(candidate: dict, parent: dict, goals: Goals) -> list[str]:
     peak = systems.get("peak_rss_bytes")
     if goals.max_memory_mib is not None and peak and peak / MiB > goals.max_memory_mib:
         misses.append(f"peak memory {peak / MiB:.0f} MiB > {goals.max_memory_mib:g}")
-    tps = _median(systems.get("decode_tps"))
+    tps = median(systems.get("decode_tps"))
     if goals.min_tokens_per_s is not None and tps is not None and tps < goals.min_tokens_per_s:
         misses.append(f"decode {tps:.0f} tok/s < {goals.min_tokens_per_s:g}")
     return misses
 
 
-def _median(spread) -> float | None:
-    """eval's systems numbers are {'median': x, ...} spreads; a bare number passes through."""
-    if isinstance(spread, dict):
-        return spread.get("median")
-    return spread
-
-
 def decode_tps(candidate: dict) -> float | None:
-    return _median((candidate.get("systems") or {}).get("decode_tps")) or candidate.get("probe_tps")
+    return median((candidate.get("systems") or {}).get("decode_tps")) or candidate.get("probe_tps")
 
 
 def proxy_dominated(built: list[dict]) -> dict[str, str]:

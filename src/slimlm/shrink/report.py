@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 
+from slimlm.eval.report import png_bytes
 from slimlm.shrink.goals import MiB, decode_tps
 
 STATUS_ORDER = ("chosen", "qualifies", "misses", "pruned", "rejected", "skipped", "failed")
@@ -64,14 +64,6 @@ def verdict(result: dict) -> str:
             f"{'; '.join(closest['reasons'])}")
 
 
-def _png(fig) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    buf = io.BytesIO()
-    FigureCanvasAgg(fig).print_png(buf)
-    return buf.getvalue()
-
-
 def plot(result: dict, axis: str) -> bytes | None:
     """Quality kept vs file size (axis 'size') or vs decode speed ('speed'), the front joined by a line."""
     from matplotlib.figure import Figure
@@ -101,7 +93,7 @@ def plot(result: dict, axis: str) -> bytes | None:
     ax.set_ylabel("fraction of the parent's score kept")
     ax.set_title(f"quality vs {axis}: green meets every floor and budget", fontsize=9)
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def render_html(result: dict, plots: dict[str, bytes | None]) -> str:

@@ -22,15 +22,7 @@ import tempfile
 from pathlib import Path
 
 from slimlm.errors import SlimlmError
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
+from slimlm.paths import atomic_write_text
 
 
 def read_json(path: Path) -> dict | None:
@@ -75,7 +67,7 @@ class Workspace:
 
     def save(self, key: str, name: str, inputs: dict, data: dict) -> dict:
         data = {**data, "inputs": inputs}
-        write_json(self.folder(key) / f"{name}.json", data)
+        atomic_write_text(self.folder(key) / f"{name}.json", json.dumps(data, indent=2, default=str))
         return json.loads(json.dumps(data, default=str))
 
     def discard_if_empty(self) -> None:

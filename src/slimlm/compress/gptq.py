@@ -77,8 +77,8 @@ from slimlm.compress.blocks import BlockFormat, get_format, roundf, rtn, safe_in
 from slimlm.compress.calibration import CALIB_SAMPLES, CALIB_SEQ_LEN, calibration_windows, run_calibration
 from slimlm.errors import SlimlmError
 
-__all__ = ["collect_hessians", "gptq_quantize", "HessianHooks", "decoder_linears", "inverse_cholesky", "DEFAULT_DAMP",
-           "DEFAULT_ACT_ORDER"]
+__all__ = ["collect_hessians", "gptq_quantize", "gptq_columns", "BlockGrid", "HessianHooks", "decoder_linears",
+           "inverse_cholesky", "DEFAULT_DAMP", "DEFAULT_ACT_ORDER"]
 
 DEFAULT_DAMP = 0.01  # of mean(diag H), added to H's diagonal
 DEFAULT_ACT_ORDER = True  # columns by decreasing diag(H), block scales from the original weights
@@ -196,6 +196,85 @@ def inverse_cholesky(H: np.ndarray, damp: float) -> np.ndarray:
                       "use more calibration samples or a larger damp")
 
 
+class BlockGrid:
+    """The quantization grid of a 32-block llama.cpp format for gptq_columns: `fit` chooses blocks'
+    scales (and mins) with llama.cpp's rule (`blocks.rtn`), `code` rounds one column on them."""
+
+    def __init__(self, fmt: BlockFormat, rows: int, cols: int):
+        self.fmt, self.block = fmt, fmt.block_size
+        self.Q = np.zeros((rows, cols), dtype=np.int16)
+        self.D = np.zeros((rows, cols // self.block), dtype=np.float32)
+        self.M = None if fmt.symmetric else np.zeros_like(self.D)
+
+    def fit(self, start: int, w: np.ndarray) -> None:
+        """Scales of the blocks of columns start..start+w.shape[1] from float32 weights w."""
+        _, d, m = rtn(self.fmt, w)
+        g = start // self.block
+        self.D[:, g:g + d.shape[1]] = d
+        if self.M is not None:
+            self.M[:, g:g + d.shape[1]] = m
+
+    def code(self, col: int, x: np.ndarray) -> np.ndarray:
+        """Code column `col` (float32 x) on its block's scale; returns the value the file stores."""
+        g = col // self.block
+        d, m = self.D[:, g], None if self.M is None else self.M[:, g]
+        q = _codes(self.fmt, x, d, m)
+        self.Q[:, col] = q
+        return _dequant(self.fmt, q, _f16(d), None if m is None else _f16(m))
+
+    def result(self):
+        return self.Q.astype(np.uint8 if self.fmt.qmax > 127 else np.int8), self.D, self.M
+
+
+def gptq_columns(grid, w: np.ndarray, H: np.ndarray, damp: float = DEFAULT_DAMP,
+                 act_order: bool = DEFAULT_ACT_ORDER, batch: int = 128) -> None:
+    """GPTQ's column loop over w [rows, cols] with input Hessian H, coding on `grid` (BlockGrid, or
+    gptq_kquant's super-block grids): `grid.block` columns share scales; `grid.fit(start, w32)`
+    chooses the scales of the blocks that float32 weights w32 starting at column `start` cover;
+    `grid.code(col, x32)` codes one column and returns its stored (dequantized) values. Without
+    act_order, each block is fitted on the error-updated weights when its first column comes up;
+    with it, every block is fitted up front on the original weights (static groups) and columns
+    go in order of decreasing diag(H)."""
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise SlimlmError(f"GPTQ quantizes 2-D weights [rows, cols], got shape {w.shape}")
+    rows, cols = w.shape
+    H = np.asarray(H, dtype=np.float64)
+    if H.shape != (cols, cols):
+        raise SlimlmError(f"the Hessian has shape {H.shape}, expected ({cols}, {cols}) for weights {w.shape}")
+    if not np.isfinite(H).all():
+        raise SlimlmError("the calibration Hessian holds NaN or inf: the model overflowed on the calibration text")
+    bs = grid.block
+    W = w.astype(np.float64).copy()
+    H = H.copy()
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    perm = np.arange(cols)
+    if act_order:
+        grid.fit(0, W.astype(np.float32))  # static groups from the original weights
+        perm = np.argsort(-np.diag(H), kind="stable")
+        W, H = W[:, perm], H[np.ix_(perm, perm)]
+    U = inverse_cholesky(H, damp)
+
+    batch = max(bs, batch // bs * bs)
+    for i1 in range(0, cols, batch):
+        i2 = min(i1 + batch, cols)
+        W1 = W[:, i1:i2].copy()
+        E1 = np.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = perm[i1 + i]
+            if not act_order and col % bs == 0:  # a new block: its scale from the current weights
+                grid.fit(col, W1[:, i:i + bs].astype(np.float32))
+            wq = grid.code(col, W1[:, i].astype(np.float32)).astype(np.float64)
+            err = (W1[:, i] - wq) / U1[i, i]
+            W1[:, i:] -= np.outer(err, U1[i, i:])
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+
 def gptq_quantize(fmt: str | BlockFormat, w: np.ndarray, H: np.ndarray, damp: float = DEFAULT_DAMP,
                   act_order: bool = DEFAULT_ACT_ORDER, batch: int = 128):
     """GPTQ codes for w [rows, cols] with input Hessian H [cols, cols]: (q, d, m) as blocks.rtn
@@ -206,59 +285,8 @@ def gptq_quantize(fmt: str | BlockFormat, w: np.ndarray, H: np.ndarray, damp: fl
     quantized together)."""
     fmt = get_format(fmt)
     w = np.asarray(w)
-    if w.ndim != 2:
-        raise SlimlmError(f"GPTQ quantizes 2-D weights [rows, cols], got shape {w.shape}")
-    rows, cols = w.shape
-    H = np.asarray(H, dtype=np.float64)
-    if H.shape != (cols, cols):
-        raise SlimlmError(f"the Hessian has shape {H.shape}, expected ({cols}, {cols}) for weights {w.shape}")
-    if not np.isfinite(H).all():
-        raise SlimlmError("the calibration Hessian holds NaN or inf: the model overflowed on the calibration text")
-    q0, d0, m0 = rtn(fmt, w)  # validates w (float, finite, width a multiple of the block size)
-    bs = fmt.block_size
-    W = w.astype(np.float64).copy()
-    H = H.copy()
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-
-    perm = np.arange(cols)
-    if act_order:
-        d_fix, m_fix = rtn(fmt, W.astype(np.float32))[1:]  # static groups from the original weights
-        perm = np.argsort(-np.diag(H), kind="stable")
-        W, H = W[:, perm], H[np.ix_(perm, perm)]
-    U = inverse_cholesky(H, damp)
-
-    Q = np.zeros((rows, cols), dtype=np.int16)
-    D = np.zeros((rows, cols // bs), dtype=np.float32)
-    M = None if fmt.symmetric else np.zeros((rows, cols // bs), dtype=np.float32)
-    batch = max(bs, batch // bs * bs)
-    for i1 in range(0, cols, batch):
-        i2 = min(i1 + batch, cols)
-        W1 = W[:, i1:i2].copy()
-        E1 = np.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = perm[i1 + i]
-            g = col // bs
-            if not act_order and col % bs == 0:  # a new block: its scale from the current weights
-                _, d_b, m_b = rtn(fmt, W1[:, i:i + bs].astype(np.float32))
-                D[:, g] = d_b[:, 0]
-                if M is not None:
-                    M[:, g] = m_b[:, 0]
-            if act_order:
-                d, m = d_fix[:, g], None if m_fix is None else m_fix[:, g]
-                D[:, g] = d
-                if M is not None:
-                    M[:, g] = m
-            else:
-                d, m = D[:, g], None if M is None else M[:, g]
-            x = W1[:, i].astype(np.float32)
-            q = _codes(fmt, x, d, m)
-            Q[:, col] = q
-            wq = _dequant(fmt, q, _f16(d), None if m is None else _f16(m)).astype(np.float64)
-            err = (W1[:, i] - wq) / U1[i, i]
-            W1[:, i:] -= np.outer(err, U1[i, i:])
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return Q.astype(np.uint8 if fmt.qmax > 127 else np.int8), D, M  # int8 as blocks.rtn, unless codes reach 255
+    if w.ndim == 2:
+        rtn(fmt, w)  # validates w (float, finite, width a multiple of the block size)
+    grid = BlockGrid(fmt, *w.shape) if w.ndim == 2 else None
+    gptq_columns(grid, w, H, damp=damp, act_order=act_order, batch=batch)
+    return grid.result()

@@ -10,6 +10,14 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from slimlm.compress.iq4_nl import (
+    IQ4_NL,
+    KVALUES_IQ4NL,
+    dequantize_iq4_nl_codes,
+    iq4_nl_codes,
+    pack_iq4_nl,
+    quantize_iq4_nl,
+)
 from slimlm.compress.kquants_q23 import (
     Q2_K_BYTES,
     Q3_K_BYTES,
@@ -91,3 +99,50 @@ def test_q3_k_codes_round_trip_and_bad_input():
         pack_q3_k(np.full((1, 256), 8), sc[:1, :16], d[:1, :1])
     with pytest.raises(SlimlmError, match="-32..31"):
         pack_q3_k(q[:1, :256], np.full(16, 32), d[:1, :1])
+
+
+@pytest.mark.parametrize("name", [*CASES, "width_576"])
+def test_iq4_nl_bytes_equal_llama_cpp(name):
+    """IQ4_NL's 32-weight blocks are independent, so a 576-wide tensor is quantized by ggml as
+    rows of 256 of the same floats and the bytes compared in the tensor's own shape."""
+    w = CASES[name] if name in CASES else \
+        (np.random.default_rng(576).standard_t(3, (16, 576)) * 0.05).astype(np.float32)
+    ours = quantize_iq4_nl(w)
+    theirs = ggml_quantize(w.reshape(-1, 256), IQ4_NL, 8 * 18).reshape(ours.shape)
+    assert ours.shape == (w.shape[0], w.shape[1] // 32 * 18)
+    bad = np.argwhere(ours != theirs)
+    assert bad.size == 0, f"{len(bad)} bytes differ, first at (row, byte) {tuple(bad[0])}"
+    assert np.array_equal(dequantize(ours, IQ4_NL), dequantize(theirs, IQ4_NL))
+
+
+def test_iq4_nl_nearest_entry_table_equals_best_index_int8():
+    """The table lookup against best_index_int8's float32 comparison, on the floats next to every
+    midpoint between codebook entries (where the two could disagree) and on a dense sweep."""
+    from slimlm.compress.iq4_nl import _CODE_OF, _table_index
+
+    v = KVALUES_IQ4NL.astype(np.float32)
+    mids = (v[:-1] + v[1:]) / 2
+    near, below, above = [mids], mids, mids
+    for _ in range(3):
+        below, above = np.nextafter(below, np.float32(-np.inf)), np.nextafter(above, np.float32(np.inf))
+        near += [below, above]
+    x = np.concatenate([*near, np.linspace(-140, 140, 100_001, dtype=np.float32), v]).astype(np.float32)
+    mu = np.clip(np.searchsorted(v, x, side="right"), 1, 15)
+    expect = np.where((x - v[mu - 1]) < (v[mu] - x), mu - 1, mu)
+    expect = np.where(x <= v[0], 0, np.where(x >= v[15], 15, expect))
+    assert np.array_equal(_CODE_OF[_table_index(x)], expect)
+
+
+def test_iq4_nl_codes_round_trip_and_bad_input():
+    w = CASES["gaussian_outliers"]
+    q, d = iq4_nl_codes(w)
+    assert q.shape == w.shape and d.shape == (64, 16) and q.max() <= 15
+    expect = dequantize_iq4_nl_codes(q, d)
+    assert np.array_equal(dequantize(pack_iq4_nl(q, d), IQ4_NL).reshape(w.shape), expect)
+    assert np.abs(expect - w).max() < 0.1 * np.abs(w).max()
+    zero = quantize_iq4_nl(np.zeros((1, 32), np.float32))  # d 0, every code the entry nearest 0 (1, index 8)
+    assert zero.tolist() == [[0, 0] + [0x88] * 16]
+    with pytest.raises(SlimlmError, match="multiple of 32"):
+        quantize_iq4_nl(np.ones((2, 40), np.float32))
+    with pytest.raises(SlimlmError, match="0..15"):
+        pack_iq4_nl(np.full((1, 32), 16), d[:1, :1])

@@ -1,7 +1,8 @@
 """Per-tensor mixed precision (`--format gguf --target-size MIB | --target-bpw B`): the allocation is
 the knapsack optimum and meets its budget, the sensitivity proxy ranks tensors as direct measurement
 does, the written file holds the chosen types (tensors and metadata) and runs in llama.cpp, a second
-budget reuses the cached sensitivities, and bad budgets fail in one line before any long work."""
+budget reuses the cached sensitivities, GPTQ writes its codes into the same types, and bad budgets
+fail in one line before any long work."""
 
 from __future__ import annotations
 
@@ -131,11 +132,34 @@ def test_bad_budgets_fail_in_one_line_before_any_work(wide, tmp_path, capfd, mon
              (["--format", "gguf", "--target-size", "5", "--target-bpw", "5"], "not both"),
              (["--format", "gguf:Q4_K_M", "--target-size", "5"], "use --format gguf, not gguf:Q4_K_M"),
              (["--format", "gguf:Q4_0", "--target-bpw", "5"], "use --format gguf, not gguf:Q4_0"),
-             (["--format", "gguf", "--target-size", "5", "--method", "gptq"], "--method gptq does not")]
+             (["--format", "gguf", "--target-size", "5", "--method", "awq"], "--method awq does not")]
     for args, message in cases:
         code, _, err = run_cli(capfd, "quantize", wide, "--out", out, *args)
         assert code == 1 and err.strip().count("\n") == 0 and err.startswith("error:") and message in err, (args, err)
         assert not out.exists()
+
+
+def test_gptq_mixed_file_meets_its_budget_with_rtns_types(wide, tmp_path):
+    """--method gptq --target-bpw: the types are the allocation's from RTN sensitivities (the same as
+    --method rtn picks), the file meets the budget and records them, and GPTQ's bytes are written."""
+    from slimlm.compress.quantize import quantize
+
+    common = dict(format="gguf", target_bpw=5.2, calib_seq_len=128, calib_samples=16, record=False)
+    rtn = quantize(wide, tmp_path / "rtn.gguf", check=False, **common)
+    gptq = quantize(wide, tmp_path / "gptq.gguf", method="gptq", **common)
+    assert gptq.format == "gguf:mixed" and gptq.method == "gptq"
+    assert gptq.size_after == rtn.size_after <= int(5.2 * gptq.params_total / 8)
+    tensors, meta = _types_in(Path(gptq.out))
+    assert tensors == meta == gptq.tensor_types == rtn.tensor_types
+    assert len(set(t for n, t in tensors.items() if n.startswith("blk."))) >= 2
+    ours = {t.name: np.asarray(t.data) for t in GGUFReader(gptq.out).tensors}
+    theirs = {t.name: np.asarray(t.data) for t in GGUFReader(rtn.out).tensors}
+    body = [n for n in tensors if n.startswith("blk.")]
+    assert all(not np.array_equal(ours[n], theirs[n]) for n in body)  # GPTQ's codes in every weight
+    assert np.array_equal(ours["output.weight"], theirs["output.weight"])
+    assert 0 <= gptq.fidelity["top1_agreement"] <= 1
+    lines = (tmp_path / "gptq.tensor-types.txt").read_text().splitlines()
+    assert dict(line.split("=") for line in lines) == {k: v.lower() for k, v in gptq.tensor_types.items()}
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "phi3"])

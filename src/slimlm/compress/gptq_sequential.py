@@ -80,6 +80,18 @@ def _capture_inputs(model, layers, windows, batch_size: int):
     return inputs, kwargs
 
 
+def block_coder(fmt, damp: float = DEFAULT_DAMP, act_order: bool = DEFAULT_ACT_ORDER):
+    """sequential_gptq's coder for a block format (or a function of the width giving one):
+    ((q, d, m), the dequantized weights)."""
+    fmt_of = fmt if callable(fmt) else (lambda cols, f=get_format(fmt): f)
+
+    def coder(name: str, w: np.ndarray, H: np.ndarray):
+        f = fmt_of(w.shape[1])
+        q, d, m = gptq_quantize(f, w, H, damp=damp, act_order=act_order)
+        return (q, d, m), dequantize_codes(f, q, d, m)
+    return coder
+
+
 def _run_layer(layer, hidden, kw: dict):
     out = layer(hidden, **kw)
     return out[0] if isinstance(out, tuple) else out
@@ -87,15 +99,15 @@ def _run_layer(layer, hidden, kw: dict):
 
 def sequential_gptq(model, tokenizer, transform, fmt, texts: list[str], samples: int = CALIB_SAMPLES,
                     seq_len: int = CALIB_SEQ_LEN, damp: float = DEFAULT_DAMP, act_order: bool = DEFAULT_ACT_ORDER,
-                    batch_size: int = 4,
-                    progress: bool = True) -> dict:
+                    batch_size: int = 4, progress: bool = True, coder=None) -> dict:
     """{HF weight name: (q, d, m)} for every decoder linear, codes in llama.cpp's layout (`transform`
     is gguf_export.layout_transform(folder)). `fmt` is a format, or a function of a layer's width
-    returning one (per-channel groups). `model` is changed in place: its decoder linears end up
-    holding their dequantized weights."""
+    returning one (per-channel groups). `coder(name, w, H) -> (what to keep, values read back)`
+    replaces `fmt` where each weight has its own type (gptq_kquant.typed_coder: GGUF bytes). `model`
+    is changed in place: its decoder linears end up holding their dequantized weights."""
     import torch
 
-    fmt_of = fmt if callable(fmt) else (lambda cols, f=get_format(fmt): f)
+    coder = coder or block_coder(fmt, damp, act_order)
     layers = find_decoder_layers(model)
     if layers is None:
         raise SlimlmError("the model has no decoder layer list: sequential GPTQ cannot walk it")
@@ -118,10 +130,8 @@ def sequential_gptq(model, tokenizer, transform, fmt, texts: list[str], samples:
             for name, linear in linears.items():
                 key = name + ".weight"
                 w = transform(key, linear.weight.detach().float().cpu().numpy())
-                f = fmt_of(w.shape[1])
-                q, d, m = gptq_quantize(f, w, hessians[name].numpy(), damp=damp, act_order=act_order)
-                codes[key] = (q, d, m)
-                deq = _to_hf_layout(transform, key, dequantize_codes(f, q, d, m))
+                codes[key], values = coder(key, w, hessians[name].numpy())
+                deq = _to_hf_layout(transform, key, values)
                 linear.weight.copy_(torch.from_numpy(deq).to(linear.weight.dtype))
             del hessians
             hidden = [_run_layer(layer, x, kwargs[i][b]) for b, x in enumerate(hidden)]

@@ -20,7 +20,9 @@ fidelity:
 The chosen types go into the file's metadata (`slimlm.tensor_types`, a JSON string
 {gguf name: type}), into the result (`QuantizeResult.tensor_types`), and into FILE.tensor-types.txt
 (`name=type` lines, as llama-quantize's --tensor-type takes them) so llama-quantize can be rerun
-with slimlm's choices. Codes are RTN (llama.cpp's reference quantizers, byte for byte).
+with slimlm's choices. The types come first (from RTN sensitivities, whatever the method); then the
+method, knowing every weight's type (TypedJob), is asked for each weight's bytes: RTN gives
+llama.cpp's reference quantizers byte for byte, GPTQ its own codes in the same layouts.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ import math
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from slimlm.compress.kquant_formats import (
     FILE_TYPES,
-    encode,
     fallback,
     file_type_for,
     kquant_name,
@@ -55,13 +57,26 @@ from slimlm.compress.quant_steps import (
 )
 from slimlm.errors import SlimlmError
 
-__all__ = ["CANDIDATES", "TYPES_KEY", "is_typed_request", "candidate_types", "allocate", "gguf_names",
+__all__ = ["CANDIDATES", "TYPES_KEY", "TypedJob", "is_typed_request", "candidate_types", "allocate", "gguf_names",
            "quantize_typed", "type_summary"]
 
 CANDIDATES = ("Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 TYPES_KEY = "slimlm.tensor_types"
 MIXED_EMBEDDINGS = "Q4_K_M"  # whose automatic token embedding / output head types a mixed file keeps
 _ALIGN = 32  # GGUF data alignment
+
+
+@dataclass
+class TypedJob:
+    """One per-tensor-typed run as a method's typed hooks (prepare_typed, encode_typed) see it."""
+    folder: Path  # the dense input folder
+    out: Path
+    types: dict[str, str]  # Hugging Face weight name -> GGUF type (after llama.cpp's width fallback)
+    texts: list[str] | None  # calibration documents, for methods with `calibrated = True`
+    samples: int
+    seq_len: int
+    sequential: bool
+    notes: list[str] = field(default_factory=list)
 
 
 def is_typed_request(req: QuantRequest) -> bool:
@@ -197,13 +212,16 @@ def _budget(req: QuantRequest, params_total: int) -> int:
 
 def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
     """A K-quant file (req.format gguf:Q4_K ... gguf:Q5_K_M) or a mixed-precision file under
-    req.target_size (MiB) / req.target_bpw (bits per parameter, the whole file), with RTN codes."""
+    req.target_size (MiB) / req.target_bpw (bits per parameter, the whole file), with the codes
+    `method` (a QuantMethod with typed_formats) chooses."""
     from slimlm.compress.gguf_export import read_config
     from slimlm.models.loading import dense_folder
     from slimlm.models.reference import resolve
 
     name = kquant_name(req.format)
     _check(req, name)
+    if req.calib_samples < 1 or req.calib_seq_len < 2:
+        raise SlimlmError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
     ref = resolve(str(req.model))
     folder = dense_folder(ref)
     shapes = tensor_shapes(folder)
@@ -213,6 +231,9 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
     params_total = sum(int(np.prod(s)) for s in shapes.values())
     notes: list[str] = []
     start = time.perf_counter()
+    texts = None
+    if method.calibrated or not name:
+        texts = calibration_texts(folder, req.calib, req.calib_field, req.calib_seq_len)
     if name:
         n_layers = read_config(folder)["num_hidden_layers"]
         types = {n: mix_type(name, names[n], n_layers, shapes[n][-1]) for n in targets}
@@ -232,7 +253,6 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
                               f"({8 * least / params_total:.2f} bits per weight)")
         from slimlm.compress.sensitivity import sensitivities
 
-        texts = calibration_texts(folder, req.calib, req.calib_field, req.calib_seq_len)
         scores = sensitivities(folder, texts, candidates, tokens=req.calib_seq_len, notes=notes)
         options = {n: {t: (_aligned(tensor_bytes(t, shapes[n])), scores[n][t]) for t in c}
                    for n, c in candidates.items()}
@@ -244,8 +264,10 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
         notes.append(f"estimated added KL {sum(scores[n][t] for n, t in types.items()):.4f} (sum over tensors) "
                      f"for {budget / 2**20:.1f} MiB")
     all_types = {names[n]: t for n, t in {**types, **heads}.items()}
-    quantized = _write(folder, Path(req.out), types, name or MIXED_EMBEDDINGS, req, method.name, label,
-                       {TYPES_KEY: json.dumps(all_types)}, file_type, notes)
+    job = TypedJob(folder, Path(req.out), types, texts, req.calib_samples, req.calib_seq_len, req.sequential, notes)
+    method.prepare_typed(job, folder)
+    quantized = _write(job, method, name or MIXED_EMBEDDINGS, req, label, {TYPES_KEY: json.dumps(all_types)},
+                       file_type)
     out = Path(req.out)
     if not name and out.stat().st_size > budget:  # the accounting above is exact; this guards it
         raise SlimlmError(f"internal error: {out} is {out.stat().st_size} bytes, over the budget of {budget}")
@@ -256,28 +278,32 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
                             seconds=time.perf_counter() - start, notes=notes, tensor_types=all_types)
     extra = {"tensor_types": type_summary(all_types)}
     if not name:
-        extra.update(target_size=req.target_size, target_bpw=req.target_bpw, calib=req.calib,
-                     calib_seq_len=req.calib_seq_len)
+        extra.update(target_size=req.target_size, target_bpw=req.target_bpw)
+    if texts is not None:
+        extra.update(calib=req.calib, calib_seq_len=req.calib_seq_len)
+    if method.calibrated:
+        extra.update(calib_field=req.calib_field, calib_samples=req.calib_samples, sequential=req.sequential)
     return finish(result, ref, folder, req.check, req.record, extra)
 
 
-def _write(source: Path, out: Path, types: dict, embed_fmt: str, req: QuantRequest, method: str, label: str,
-           metadata: dict, file_type: str, notes: list[str]) -> int:
+def _write(job: TypedJob, method, embed_fmt: str, req: QuantRequest, label: str, metadata: dict,
+           file_type: str) -> int:
+    """Write the file, each weight's bytes from method.encode_typed (in its type, job.types)."""
     from slimlm.compress.gguf_export import export_gguf, read_config
     from slimlm.progress import progress_bar
 
-    tied = read_config(source).get("tie_word_embeddings", True)
-    embed = embedding_encoder(req.embeddings, embed_fmt, tied, notes)
+    tied = read_config(job.folder).get("tie_word_embeddings", True)
+    embed = embedding_encoder(req.embeddings, embed_fmt, tied, job.notes)
     counted = [0]
-    with progress_bar(f"{method} → {label}", len(types)) as advance:
+    with progress_bar(f"{method.name} → {label}", len(job.types)) as advance:
         def writer(name_hf: str, name_gguf: str, w: np.ndarray):
-            if name_hf not in types:
+            if name_hf not in job.types:
                 return embed(name_gguf, w) if any(k in name_hf for k in KEEP) else None
             counted[0] += w.size
             advance()
-            return encode(types[name_hf], w)
+            return method.encode_typed(job, name_hf, w)
 
-        export_gguf(source, out, dtype="f16", force=req.force, tensor_writer=writer, file_type=file_type,
+        export_gguf(job.folder, job.out, dtype="f16", force=req.force, tensor_writer=writer, file_type=file_type,
                     metadata=metadata)
     return counted[0]
 

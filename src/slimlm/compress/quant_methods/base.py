@@ -2,9 +2,11 @@
 
 A method is a class in the manner of gpt-fast's quantizers: it builds its state (`prepare`:
 GPTQ's calibration, nothing for RTN) and then converts each weight (`choose`: the integer codes
-and block scales the writer packs). Its constraints are part of the class too: the formats it
-picks for `--format hf` and a bare `--format gguf`, and what it refuses (`check_format`), so
-quantize() asks the method instead of testing its name. A method with a pipeline of its own
+and block scales the writer packs). Files with a type per tensor (K-quants, --target-size mixes)
+ask the same of `prepare_typed` / `encode_typed` once every weight's type is known (a method that
+writes them sets `typed_formats`). Its constraints are part of the class too: the formats it picks
+for `--format hf` and a bare `--format gguf`, and what it refuses (`check_format`), so quantize()
+asks the method instead of testing its name. A method with a pipeline of its own
 (llamacpp: llama.cpp's quantizer writes the whole file) overrides `quantize`.
 
 A new method is one module in this package with a class decorated `@register_quant_method("name")`
@@ -67,6 +69,19 @@ class QuantMethod:
         layout blocks.pack (GGUF) or packed.save_packed (hf) takes."""
         return round_to_nearest(job.kind, job.format_for(w.shape[1]), w)
 
+    # --- per-tensor types: K-quant files and --target-size mixes (mixed_precision.py) ---------
+
+    def prepare_typed(self, job, source: Path) -> None:
+        """Build what `encode_typed` needs, once per run; `job` (mixed_precision.TypedJob) already
+        holds every weight's GGUF type (job.types), so a method may choose codes for them now."""
+
+    def encode_typed(self, job, name: str, w: np.ndarray):
+        """(data, GGMLQuantizationType, or None for F16) of the weight `name` (float32, llama.cpp's
+        layout) stored as job.types[name]: RTN, llama.cpp's reference quantizers byte for byte."""
+        from slimlm.compress.kquant_formats import encode
+
+        return encode(job.types[name], w)
+
     # --- the run ----------------------------------------------------------------------------
 
     def quantize(self, request: QuantRequest) -> QuantizeResult:
@@ -76,8 +91,9 @@ class QuantMethod:
 
         if is_typed_request(request):
             if not self.typed_formats:
+                able = " or ".join(f"--method {n}" for n in QUANT_METHODS.names() if QUANT_METHODS[n].typed_formats)
                 raise SlimlmError(f"--method {self.name} does not write K-quant formats or --target-size/"
-                                  "--target-bpw files yet: use --method rtn (or --method llamacpp for llama.cpp's "
+                                  f"--target-bpw files yet: use {able} (or --method llamacpp for llama.cpp's "
                                   "own K-quants)")
             return quantize_typed(self, request)
         return quantize_blocks(self, request)

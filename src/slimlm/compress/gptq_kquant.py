@@ -144,11 +144,19 @@ def dequantize_kquant(type_name: str, codes: tuple) -> np.ndarray:
 
 
 def gptq_encode(type_name: str, w: np.ndarray, H: np.ndarray, damp: float = DEFAULT_DAMP,
-                act_order: bool = DEFAULT_ACT_ORDER):
+                act_order: bool = DEFAULT_ACT_ORDER, notes: list[str] | None = None):
     """(data, GGMLQuantizationType or None for F16, the float32 values llama.cpp reads back) of w
-    stored as `type_name` with GPTQ-chosen codes: what kquant_formats.encode gives with RTN codes."""
+    stored as `type_name` with GPTQ-chosen codes: what kquant_formats.encode gives with RTN codes.
+    A type GPTQ does not code here (one kquant_formats encodes, such as a non-linear grid) gets
+    RTN's bytes, and a line in `notes`."""
     kind = type_name.upper()
     w = np.asarray(w, dtype=np.float32)
+    if kind not in ("F16", *KQUANT_TYPES, *FORMATS):
+        from slimlm.compress.kquant_formats import dequantize_type, encode
+
+        if notes is not None and not any(n.startswith(f"{kind}:") for n in notes):
+            notes.append(f"{kind}: GPTQ does not code this type, its weights got round-to-nearest")
+        return (*encode(kind, w), dequantize_type(kind, w))
     if kind == "F16":
         data = w.astype(np.float16)
         return data, None, data.astype(_F)
@@ -156,17 +164,16 @@ def gptq_encode(type_name: str, w: np.ndarray, H: np.ndarray, damp: float = DEFA
         codes = gptq_kquant(kind, w, H, damp=damp, act_order=act_order)
         qtype = {"Q4_K": Q4_K, "Q5_K": Q5_K, "Q6_K": Q6_K}[kind]
         return pack_kquant(kind, codes), qtype, dequantize_kquant(kind, codes)
-    if kind not in FORMATS:
-        raise SlimlmError(f"GPTQ cannot encode GGUF type {type_name}")
     fmt = FORMATS[kind]
     q, d, m = gptq_quantize(fmt, w, H, damp=damp, act_order=act_order)
     return pack(fmt, q, d, m), fmt.qtype, dequantize_codes(fmt, q, d, m)
 
 
-def typed_coder(types: dict[str, str], damp: float = DEFAULT_DAMP, act_order: bool = DEFAULT_ACT_ORDER):
+def typed_coder(types: dict[str, str], damp: float = DEFAULT_DAMP, act_order: bool = DEFAULT_ACT_ORDER,
+                notes: list[str] | None = None):
     """For gptq_sequential: `coder(name, w, H) -> ((data, qtype), values read back)` storing each
     weight in its own type, types[name] (a Hugging Face weight name -> GGUF type)."""
     def coder(name: str, w: np.ndarray, H: np.ndarray):
-        data, qtype, values = gptq_encode(types[name], w, H, damp=damp, act_order=act_order)
+        data, qtype, values = gptq_encode(types[name], w, H, damp=damp, act_order=act_order, notes=notes)
         return (data, qtype), values
     return coder

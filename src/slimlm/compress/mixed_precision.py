@@ -37,14 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slimlm.compress.kquant_formats import (
-    FILE_TYPES,
-    fallback,
-    file_type_for,
-    kquant_name,
-    mix_type,
-    tensor_bytes,
-)
+from slimlm.compress.kquant_formats import FILE_TYPES, fallback, file_type_for, kquant_name, mix_type, tensor_bytes
 from slimlm.compress.quant_pipeline import QuantizeResult, QuantRequest, finish
 from slimlm.compress.quant_steps import (
     KEEP,
@@ -69,7 +62,7 @@ _ALIGN = 32  # GGUF data alignment
 @dataclass
 class TypedJob:
     """One per-tensor-typed run as a method's typed hooks (prepare_typed, encode_typed) see it."""
-    folder: Path  # the dense input folder
+    folder: Path  # the dense input folder, and the file to write
     out: Path
     types: dict[str, str]  # Hugging Face weight name -> GGUF type (after llama.cpp's width fallback)
     texts: list[str] | None  # calibration documents, for methods with `calibrated = True`
@@ -200,6 +193,8 @@ def _check(req: QuantRequest, name: str | None) -> None:
         raise SlimlmError("K-quant and mixed-precision files fix their own bits and group sizes: drop --bits "
                           "and --group-size")
     check_embeddings(req.embeddings)
+    if req.calib_samples < 1 or req.calib_seq_len < 2:
+        raise SlimlmError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
     if Path(req.out).exists() and not req.force:
         raise SlimlmError(f"{req.out} already exists: choose another output path or pass --force")
 
@@ -220,8 +215,6 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
 
     name = kquant_name(req.format)
     _check(req, name)
-    if req.calib_samples < 1 or req.calib_seq_len < 2:
-        raise SlimlmError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
     ref = resolve(str(req.model))
     folder = dense_folder(ref)
     shapes = tensor_shapes(folder)
@@ -231,9 +224,8 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
     params_total = sum(int(np.prod(s)) for s in shapes.values())
     notes: list[str] = []
     start = time.perf_counter()
-    texts = None
-    if method.calibrated or not name:
-        texts = calibration_texts(folder, req.calib, req.calib_field, req.calib_seq_len)
+    needs_text = method.calibrated or not name  # GPTQ's calibration, the allocation's sensitivities
+    texts = calibration_texts(folder, req.calib, req.calib_field, req.calib_seq_len) if needs_text else None
     if name:
         n_layers = read_config(folder)["num_hidden_layers"]
         types = {n: mix_type(name, names[n], n_layers, shapes[n][-1]) for n in targets}
@@ -276,13 +268,11 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
                             size_before=sum(f.stat().st_size for f in folder.glob("*.safetensors")),
                             size_after=out.stat().st_size, params_quantized=quantized, params_total=params_total,
                             seconds=time.perf_counter() - start, notes=notes, tensor_types=all_types)
-    extra = {"tensor_types": type_summary(all_types)}
-    if not name:
-        extra.update(target_size=req.target_size, target_bpw=req.target_bpw)
-    if texts is not None:
-        extra.update(calib=req.calib, calib_seq_len=req.calib_seq_len)
-    if method.calibrated:
-        extra.update(calib_field=req.calib_field, calib_samples=req.calib_samples, sequential=req.sequential)
+    extra = {"tensor_types": type_summary(all_types),
+             **({} if name else {"target_size": req.target_size, "target_bpw": req.target_bpw}),
+             **({"calib": req.calib, "calib_seq_len": req.calib_seq_len} if needs_text else {}),
+             **({"calib_field": req.calib_field, "calib_samples": req.calib_samples, "sequential": req.sequential}
+                if method.calibrated else {})}
     return finish(result, ref, folder, req.check, req.record, extra)
 
 

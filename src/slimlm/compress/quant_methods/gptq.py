@@ -41,7 +41,8 @@ class GPTQ:
         from slimlm.compress.gptq_kquant import typed_coder
         from slimlm.compress.gptq_sequential import sequential_gptq
 
-        coder = typed_coder(types, damp=self.damp, act_order=self.act_order) if types is not None else None
+        coder = None if types is None else typed_coder(types, damp=self.damp, act_order=self.act_order,
+                                                       notes=self.notes)
         with calibration_model(model_folder, calib_texts) as (model, tokenizer, texts):
             self.codes = sequential_gptq(model, tokenizer, transform or layout_transform(model_folder), fmt, texts,
                                          samples=samples, seq_len=seq_len, damp=self.damp,
@@ -87,7 +88,7 @@ class GPTQ:
         H = self._hessian(name_hf, w)
         if H is None:
             return encode(type_name, w)
-        return gptq_encode(type_name, w, H, damp=self.damp, act_order=self.act_order)[:2]
+        return gptq_encode(type_name, w, H, damp=self.damp, act_order=self.act_order, notes=self.notes)[:2]
 
 
 @register_quant_method("gptq")

@@ -54,7 +54,8 @@ def _compare(ours: Path, theirs: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("model", ["llama-256x8", "llama-64"])
-@pytest.mark.parametrize("ftype", ["Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"])
+@pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M",
+                                   "Q6_K"])
 def test_mixes_equal_llama_quantize(models, model, ftype, tmp_path):
     from slimlm.compress.gguf_export import export_gguf
     from slimlm.compress.quantize import quantize
@@ -70,13 +71,23 @@ def test_mixes_equal_llama_quantize(models, model, ftype, tmp_path):
             ["Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q6_K"]
         assert types["blk.0.ffn_down.weight"] == "Q6_K" and types["blk.1.attn_q.weight"] == "Q4_K"
         assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
+    if model == "llama-256x8" and ftype == "Q3_K_M":  # attn_v Q5_K on the first two layers, Q4_K after
+        assert [types[f"blk.{i}.attn_v.weight"] for i in range(8)] == ["Q5_K"] * 2 + ["Q4_K"] * 6
+        assert {types[f"blk.{i}.{t}.weight"] for i in range(8) for t in ("ffn_down", "attn_output")} == {"Q4_K"}
+        assert types["blk.3.attn_q.weight"] == types["token_embd.weight"] == "Q3_K"
+    if model == "llama-256x8" and ftype == "Q2_K":  # 2 heads per KV head: attn_v Q3_K, as ffn_down, attn_output
+        assert {types[f"blk.{i}.{t}.weight"] for i in range(8) for t in ("attn_v", "ffn_down", "attn_output")} \
+            == {"Q3_K"}
+        assert types["blk.5.ffn_up.weight"] == types["token_embd.weight"] == "Q2_K"
+    if model == "llama-64" and ftype in ("Q2_K", "Q3_K_M"):  # 64 wide: Q2_K/Q3_K fall back to Q4_0
+        assert types["blk.0.attn_q.weight"] == "Q4_0" and types["output.weight"] == "Q8_0"
     lines = (tmp_path / "slimlm.tensor-types.txt").read_text().splitlines()
     assert dict(line.split("=") for line in lines) == {k: v.lower() for k, v in result.tensor_types.items()}
 
 
-@pytest.mark.parametrize("ftype", ["Q4_K", "Q5_K"])
+@pytest.mark.parametrize("ftype", ["Q3_K", "Q4_K", "Q5_K"])
 def test_uniform_types_equal_llama_quantize_pure(models, ftype, tmp_path):
-    """gguf:Q4_K / gguf:Q5_K: every weight in that type (llama-quantize --pure), the output head Q6_K."""
+    """gguf:Q3_K / Q4_K / Q5_K: every weight in that type (llama-quantize --pure), the output head Q6_K."""
     from slimlm.compress.gguf_export import export_gguf
     from slimlm.compress.quantize import quantize
 
@@ -124,5 +135,44 @@ def test_mix_rule_fallback_and_layers():
     assert mix_type("Q4_K_S", "blk.3.attn_v.weight", 30, 512) == "Q5_K"
     assert mix_type("Q4_K_S", "blk.4.attn_v.weight", 30, 512) == "Q4_K"
     assert mix_type("Q6_K", "blk.4.attn_v.weight", 30, 40) == "F16"
+    assert mix_type("Q3_K_M", "blk.1.attn_v.weight", 30, 512) == "Q5_K"
+    assert mix_type("Q3_K_M", "blk.2.attn_v.weight", 30, 512) == "Q4_K"
+    assert mix_type("Q3_K_M", "blk.1.ffn_down.weight", 32, 512) == "Q5_K"  # below 32/16
+    assert mix_type("Q3_K_M", "blk.2.ffn_down.weight", 32, 512) == "Q4_K"
+    assert mix_type("Q3_K_L", "blk.9.attn_output.weight", 30, 512) == "Q5_K"
+    assert mix_type("Q3_K_S", "blk.0.attn_v.weight", 30, 512) == "Q3_K"
+    assert mix_type("Q3_K_M", "blk.3.attn_k.weight", 30, 576) == "Q4_0"  # Q3_K falls back
+    assert mix_type("Q2_K", "blk.0.attn_v.weight", 30, 512, n_gqa=3) == "Q3_K"
+    assert mix_type("Q2_K", "blk.0.attn_v.weight", 30, 512, n_gqa=4) == "Q4_K"
+    assert mix_type("Q2_K", "blk.0.attn_q.weight", 30, 640) == "Q4_0"
     with pytest.raises(SlimlmError, match="unknown K-quant"):
-        mix_type("Q3_K_M", "blk.0.attn_v.weight", 8, 256)
+        mix_type("Q2_K_S", "blk.0.attn_v.weight", 8, 256)
+
+
+def test_q2_k_rule_with_grouped_kv_heads_equals_llama_quantize(tiny_tokenizer_dir, tmp_path):
+    """Q2_K's attn_v is Q4_K where 4 or more attention heads share a KV head (Gemma 3 270M: 4),
+    Q3_K below (SmolLM2: 3): the rule with n_gqa from the config gives llama-quantize's types."""
+    from slimlm.compress.gguf_export import export_gguf
+
+    folder = build_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "gqa4", seed=5, hidden_size=256,
+                              intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=1)
+    f32 = export_gguf(folder, tmp_path / "f32.gguf", dtype="f32")
+    theirs = {t.name: t.tensor_type.name for t in GGUFReader(_llama_quantize(f32, tmp_path / "q2.gguf", "Q2_K")).tensors}
+    body = {name: t for name, t in theirs.items() if name.startswith("blk.") and t != "F32"}
+    assert {name: mix_type("Q2_K", name, 4, 512 if "ffn_down" in name else 256, n_gqa=4) for name in body} == body
+    assert body["blk.0.attn_v.weight"] == "Q4_K" and body["blk.0.attn_q.weight"] == "Q2_K"
+
+
+def test_q3_k_m_runs_in_llama_cpp(models, tmp_path):
+    from llama_cpp import Llama
+
+    from slimlm.compress.quantize import quantize
+
+    result = quantize(models["llama-256x8"], tmp_path / "m.gguf", format="gguf:Q3_K_M", record=False)
+    assert result.format == "gguf:Q3_K_M" and 0 <= result.fidelity["top1_agreement"] <= 1
+    assert {t.tensor_type.name for t in GGUFReader(result.out).tensors} >= {"Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+    llm = Llama(model_path=result.out, logits_all=True, n_ctx=32, verbose=False, n_gpu_layers=0)
+    llm.eval([1, 5, 9, 13])
+    assert np.isfinite(np.array(llm.scores[:4])).all()
+    llm.close()

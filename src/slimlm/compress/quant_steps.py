@@ -120,6 +120,11 @@ EMBEDDING_DEFAULTS: dict[str, tuple[str, str]] = {
     "Q8_0": ("Q8_0", "Q8_0"),
     "TQ1_0": ("Q6_K", "Q4_K"),
     "TQ2_0": ("Q6_K", "Q4_K"),
+    "Q2_K": ("Q6_K", "Q2_K"),
+    "Q3_K": ("Q6_K", "Q3_K"),
+    "Q3_K_S": ("Q6_K", "Q3_K"),
+    "Q3_K_M": ("Q6_K", "Q3_K"),
+    "Q3_K_L": ("Q6_K", "Q3_K"),
     "Q4_K": ("Q6_K", "Q4_K"),
     "Q4_K_S": ("Q6_K", "Q4_K"),
     "Q4_K_M": ("Q6_K", "Q4_K"),
@@ -138,14 +143,15 @@ the llama.cpp that llama-cpp-python 0.3.36 vendors, run without --token-embeddin
   Q6_K unless the type is Q8_0 (then Q8_0), or the type's own block does not divide the width (then
   Q8_0);
 - an untied token embedding keeps the file's type, except for the ternary types (Q4_K); a K-quant
-  mix's base type (Q4_K for Q4_K_S/M, Q5_K for Q5_K_S/M: kquant_formats.BASE_TYPE);
+  mix's base type (Q2_K for Q2_K, Q3_K for Q3_K_S/M/L, Q4_K for Q4_K_S/M, Q5_K for Q5_K_S/M:
+  kquant_formats.BASE_TYPE);
 - a type whose block does not divide the width falls back: Q6_K -> Q8_0, Q5_K -> Q5_1, Q4_K -> Q5_0,
-  then f16 (EMBEDDING_FALLBACK; a 32-block type goes straight to f16).
+  Q3_K and Q2_K -> Q4_0, then f16 (EMBEDDING_FALLBACK; a 32-block type goes straight to f16).
 
 Every type the rule picks slimlm writes as llama.cpp does: f16, Q8_0 and the file's own block type
-with its block formats, Q6_K (kquants.py), Q4_K and Q5_K (kquants_q45.py) byte for byte as
-llama.cpp's reference quantizers."""
-EMBEDDING_FALLBACK = {"Q6_K": "Q8_0", "Q5_K": "Q5_1", "Q4_K": "Q5_0"}
+with its block formats, Q6_K (kquants.py), Q4_K and Q5_K (kquants_q45.py), Q2_K and Q3_K
+(kquants_q23.py) byte for byte as llama.cpp's reference quantizers."""
+EMBEDDING_FALLBACK = {"Q6_K": "Q8_0", "Q5_K": "Q5_1", "Q4_K": "Q5_0", "Q3_K": "Q4_0", "Q2_K": "Q4_0"}
 
 
 def _block_size(kind: str) -> int:

@@ -71,14 +71,15 @@ def _make_qkx2_mad(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     flat = mx == mn
     sum_w, sum_x = sum16(w), sum16(w * x)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        # iscale * (x - min) stays within [0, 4.5] off the flat columns, where np.rint is nearest_int
         iscale = _F(3) / (mx - mn)
         scale = _F(1) / iscale
-        L = np.clip(nearest_int(iscale * (x - mn)), 0, 3).astype(_F)
+        L = np.clip(np.rint(iscale * (x - mn)), 0, 3)
         best = sum16(w * np.abs((scale * L + mn) - x))
         for step in range(16):
             # the C loop reads `min` as it goes: a better candidate's min moves the later ones' grid
             iscale = ((_F(-0.5) + _F(0.1) * _F(step)) + _F(3)) / (mx - mn)
-            la = np.clip(nearest_int(iscale * (x - mn)), 0, 3).astype(_F)
+            la = np.clip(np.rint(iscale * (x - mn)), 0, 3)
             wl = w * la
             sum_l, sum_l2, sum_xl = sum16(wl), sum16(wl * la), sum16(wl * x)
             D = sum_w * sum_l2 - sum_l * sum_l

@@ -136,15 +136,9 @@ def builtin_f32(tmp_path_factory):
     return get
 
 
-_GQA_GAP = pytest.mark.xfail(strict=True, reason="Gemma 3 270M has 4 heads per KV head, so llama-quantize's Q2_K "
-                             "stores attn_v as Q4_K (-> Q5_0); mixed_precision.quantize_typed does not pass n_gqa "
-                             "to kquant_formats.mix_type yet")
-
-
 @pytest.mark.real_model
 @pytest.mark.parametrize("model, ftype", [
-    *[("smollm2-135m-instruct", f) for f in LOW_BIT_FILES],
-    pytest.param("gemma3-270m", "Q2_K", marks=_GQA_GAP), *[("gemma3-270m", f) for f in LOW_BIT_FILES[1:]]])
+    *[("smollm2-135m-instruct", f) for f in LOW_BIT_FILES], *[("gemma3-270m", f) for f in LOW_BIT_FILES]])
 def test_low_bit_kquant_files_match_llama_quantize_on_builtin_models(builtin_f32, model, ftype, tmp_path):
     """slimlm's Q2_K / Q3_K_S / Q3_K_M / Q3_K_L file of each built-in model (RTN) against
     llama-quantize's of the same f32 GGUF: every tensor the same type and the same bytes (the files

@@ -227,9 +227,12 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
     needs_text = method.calibrated or not name  # GPTQ's calibration, the allocation's sensitivities
     texts = calibration_texts(folder, req.calib, req.calib_field, req.calib_seq_len) if needs_text else None
     if name:
-        n_layers = read_config(folder)["num_hidden_layers"]
-        types = {n: mix_type(name, names[n], n_layers, shapes[n][-1]) for n in targets}
-        fell = sorted({t for n, t in types.items() if t not in ("Q4_K", "Q5_K", "Q6_K")})
+        cfg = read_config(folder)
+        n_head = cfg["num_attention_heads"]
+        n_layers, n_gqa = cfg["num_hidden_layers"], n_head // (cfg.get("num_key_value_heads") or n_head)
+        types = {n: mix_type(name, names[n], n_layers, shapes[n][-1], n_gqa) for n in targets}
+        wanted = {n: mix_type(name, names[n], n_layers, 256, n_gqa) for n in targets}  # 256 wide: no fallback
+        fell = sorted({t for n, t in types.items() if t != wanted[n]})
         if fell:
             notes.append(f"widths not a multiple of 256 fall back to {', '.join(fell)}, as llama-quantize does")
         file_type, label = FILE_TYPES.get(name, name), name

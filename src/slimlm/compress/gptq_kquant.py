@@ -36,10 +36,11 @@ from slimlm.compress.kquants import Q6_K, QK_K, dequantize_q6_k_codes, nearest_i
 from slimlm.compress.kquants_q45 import Q4_K, Q5_K, pack_q4_k, pack_q5_k, qkx_codes
 from slimlm.errors import SlimlmError
 
-__all__ = ["KQUANT_TYPES", "QKXGrid", "Q6KGrid", "gptq_kquant", "pack_kquant", "dequantize_kquant",
+__all__ = ["KQUANT_TYPES", "CODED_TYPES", "QKXGrid", "Q6KGrid", "gptq_kquant", "pack_kquant", "dequantize_kquant",
            "gptq_encode", "typed_coder"]
 
 KQUANT_TYPES = ("Q4_K", "Q5_K", "Q6_K")
+CODED_TYPES = ("F16", *KQUANT_TYPES, *FORMATS)  # what gptq_encode codes with GPTQ; others get RTN
 _NMAX = {"Q4_K": 15, "Q5_K": 31}
 _F = np.float32
 
@@ -151,7 +152,7 @@ def gptq_encode(type_name: str, w: np.ndarray, H: np.ndarray, damp: float = DEFA
     RTN's bytes, and a line in `notes`."""
     kind = type_name.upper()
     w = np.asarray(w, dtype=np.float32)
-    if kind not in ("F16", *KQUANT_TYPES, *FORMATS):
+    if kind not in CODED_TYPES:
         from slimlm.compress.kquant_formats import dequantize_type, encode
 
         if notes is not None and not any(n.startswith(f"{kind}:") for n in notes):

@@ -46,7 +46,7 @@ def test_allocation_is_the_brute_force_optimum_within_budget(seed):
 
 
 def test_candidates_follow_llama_cpp_fallback():
-    assert candidate_types(1536) == ["Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
+    assert candidate_types(1536) == ["Q3_K", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
     assert candidate_types(576) == ["Q4_0", "Q5_0", "Q5_1", "Q8_0"]
 
 
@@ -72,7 +72,7 @@ def test_sensitivity_ranks_tensors_like_direct_measurement(wide):
     names = [n for n, s in shapes.items() if quantizable(n, s)]
     texts = calibration_docs()
     found = sensitivity.measure(wide, texts, {n: candidate_types(shapes[n][-1]) for n in names}, tokens=128)
-    assert len(names) == 28 and all(found["kl_low"][n][0] in ("Q4_0", "Q4_K") for n in names)
+    assert len(names) == 28 and all(found["kl_low"][n][0] in ("Q3_K", "Q4_0") for n in names)
     for kind in ("Q5_K", "Q8_0"):
         direct = sensitivity.kl_direct(wide, texts, [(n, kind) for n in names], tokens=128)
         proxy = [found["scores"][n][kind] for n in names]
@@ -114,7 +114,7 @@ def test_mixed_file_holds_the_chosen_types_runs_and_reuses_the_cache(wide, tmp_p
     assert calls == [1] and any("from the cache" in n for n in high.notes)
     assert low.size_after < high.size_after <= int(budget * 2**20)
     assert _types_in(Path(high.out))[0] == high.tensor_types
-    bits = {"Q4_0": 4.5, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q8_0": 8.5}
+    bits = {"Q3_K": 3.4375, "Q4_0": 4.5, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q8_0": 8.5}
     assert sum(bits[t] for n, t in high.tensor_types.items() if n.startswith("blk.")) > \
         sum(bits[t] for n, t in low.tensor_types.items() if n.startswith("blk."))
 

@@ -6,8 +6,11 @@ weight gets its own type, chosen either by llama.cpp's rule for a K-quant file t
 (kquant_formats.mix_type) or by an allocation that spends a byte budget where it buys the most
 fidelity:
 
-- candidates per weight: Q4_0, Q4_K, Q5_K, Q6_K, Q8_0, each after llama.cpp's width fallback
-  (a 576-wide weight cannot hold a 256-block: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0);
+- candidates per weight: Q3_K, Q4_0, Q4_K, Q5_K, Q6_K, Q8_0, each after llama.cpp's width fallback
+  (a 576-wide weight cannot hold a 256-block: Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0);
+  Q3_K lets a file go below an all-Q4_0 body where widths allow (SmolLM2's ffn_down), which is what
+  reaches llama.cpp's Q4_0 size once the file's own metadata is paid for; Q2_K is left out (its
+  large error makes the KL scaled from it, step 4 of sensitivity.py, a poor guide to the others);
 - cost: the KL each weight's quantization at each type adds on calibration text
   (sensitivity.py, cached per model and text);
 - allocation: minimize the summed KL subject to the file's bytes <= budget, a multiple-choice
@@ -53,7 +56,7 @@ from slimlm.errors import SlimlmError
 __all__ = ["CANDIDATES", "TYPES_KEY", "TypedJob", "is_typed_request", "candidate_types", "allocate", "gguf_names",
            "quantize_typed", "type_summary"]
 
-CANDIDATES = ("Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+CANDIDATES = ("Q3_K", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 TYPES_KEY = "slimlm.tensor_types"
 MIXED_EMBEDDINGS = "Q4_K_M"  # whose automatic token embedding / output head types a mixed file keeps
 _ALIGN = 32  # GGUF data alignment

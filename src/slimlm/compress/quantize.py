@@ -50,12 +50,13 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
     head) is auto (llama-quantize's choice for the type, quant_steps.EMBEDDING_DEFAULTS), f16, Q8_0
     or Q6_K (Q6_K falls back to Q8_0 where 256 does not divide the width).
 
-    `format` also takes llama.cpp's K-quant files: gguf:Q4_K, gguf:Q5_K, gguf:Q6_K (one type for every
-    weight) and the mixes gguf:Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M (llama-quantize's per-tensor rule,
-    kquant_formats.py), with RTN codes byte for byte as llama-quantize writes them. With
-    `format="gguf"` and `target_size` (MiB of the whole file) or `target_bpw` (bits per parameter,
-    the whole file), each weight gets its own type under the budget from measured sensitivity
-    (mixed_precision.py; the result's `tensor_types` holds the choice). Both need `method="rtn"`."""
+    `format` also takes llama.cpp's K-quant files: gguf:Q3_K, gguf:Q4_K, gguf:Q5_K, gguf:Q6_K (one
+    type for every weight) and the mixes gguf:Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M (llama-quantize's
+    per-tensor rule, kquant_formats.py); RTN writes llama-quantize's bytes, GPTQ chooses its own codes
+    and scales in each tensor's type (gptq_kquant.py). With `format="gguf"` and `target_size` (MiB of
+    the whole file) or `target_bpw` (bits per parameter, the whole file), each weight gets its own
+    type under the budget from measured sensitivity (mixed_precision.py; the result's `tensor_types`
+    holds the choice). Both take `method="rtn"` or `"gptq"`."""
     request = QuantRequest(model=model, out=Path(out), format=format, bits=bits, group_size=group_size,
                            symmetric=symmetric, force=force, check=check, record=record, calib=calib,
                            calib_field=calib_field, calib_samples=calib_samples, calib_seq_len=calib_seq_len,

@@ -102,9 +102,9 @@ def run_tool(tools: Path, name: str, *args) -> str:
     return done.stdout + done.stderr
 
 
-def llama_perplexity(tools: Path, path: Path, text: Path, base_kld: Path) -> dict:
+def llama_perplexity(tools: Path, path: Path, text: Path, base_kld: Path, *extra) -> dict:
     """llama.cpp's own perplexity and KL divergence of `path` against the saved f32 logits."""
-    log = run_tool(tools, "llama-perplexity", "-m", path, "-f", text, *PPL_ARGS,
+    log = run_tool(tools, "llama-perplexity", "-m", path, "-f", text, *PPL_ARGS, *extra,
                    "--kl-divergence-base", base_kld, "--kl-divergence")
     ppl = re.search(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", log)
     kld = re.search(r"Mean\s+KLD:\s*([-\d.]+)", log)

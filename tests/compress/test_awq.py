@@ -161,3 +161,86 @@ def test_unsupported_layouts_are_skipped_not_fatal(tiny_models, tmp_path):
     ids = _held_out(tok, 64)
     before, after = _logits(folder, ids), _logits(tmp_path / "awq", ids)
     assert torch.allclose(after, before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tiny_tokenizer_dir, tmp_path_factory):
+    """A 4-layer llama 256 wide (Q4_K and Q6_K hold its attention), MLP 544 wide (ffn_down falls back)."""
+    from tests.conftest import build_tiny_model
+
+    return build_tiny_model("llama", tiny_tokenizer_dir, tmp_path_factory.mktemp("awq-wide"), seed=5,
+                            hidden_size=256, intermediate_size=544, num_hidden_layers=4)
+
+
+@pytest.mark.llamacpp
+def test_q4_k_m_file_is_rtns_bytes_of_the_rescaled_model(wide_llama, tmp_path, monkeypatch):
+    """--method awq --format gguf:Q4_K_M: written from an fp32-equivalent rescaled copy (scales
+    searched for Q4_0, the proxy), every tensor exactly RTN's Q4_K_M bytes of that copy, norms
+    included; llama.cpp runs it, and its KL is no worse than RTN's by more than a small margin."""
+    import shutil
+
+    import torch
+    from gguf import GGUFReader
+    from llama_cpp import Llama
+
+    from slimlm.compress import awq
+    from slimlm.compress.quantize import quantize
+
+    kept = tmp_path / "rescaled"
+    real, fmts = awq.apply_awq, []
+
+    def keep(folder, out, fmt, *args, **kw):
+        report = real(folder, out, fmt, *args, **kw)
+        fmts.append(report["format"])
+        shutil.copytree(out, kept)
+        return report
+
+    monkeypatch.setattr(awq, "apply_awq", keep)
+    common = dict(format="gguf:Q4_K_M", calib_samples=16, calib_seq_len=128, record=False)
+    ours = quantize(wide_llama, tmp_path / "awq.gguf", method="awq", **common)
+    assert fmts == ["Q4_0"] and ours.format == "gguf:Q4_K_M" and ours.method == "awq"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".awq.gguf.awq-")]  # the rewrite is removed
+    plain = quantize(wide_llama, tmp_path / "rtn.gguf", method="rtn", **common)
+    again = quantize(kept, tmp_path / "rtn-of-rescaled.gguf", method="rtn", check=False, **common)
+    assert ours.tensor_types == plain.tensor_types == again.tensor_types
+
+    _, tok = _load(wide_llama)
+    ids = _held_out(tok, 96)
+    before, after = _logits(wide_llama, ids), _logits(kept, ids)  # the rewrite is the same fp32 model
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
+
+    tensors = {t.name: t for t in GGUFReader(ours.out).tensors}
+    rtn_of_rescaled = {t.name: t for t in GGUFReader(again.out).tensors}
+    rtn_of_input = {t.name: t for t in GGUFReader(plain.out).tensors}
+    assert tensors.keys() == rtn_of_rescaled.keys() == rtn_of_input.keys()
+    for name, t in tensors.items():
+        assert t.tensor_type == rtn_of_rescaled[name].tensor_type, name
+        assert np.array_equal(np.asarray(t.data), np.asarray(rtn_of_rescaled[name].data)), name
+    norms = [n for n in tensors if n.endswith("_norm.weight") and n.startswith("blk.")]
+    assert len(norms) == 8
+    assert all(not np.array_equal(np.asarray(tensors[n].data), np.asarray(rtn_of_input[n].data)) for n in norms)
+
+    llm = Llama(model_path=ours.out, logits_all=True, n_ctx=32, verbose=False, n_gpu_layers=0)
+    llm.eval([1, 5, 9, 13])
+    assert np.isfinite(np.array(llm.scores[:4])).all()
+    llm.close()
+    print("KL awq", ours.fidelity["kl_mean"], "rtn", plain.fidelity["kl_mean"])
+    assert ours.fidelity["kl_mean"] <= 1.1 * plain.fidelity["kl_mean"], (ours.fidelity, plain.fidelity)
+
+
+def test_mixed_file_takes_rtns_types_and_meets_its_budget(wide_llama, tmp_path):
+    """--method awq --target-bpw: the types are the allocation's on the input (as RTN picks them),
+    the file meets the budget, and its norms carry AWQ's scales."""
+    from gguf import GGUFReader
+
+    from slimlm.compress.quantize import quantize
+
+    common = dict(format="gguf", target_bpw=5.2, calib_samples=16, calib_seq_len=128, check=False, record=False)
+    plain = quantize(wide_llama, tmp_path / "rtn.gguf", **common)
+    ours = quantize(wide_llama, tmp_path / "awq.gguf", method="awq", **common)
+    assert ours.format == "gguf:mixed" and ours.tensor_types == plain.tensor_types
+    assert ours.size_after == plain.size_after <= 5.2 * ours.params_total / 8
+    assert any(n.startswith("AWQ scales searched for Q") for n in ours.notes), ours.notes
+    a = {t.name: np.asarray(t.data) for t in GGUFReader(ours.out).tensors}
+    b = {t.name: np.asarray(t.data) for t in GGUFReader(plain.out).tensors}
+    assert not np.array_equal(a["blk.0.attn_norm.weight"], b["blk.0.attn_norm.weight"])

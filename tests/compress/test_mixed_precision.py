@@ -132,7 +132,7 @@ def test_bad_budgets_fail_in_one_line_before_any_work(wide, tmp_path, capfd, mon
              (["--format", "gguf", "--target-size", "5", "--target-bpw", "5"], "not both"),
              (["--format", "gguf:Q4_K_M", "--target-size", "5"], "use --format gguf, not gguf:Q4_K_M"),
              (["--format", "gguf:Q4_0", "--target-bpw", "5"], "use --format gguf, not gguf:Q4_0"),
-             (["--format", "gguf", "--target-size", "5", "--method", "awq"], "--method awq does not")]
+             (["--format", "gguf", "--target-size", "5", "--method", "ternary"], "--method ternary does not")]
     for args, message in cases:
         code, _, err = run_cli(capfd, "quantize", wide, "--out", out, *args)
         assert code == 1 and err.strip().count("\n") == 0 and err.startswith("error:") and message in err, (args, err)

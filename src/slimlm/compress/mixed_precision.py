@@ -25,7 +25,8 @@ The chosen types go into the file's metadata (`slimlm.tensor_types`, a JSON stri
 (`name=type` lines, as llama-quantize's --tensor-type takes them) so llama-quantize can be rerun
 with slimlm's choices. The types come first (from RTN sensitivities, whatever the method); then the
 method, knowing every weight's type (TypedJob), is asked for each weight's bytes: RTN gives
-llama.cpp's reference quantizers byte for byte, GPTQ its own codes in the same layouts.
+llama.cpp's reference quantizers byte for byte, GPTQ its own codes in the same layouts, AWQ RTN's
+bytes of its rescaled model (the file written from the folder method.source_typed gives).
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ _ALIGN = 32  # GGUF data alignment
 
 @dataclass
 class TypedJob:
-    """One per-tensor-typed run as a method's typed hooks (prepare_typed, encode_typed) see it."""
-    folder: Path  # the dense input folder, and the file to write
+    """One per-tensor-typed run as a method's typed hooks (source_typed, prepare_typed, encode_typed) see it."""
+    folder: Path  # the dense input folder (method.source_typed may write the file from a rewrite of it)
     out: Path
     types: dict[str, str]  # Hugging Face weight name -> GGUF type (after llama.cpp's width fallback)
     texts: list[str] | None  # calibration documents, for methods with `calibrated = True`
@@ -263,9 +264,10 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
                      f"for {budget / 2**20:.1f} MiB")
     all_types = {names[n]: t for n, t in {**types, **heads}.items()}
     job = TypedJob(folder, Path(req.out), types, texts, req.calib_samples, req.calib_seq_len, req.sequential, notes)
-    method.prepare_typed(job, folder)
-    quantized = _write(job, method, name or MIXED_EMBEDDINGS, req, label, {TYPES_KEY: json.dumps(all_types)},
-                       file_type)
+    with method.source_typed(job) as source:  # the input, or the method's rewrite of it (AWQ's scales)
+        method.prepare_typed(job, source)
+        quantized = _write(job, source, method, name or MIXED_EMBEDDINGS, req, label,
+                           {TYPES_KEY: json.dumps(all_types)}, file_type)
     out = Path(req.out)
     if not name and out.stat().st_size > budget:  # the accounting above is exact; this guards it
         raise SlimlmError(f"internal error: {out} is {out.stat().st_size} bytes, over the budget of {budget}")
@@ -282,9 +284,9 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
     return finish(result, ref, folder, req.check, req.record, extra)
 
 
-def _write(job: TypedJob, method, embed_fmt: str, req: QuantRequest, label: str, metadata: dict,
+def _write(job: TypedJob, source: Path, method, embed_fmt: str, req: QuantRequest, label: str, metadata: dict,
            file_type: str) -> int:
-    """Write the file, each weight's bytes from method.encode_typed (in its type, job.types)."""
+    """Write the file from `source`, each weight's bytes from method.encode_typed (in its type, job.types)."""
     from slimlm.compress.gguf_export import export_gguf, read_config
     from slimlm.progress import progress_bar
 
@@ -299,7 +301,7 @@ def _write(job: TypedJob, method, embed_fmt: str, req: QuantRequest, label: str,
             advance()
             return method.encode_typed(job, name_hf, w)
 
-        export_gguf(job.folder, job.out, dtype="f16", force=req.force, tensor_writer=writer, file_type=file_type,
+        export_gguf(source, job.out, dtype="f16", force=req.force, tensor_writer=writer, file_type=file_type,
                     metadata=metadata)
     return counted[0]
 

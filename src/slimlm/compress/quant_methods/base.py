@@ -3,8 +3,8 @@
 A method is a class in the manner of gpt-fast's quantizers: it builds its state (`prepare`:
 GPTQ's calibration, nothing for RTN) and then converts each weight (`choose`: the integer codes
 and block scales the writer packs). Files with a type per tensor (K-quants, --target-size mixes)
-ask the same of `prepare_typed` / `encode_typed` once every weight's type is known (a method that
-writes them sets `typed_formats`). Its constraints are part of the class too: the formats it picks
+ask the same of `source_typed` / `prepare_typed` / `encode_typed` once every weight's type is known
+(a method that writes them sets `typed_formats`). Its constraints are part of the class too: the formats it picks
 for `--format hf` and a bare `--format gguf`, and what it refuses (`check_format`), so quantize()
 asks the method instead of testing its name. A method with a pipeline of its own
 (llamacpp: llama.cpp's quantizer writes the whole file) overrides `quantize`.
@@ -70,6 +70,13 @@ class QuantMethod:
         return round_to_nearest(job.kind, job.format_for(w.shape[1]), w)
 
     # --- per-tensor types: K-quant files and --target-size mixes (mixed_precision.py) ---------
+
+    @contextmanager
+    def source_typed(self, job) -> Iterator[Path]:
+        """The folder a typed file is written from (weights, norms and all): the input, unless the
+        method rewrites the model first; job.types is known by then. The types themselves were
+        chosen on the input (RTN sensitivities, K-quant rules)."""
+        yield job.folder
 
     def prepare_typed(self, job, source: Path) -> None:
         """Build what `encode_typed` needs, once per run; `job` (mixed_precision.TypedJob) already

@@ -56,7 +56,7 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
     and scales in each tensor's type (gptq_kquant.py). With `format="gguf"` and `target_size` (MiB of
     the whole file) or `target_bpw` (bits per parameter, the whole file), each weight gets its own
     type under the budget from measured sensitivity (mixed_precision.py; the result's `tensor_types`
-    holds the choice). Both take `method="rtn"` or `"gptq"`."""
+    holds the choice). Both take `method` rtn, gptq (its own codes) or awq (RTN codes of the rescaled model)."""
     request = QuantRequest(model=model, out=Path(out), format=format, bits=bits, group_size=group_size,
                            symmetric=symmetric, force=force, check=check, record=record, calib=calib,
                            calib_field=calib_field, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
@@ -64,6 +64,7 @@ def quantize(model: str | Path, out: str | Path, *, method: str = "rtn", format:
                            target_bpw=target_bpw)
     chosen = QUANT_METHODS.create(method)
     if (target_size is not None or target_bpw is not None) and not chosen.typed_formats:
+        able = ", ".join(n for n in QUANT_METHODS.names() if QUANT_METHODS[n].typed_formats)
         raise SlimlmError(f"--method {method} does not choose per-tensor types for --target-size/--target-bpw "
-                          "yet: use --method rtn")
+                          f"yet: use --method {able}")
     return chosen.quantize(request)

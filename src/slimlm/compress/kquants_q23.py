@@ -33,6 +33,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from slimlm.compress.kquants import QK_K, nearest_int, sum16
+from slimlm.compress.kquants_q45 import scale_min_fit
 from slimlm.errors import SlimlmError
 
 __all__ = ["Q2_K", "Q3_K", "Q2_K_BYTES", "Q3_K_BYTES", "q2_k_codes", "q3_k_codes", "pack_q2_k", "pack_q3_k",
@@ -82,12 +83,7 @@ def _make_qkx2_mad(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             la = np.clip(np.rint(iscale * (x - mn)), 0, 3)
             wl = w * la
             sum_l, sum_l2, sum_xl = sum16(wl), sum16(wl * la), sum16(wl * x)
-            D = sum_w * sum_l2 - sum_l * sum_l
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            pos = this_min > 0
-            this_min = np.where(pos, _F(0), this_min)
-            this_scale = np.where(pos, sum_xl / sum_l2, this_scale).astype(_F)
+            this_scale, this_min, D = scale_min_fit(sum_w, sum_x, sum_l, sum_l2, sum_xl)
             cur = sum16(w * np.abs((this_scale * la + this_min) - x))
             better = (D > 0) & (cur < best) & ~flat
             L = np.where(better, la, L)

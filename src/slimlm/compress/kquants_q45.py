@@ -43,6 +43,19 @@ _PARAMS = {15: (_F(-1.0), 20), 31: (_F(-0.5), 15)}  # nmax -> (rmin, nstep); rde
 _CHUNK = 1 << 13  # sub-blocks per vectorized step
 
 
+def scale_min_fit(sum_w, sum_x, sum_l, sum_l2, sum_xl) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The weighted least-squares (scale, min, D) of x ~ scale * L + min from the sums over a
+    sub-block, with a positive min clamped to 0 (scale refit alone), as make_qkx2_quants and
+    Q2_K's variant of it compute each candidate grid; D <= 0 marks a degenerate fit."""
+    D = sum_w * sum_l2 - sum_l * sum_l
+    this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+    this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+    pos = this_min > 0
+    this_min = np.where(pos, _F(0), this_min)
+    this_scale = np.where(pos, sum_xl / sum_l2, this_scale).astype(_F)
+    return this_scale, this_min, D
+
+
 def _make_qkx2_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """make_qkx2_quants(32, nmax, x, av_x + |x|, L, &the_min, Laux, rmin, 0.1f, nstep, false) for
     each column of x (32, n): (scale float32 (n,), the_min float32 (n,), L uint8 (32, n))."""
@@ -71,12 +84,7 @@ def _make_qkx2_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray,
             la = np.clip(nearest_int(iscale[None, :] * xm), 0, nmax).astype(_F)
             wl = w * la
             sum_l, sum_l2, sum_xl = sum16(wl), sum16(wl * la), sum16(wl * x)
-            D = sum_w * sum_l2 - sum_l * sum_l
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            pos = this_min > 0
-            this_min = np.where(pos, _F(0), this_min)
-            this_scale = np.where(pos, sum_xl / sum_l2, this_scale).astype(_F)
+            this_scale, this_min, D = scale_min_fit(sum_w, sum_x, sum_l, sum_l2, sum_xl)
             diff = (this_scale[None, :] * la + this_min[None, :]) - x
             cur = sum16(w * (diff * diff))
             better = (D > 0) & (cur < best)

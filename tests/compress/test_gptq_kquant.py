@@ -33,7 +33,9 @@ def _correlated(rows=32, cols=512, n=4096, seed=0):
 @pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K"])
 def test_diagonal_hessian_gives_llama_cpps_rtn_bytes(kind, act_order):
-    """No correlation between inputs, no error to spread: the bytes are llama.cpp's quantizer's."""
+    """No correlation between inputs, no error to spread: the bytes are llama.cpp's quantizer's,
+    llama-quantize --imatrix's with diag(H) as the importance matrix by default, its reference
+    quantizer's with weighted=False."""
     from slimlm.compress.kquant_formats import dequantize_type
 
     w, _ = _correlated(rows=12, cols=768)
@@ -42,10 +44,13 @@ def test_diagonal_hessian_gives_llama_cpps_rtn_bytes(kind, act_order):
     w[7] *= 1e-3         # small scales, where the fp16 and 6-bit roundings bite
     qtype = encode(kind, w)[1]
     theirs = ggml_quantize(w, qtype, BLOCK_BYTES[kind])
-    for H in (np.eye(768), np.diag(np.linspace(0.2, 5.0, 768))):
-        data, got_type, values = gptq_encode(kind, w, H, act_order=act_order)
+    rng = np.random.default_rng(7)
+    for H in (np.eye(768), np.diag(np.linspace(0.2, 5.0, 768)), np.diag(np.exp(3 * rng.normal(size=768)))):
+        data, got_type, values = gptq_encode(kind, w, H, act_order=act_order, weighted=False)
         assert got_type == qtype and np.array_equal(data, theirs)
         assert np.array_equal(values, dequantize_type(kind, w))
+        data = gptq_encode(kind, w, H, act_order=act_order)[0]
+        assert np.array_equal(data, ggml_quantize(w, qtype, BLOCK_BYTES[kind], imatrix=np.diag(H)))
 
 
 @pytest.mark.parametrize("act_order", [True, False])

@@ -14,11 +14,14 @@ byte-exact reference encoders, reused unchanged:
 
 At the start of each 256-column super-block (or up front from the original weights, with
 act-order: GPTQ's static groups, as the 32-block types do) the super-block's stored scales are
-chosen with llama.cpp's rule from the current, error-updated weights; each column is then coded
+chosen with llama.cpp's rule from the current, error-updated weights (by default the rule
+llama-quantize uses with an importance matrix, kquants_imatrix.py, with diag(H) as the importance:
+that is what an imatrix is, the mean square of each input column; `weighted=False` takes the
+reference rule instead); each column is then coded
 with the very arithmetic the reference uses for its final codes (`nearest_int((x + dmin*m) /
 (d*sc))`, clamped; Q6_K `nearest_int(x / (d*sc))`), and the error propagated is that of the value
 the file stores. With no correlation between inputs (H diagonal) nothing propagates and the result
-is llama.cpp's RTN bytes exactly, which is what the tests check; with correlated inputs later
+is llama.cpp's bytes exactly (llama-quantize's with --imatrix diag(H), or without one), which is what the tests check; with correlated inputs later
 columns absorb earlier columns' rounding error, as in GPTQ. Where a sub-block's stored scale is 0
 the reference keeps its search's codes (they all dequantize to the same value); so does this.
 
@@ -32,6 +35,7 @@ import numpy as np
 
 from slimlm.compress.blocks import FORMATS, dequantize_codes, pack
 from slimlm.compress.gptq import DEFAULT_ACT_ORDER, DEFAULT_DAMP, gptq_columns, gptq_quantize
+from slimlm.compress.kquants_imatrix import qkx_codes_weighted
 from slimlm.compress.kquants import Q6_K, QK_K, dequantize_q6_k_codes, nearest_int, pack_q6_k, q6_k_codes
 from slimlm.compress.kquants_q45 import Q4_K, Q5_K, pack_q4_k, pack_q5_k, qkx_codes
 from slimlm.errors import SlimlmError
@@ -42,6 +46,10 @@ __all__ = ["KQUANT_TYPES", "CODED_TYPES", "QKXGrid", "Q6KGrid", "gptq_kquant", "
 KQUANT_TYPES = ("Q4_K", "Q5_K", "Q6_K")
 CODED_TYPES = ("F16", *KQUANT_TYPES, *FORMATS)  # what gptq_encode codes with GPTQ; others get RTN
 _NMAX = {"Q4_K": 15, "Q5_K": 31}
+# K-quant scales chosen by importance (diag H), as llama-quantize --imatrix does. Measured on
+# SmolLM2 (bench/quantize_curve.py, RESULTS.md): the unweighted rule lost to llama.cpp's imatrix
+# files at Q5_K_M.
+DEFAULT_WEIGHTED = True
 _F = np.float32
 
 
@@ -55,8 +63,8 @@ class QKXGrid:
 
     block = QK_K
 
-    def __init__(self, type_name: str, rows: int, cols: int):
-        self.nmax = _NMAX[type_name]
+    def __init__(self, type_name: str, rows: int, cols: int, importance: np.ndarray | None = None):
+        self.nmax, self.importance = _NMAX[type_name], importance
         self.q = np.zeros((rows, cols), np.uint8)
         self.fitted = np.zeros((rows, cols), np.uint8)  # the search's codes, kept where d*sc is 0
         self.sc, self.m = np.zeros((rows, cols // 32), np.uint8), np.zeros((rows, cols // 32), np.uint8)
@@ -64,7 +72,10 @@ class QKXGrid:
         self.dd, self.dm = np.zeros((rows, cols // 32), _F), np.zeros((rows, cols // 32), _F)
 
     def fit(self, start: int, w: np.ndarray) -> None:
-        q, sc, m, d, dmin = qkx_codes(w, self.nmax)
+        if self.importance is None:
+            q, sc, m, d, dmin = qkx_codes(w, self.nmax)
+        else:
+            q, sc, m, d, dmin = qkx_codes_weighted(w, self.importance[start:start + w.shape[1]], self.nmax)
         s, b = slice(start // 32, (start + w.shape[1]) // 32), slice(start // QK_K, (start + w.shape[1]) // QK_K)
         self.fitted[:, start:start + w.shape[1]] = q
         self.sc[:, s], self.m[:, s], self.d[:, b], self.dmin[:, b] = sc, m, d, dmin
@@ -88,13 +99,14 @@ class Q6KGrid:
 
     block = QK_K
 
-    def __init__(self, type_name: str, rows: int, cols: int):
+    def __init__(self, type_name: str, rows: int, cols: int, importance: np.ndarray | None = None):
+        self.importance = importance
         self.q, self.fitted = np.zeros((rows, cols), np.uint8), np.zeros((rows, cols), np.uint8)
         self.sc, self.dd = np.zeros((rows, cols // 16), np.int8), np.zeros((rows, cols // 16), _F)
         self.d = np.zeros((rows, cols // QK_K), np.float16)
 
     def fit(self, start: int, w: np.ndarray) -> None:
-        q, sc, d = q6_k_codes(w)
+        q, sc, d = q6_k_codes(w, None if self.importance is None else self.importance[start:start + w.shape[1]])
         s, b = slice(start // 16, (start + w.shape[1]) // 16), slice(start // QK_K, (start + w.shape[1]) // QK_K)
         self.fitted[:, start:start + w.shape[1]] = q
         self.sc[:, s], self.d[:, b] = sc, d
@@ -113,9 +125,10 @@ class Q6KGrid:
 
 
 def gptq_kquant(type_name: str, w: np.ndarray, H: np.ndarray, damp: float = DEFAULT_DAMP,
-                act_order: bool = DEFAULT_ACT_ORDER) -> tuple:
+                act_order: bool = DEFAULT_ACT_ORDER, weighted: bool = DEFAULT_WEIGHTED) -> tuple:
     """GPTQ codes and scales of w [rows, cols] (cols a multiple of 256) in Q4_K / Q5_K
-    ((q, sc, m, d, dmin), qkx_codes' layout) or Q6_K ((q, sc, d), q6_k_codes' layout)."""
+    ((q, sc, m, d, dmin), qkx_codes' layout) or Q6_K ((q, sc, d), q6_k_codes' layout); `weighted`:
+    scales by llama-quantize's importance-matrix rule with diag(H) as the importance."""
     kind = type_name.upper()
     if kind not in KQUANT_TYPES:
         raise SlimlmError(f"not a K-quant type slimlm's GPTQ writes: {type_name} (one of {', '.join(KQUANT_TYPES)})")
@@ -123,7 +136,10 @@ def gptq_kquant(type_name: str, w: np.ndarray, H: np.ndarray, damp: float = DEFA
     _check_width(kind, w)
     if not np.isfinite(w).all():
         raise SlimlmError("the weights hold NaN or inf: cannot quantize them")
-    grid = (Q6KGrid if kind == "Q6_K" else QKXGrid)(kind, *w.shape)
+    H = np.asarray(H, np.float64)
+    square = H.shape == (w.shape[1], w.shape[1])  # else gptq_columns says what is wrong with H
+    importance = np.diag(H).astype(_F) if weighted and square else None
+    grid = (Q6KGrid if kind == "Q6_K" else QKXGrid)(kind, *w.shape, importance=importance)
     gptq_columns(grid, w, H, damp=damp, act_order=act_order, batch=QK_K)
     return grid.result()
 
@@ -145,7 +161,8 @@ def dequantize_kquant(type_name: str, codes: tuple) -> np.ndarray:
 
 
 def gptq_encode(type_name: str, w: np.ndarray, H: np.ndarray, damp: float = DEFAULT_DAMP,
-                act_order: bool = DEFAULT_ACT_ORDER, notes: list[str] | None = None):
+                act_order: bool = DEFAULT_ACT_ORDER, notes: list[str] | None = None,
+                weighted: bool = DEFAULT_WEIGHTED):
     """(data, GGMLQuantizationType or None for F16, the float32 values llama.cpp reads back) of w
     stored as `type_name` with GPTQ-chosen codes: what kquant_formats.encode gives with RTN codes.
     A type GPTQ does not code here (one kquant_formats encodes, such as a non-linear grid) gets
@@ -162,7 +179,7 @@ def gptq_encode(type_name: str, w: np.ndarray, H: np.ndarray, damp: float = DEFA
         data = w.astype(np.float16)
         return data, None, data.astype(_F)
     if kind in KQUANT_TYPES:
-        codes = gptq_kquant(kind, w, H, damp=damp, act_order=act_order)
+        codes = gptq_kquant(kind, w, H, damp=damp, act_order=act_order, weighted=weighted)
         qtype = {"Q4_K": Q4_K, "Q5_K": Q5_K, "Q6_K": Q6_K}[kind]
         return pack_kquant(kind, codes), qtype, dequantize_kquant(kind, codes)
     fmt = FORMATS[kind]

@@ -54,8 +54,9 @@ def sum16(a: np.ndarray) -> np.ndarray:
     return s
 
 
-def _make_qx_quants(x: np.ndarray, nmax: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) for each row of x (n_sub, 16):
+def _make_qx_quants(x: np.ndarray, nmax: int = 32, qw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw) for each row of x (n_sub, 16), weights qw
+    (the same shape: an importance matrix) or, without them, x²:
     (scale float32 per row, L uint8 codes 0..2*nmax-1)."""
     n = x.shape[0]
     ax = np.abs(x)
@@ -65,7 +66,7 @@ def _make_qx_quants(x: np.ndarray, nmax: int = 32) -> tuple[np.ndarray, np.ndarr
     zero = amax < _EPS
     mx = np.where(zero, np.float32(1), mx)
     xt = np.ascontiguousarray(x.T)[:, :, None]  # (16, n, 1): sums run over contiguous slices
-    w = xt * xt
+    w = xt * xt if qw is None else np.ascontiguousarray(np.asarray(qw, np.float32).T)[:, :, None]
     wx = w * xt
     is_ = np.array([i for i in range(-9, 10) if i], dtype=np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -90,18 +91,22 @@ def _make_qx_quants(x: np.ndarray, nmax: int = 32) -> tuple[np.ndarray, np.ndarr
     return scale, L
 
 
-def q6_k_codes(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def q6_k_codes(w: np.ndarray, qw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """llama.cpp's reference Q6_K choice for float32 weights whose last axis is a multiple of 256:
-    (q uint8 0..63 shaped like w, sc int8 (..., n/16), d float16 (..., n/256))."""
+    (q uint8 0..63 shaped like w, sc int8 (..., n/16), d float16 (..., n/256)). With importance
+    weights qw (broadcast to w's shape: llama.cpp's importance matrix, one value per column) it is
+    quantize_row_q6_K_impl's choice instead: the sub-block scales searched with qw as the weights."""
     w = np.ascontiguousarray(w, dtype=np.float32)
     if w.ndim < 1 or w.shape[-1] == 0 or w.shape[-1] % QK_K:
         raise SlimlmError(f"Q6_K needs rows whose length is a multiple of {QK_K}, got shape {w.shape}: "
                           "store this tensor in another type (Q8_0 takes multiples of 32)")
     lead = w.shape[:-1]
     x = w.reshape(-1, 16)
+    qx = None if qw is None else np.broadcast_to(np.asarray(qw, np.float32), w.shape).reshape(-1, 16)
     scales, L = np.empty(x.shape[0], np.float32), np.empty(x.shape, np.uint8)
     for s in range(0, x.shape[0], _CHUNK):
-        scales[s:s + _CHUNK], L[s:s + _CHUNK] = _make_qx_quants(x[s:s + _CHUNK])
+        scales[s:s + _CHUNK], L[s:s + _CHUNK] = _make_qx_quants(
+            x[s:s + _CHUNK], qw=None if qx is None else qx[s:s + _CHUNK])
     nb = x.shape[0] // 16
     scales, L, xb = scales.reshape(nb, 16), L.reshape(nb, 16, 16), x.reshape(nb, 16, 16)
 

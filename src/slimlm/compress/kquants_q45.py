@@ -31,7 +31,7 @@ from gguf import GGMLQuantizationType
 from slimlm.compress.kquants import QK_K, nearest_int, sum16
 from slimlm.errors import SlimlmError
 
-__all__ = ["Q4_K", "Q5_K", "Q4_K_BYTES", "Q5_K_BYTES", "qkx_codes", "pack_q4_k", "pack_q5_k",
+__all__ = ["Q4_K", "Q5_K", "Q4_K_BYTES", "Q5_K_BYTES", "qkx_codes", "qkx_search", "pack_q4_k", "pack_q5_k",
            "quantize_q4_k", "quantize_q5_k"]
 
 Q4_K = GGMLQuantizationType.Q4_K
@@ -61,7 +61,16 @@ def _make_qkx2_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray,
     each column of x (32, n): (scale float32 (n,), the_min float32 (n,), L uint8 (32, n))."""
     rmin, nstep = _PARAMS[nmax]
     av_x = np.sqrt(sum16(x * x) / _F(32))
-    w = av_x[None, :] + np.abs(x)
+    return qkx_search(x, av_x[None, :] + np.abs(x), nmax, rmin, _F(0.1), nstep)
+
+
+def qkx_search(x: np.ndarray, w: np.ndarray, nmax: int, rmin, rdelta, nstep: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The weighted scale-and-min search llama.cpp's make_qkx2_quants and make_qkx3_quants share
+    (use_mad false), for each column of x (32, n) with weights w (32, n): start from the grid
+    spanning [min(x, 0), max(x)], try nstep+1 grids (rmin + rdelta*is + nmax) / (max - min), fit
+    scale and min to each by weighted least squares, keep the lowest weighted squared error.
+    Returns (scale float32 (n,), the_min float32 (n,), L uint8 (32, n))."""
     mn = np.minimum(x.min(axis=0), _F(0))
     mx = x.max(axis=0)
     flat = mx == mn
@@ -80,7 +89,7 @@ def _make_qkx2_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray,
             # the C loop reads `min` as it goes: a better candidate's min moves the later ones' grid
             rng = mx - mn
             xm = x - mn[None, :]
-            iscale = ((rmin + _F(0.1) * _F(step)) + nm) / rng
+            iscale = ((_F(rmin) + _F(rdelta) * _F(step)) + nm) / rng
             la = np.clip(nearest_int(iscale[None, :] * xm), 0, nmax).astype(_F)
             wl = w * la
             sum_l, sum_l2, sum_xl = sum16(wl), sum16(wl * la), sum16(wl * x)

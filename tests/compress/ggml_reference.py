@@ -1,7 +1,7 @@
 """llama.cpp's own quantizer as the reference for slimlm's K-quant encoders: ggml's public
-`ggml_quantize_chunk` (the `quantize_row_*_ref` functions without an importance matrix, the `*_impl` ones with one) from the libggml
-that llama-cpp-python ships. llama-cpp-python is a required dependency, so a missing library is a
-failure here, never a skip."""
+`ggml_quantize_chunk` (the `quantize_row_*_ref` functions without an importance matrix, the
+`*_impl` ones with one) from the libggml that llama-cpp-python ships. llama-cpp-python is a
+required dependency, so a missing library is a failure here, never a skip."""
 
 from __future__ import annotations
 

@@ -14,14 +14,14 @@ byte-exact reference encoders, reused unchanged:
 
 At the start of each 256-column super-block (or up front from the original weights, with
 act-order: GPTQ's static groups, as the 32-block types do) the super-block's stored scales are
-chosen with llama.cpp's rule from the current, error-updated weights (by default the rule
-llama-quantize uses with an importance matrix, kquants_imatrix.py, with diag(H) as the importance:
-that is what an imatrix is, the mean square of each input column; `weighted=False` takes the
-reference rule instead); each column is then coded
-with the very arithmetic the reference uses for its final codes (`nearest_int((x + dmin*m) /
-(d*sc))`, clamped; Q6_K `nearest_int(x / (d*sc))`), and the error propagated is that of the value
-the file stores. With no correlation between inputs (H diagonal) nothing propagates and the result
-is llama.cpp's bytes exactly (llama-quantize's with --imatrix diag(H), or without one), which is what the tests check; with correlated inputs later
+chosen with llama.cpp's rule from the current, error-updated weights. By default that is the rule
+llama-quantize uses with an importance matrix (kquants_imatrix.py) with diag(H) as the importance,
+which is what an imatrix is: the mean square of each input column; `weighted=False` takes the
+reference rule. Each column is then coded with the very arithmetic the reference uses for its
+final codes (`nearest_int((x + dmin*m) / (d*sc))`, clamped; Q6_K `nearest_int(x / (d*sc))`), and
+the error propagated is that of the value the file stores. With no correlation between inputs (H
+diagonal) nothing propagates and the result is llama.cpp's bytes exactly (llama-quantize's with
+--imatrix diag(H), or without one), which is what the tests check; with correlated inputs later
 columns absorb earlier columns' rounding error, as in GPTQ. Where a sub-block's stored scale is 0
 the reference keeps its search's codes (they all dequantize to the same value); so does this.
 
@@ -35,8 +35,8 @@ import numpy as np
 
 from slimlm.compress.blocks import FORMATS, dequantize_codes, pack
 from slimlm.compress.gptq import DEFAULT_ACT_ORDER, DEFAULT_DAMP, gptq_columns, gptq_quantize
-from slimlm.compress.kquants_imatrix import qkx_codes_weighted
 from slimlm.compress.kquants import Q6_K, QK_K, dequantize_q6_k_codes, nearest_int, pack_q6_k, q6_k_codes
+from slimlm.compress.kquants_imatrix import qkx_codes_weighted
 from slimlm.compress.kquants_q45 import Q4_K, Q5_K, pack_q4_k, pack_q5_k, qkx_codes
 from slimlm.errors import SlimlmError
 

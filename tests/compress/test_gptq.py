@@ -29,10 +29,36 @@ def _same(a, b):
 def test_identity_hessian_gives_exactly_rtn(fmt):
     w, _, _ = _correlated(rows=16, cols=512)
     w[3, :40] = 0.0  # an all-zero block (d = 0) too
-    got = gptq_quantize(fmt, w, np.eye(512))
+    got = gptq_quantize(fmt, w, np.eye(512), weighted=False)
     assert _same(got, rtn(fmt, w))
     # any diagonal H: still no error propagation between columns
-    assert _same(gptq_quantize(fmt, w, np.diag(np.linspace(0.5, 3, 512))), rtn(fmt, w))
+    assert _same(gptq_quantize(fmt, w, np.diag(np.linspace(0.5, 3, 512)), weighted=False), rtn(fmt, w))
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_diagonal_hessian_gives_llama_quantize_imatrix_scales(fmt, act_order):
+    """By default (weighted) a block's d and m are llama-quantize --imatrix's with diag(H) as the
+    importance matrix, byte for byte; each code is then the nearest one on those scales, so the
+    importance-weighted error is no larger than llama.cpp's (whose codes come from its search grid)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from tests.compress.ggml_reference import ggml_quantize
+
+    w, _, _ = _correlated(rows=16, cols=512)
+    w[3, :40] = 0.0
+    imp = np.exp(2 * np.random.default_rng(3).normal(size=512))
+    q, d, m = gptq_quantize(fmt, w, np.diag(imp), act_order=act_order)
+    f = get_format(fmt)
+    ours = pack(fmt, q, d, m).reshape(16, -1, f.bytes_per_block)
+    theirs = ggml_quantize(w, GGMLQuantizationType[fmt], f.bytes_per_block, imatrix=imp, block=32)
+    theirs = theirs.reshape(16, -1, f.bytes_per_block)
+    scale_bytes = 2 if f.symmetric else 4  # d (and m) lead each block
+    assert np.array_equal(ours[:, :, :scale_bytes], theirs[:, :, :scale_bytes])
+    err = {k: float((imp * (dequantize(b.reshape(16, -1), f.qtype).reshape(w.shape) - w) ** 2).sum())
+           for k, b in (("ours", ours), ("theirs", theirs))}
+    assert err["ours"] <= err["theirs"] * (1 + 1e-6), err
 
 
 @pytest.mark.parametrize("fmt,margin", [("Q4_0", 0.85), ("Q4_1", 0.85), ("Q8_0", 0.95), ("Q5_1", 0.9)])
@@ -133,9 +159,10 @@ def test_gptq_beats_rtn_on_a_tiny_llama(tiny_models):
         kl[method] = float((ref.exp() * (ref - logp)).sum(-1).mean())
     assert not g.notes
     # held-out KL to the fp32 model (what quantize's fidelity check reports) drops clearly; the
-    # loss of a random-weight model says little, so it only must not get worse beyond noise
-    assert kl["gptq"] < 0.9 * kl["rtn"], kl
-    assert losses["gptq"] <= losses["rtn"] + 0.02, losses
+    # loss of a random-weight model is near ln(vocab) whatever its weights (RTN's can land below
+    # fp32's), so it only must stay within noise of fp32's
+    assert kl["gptq"] < 0.9 * kl["rtn"], (kl, losses)
+    assert abs(losses["gptq"] - losses["fp32"]) < 0.05, (kl, losses)
     # no Hessian for a name: round-to-nearest, with a note
     w = state["model.layers.0.mlp.down_proj.weight"].numpy()
     assert _same(g.quantize_tensor("Q4_0", "model.nothing.weight", w), rtn("Q4_0", w))

@@ -73,3 +73,35 @@ def test_bad_importance_is_refused():
         qkx_codes_weighted(w, -np.ones(256), 15)
     with pytest.raises(SlimlmError, match="multiple of 256"):
         qkx_codes_weighted(np.ones((2, 100), np.float32), np.ones(100), 31)
+
+
+BLOCK_TYPES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
+
+
+@pytest.mark.parametrize("importance", ["flat", "spread", "dead"])
+@pytest.mark.parametrize("kind", list(BLOCK_TYPES))
+@pytest.mark.parametrize("name", list(CASES))
+def test_block_types_equal_llama_quantize_with_imatrix(name, kind, importance):
+    """The 32-weight block types a 576- or 640-wide model falls back to, with an importance matrix."""
+    from slimlm.compress.blocks_imatrix import quantize_block_weighted
+
+    w = CASES[name]
+    w = w.reshape(-1, w.shape[-1])
+    qw = _importance(w.shape[1], importance)
+    ours = quantize_block_weighted(kind, w, qw)
+    theirs = ggml_quantize(w, GGMLQuantizationType[kind], BLOCK_TYPES[kind], imatrix=qw, block=32)
+    bad = np.argwhere(ours != theirs)
+    assert bad.size == 0, f"{len(bad)} bytes differ, first at (row, byte) {tuple(bad[0])}"
+
+
+def test_block_rule_is_not_the_reference_and_refuses_what_it_cannot_do():
+    from slimlm.compress.blocks import pack, rtn
+    from slimlm.compress.blocks_imatrix import block_codes_weighted, quantize_block_weighted
+
+    w = CASES["gaussian_outliers"].reshape(-1, 256)
+    qw = _importance(256, "spread")
+    assert not np.array_equal(quantize_block_weighted("Q5_1", w, qw), pack("Q5_1", *rtn("Q5_1", w)))
+    with pytest.raises(SlimlmError, match="no importance-matrix rule for Q8_0"):
+        block_codes_weighted("Q8_0", w, qw)
+    with pytest.raises(SlimlmError, match="multiple of 32"):
+        block_codes_weighted("Q4_0", np.ones((2, 40), np.float32), np.ones(40))

@@ -46,8 +46,8 @@ def test_allocation_is_the_brute_force_optimum_within_budget(seed):
 
 
 def test_candidates_follow_llama_cpp_fallback():
-    assert candidate_types(1536) == ["Q3_K", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
-    assert candidate_types(576) == ["Q4_0", "Q5_0", "Q5_1", "Q8_0"]
+    assert candidate_types(1536) == ["Q3_K", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16"]
+    assert candidate_types(576) == ["Q4_0", "Q5_0", "Q5_1", "Q8_0", "F16"]
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_mixed_file_holds_the_chosen_types_runs_and_reuses_the_cache(wide, tmp_p
     assert calls == [1] and any("from the cache" in n for n in high.notes)
     assert low.size_after < high.size_after <= int(budget * 2**20)
     assert _types_in(Path(high.out))[0] == high.tensor_types
-    bits = {"Q3_K": 3.4375, "Q4_0": 4.5, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q8_0": 8.5}
+    bits = {"Q3_K": 3.4375, "Q4_0": 4.5, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q8_0": 8.5, "F16": 16}
     assert sum(bits[t] for n, t in high.tensor_types.items() if n.startswith("blk.")) > \
         sum(bits[t] for n, t in low.tensor_types.items() if n.startswith("blk."))
 
@@ -187,3 +187,35 @@ def test_mixed_file_on_other_families(family, tiny_models, tmp_path):
     llm.eval([1, 5, 9, 13])
     assert np.isfinite(np.array(llm.scores[:4])).all()
     llm.close()
+
+
+def test_token_embedding_and_output_head_join_the_allocation(wide, tmp_path):
+    """--embeddings auto: the token embedding and output head are allocated with the rest (their KL
+    measured by a full forward, which with f16-rounded weights reproduces the reference), a tight
+    budget gives them no more bits than a loose one; an explicit --embeddings keeps its type."""
+    from slimlm.compress.quantize import quantize
+    from slimlm.data import calibration_docs
+
+    heads = ("model.embed_tokens.weight", "lm_head.weight")
+    model, ids = sensitivity._load(wide, calibration_docs(), 64)
+    runner = sensitivity._Runner(model, ids, [])
+    params = dict(model.named_parameters())
+    for h in heads:  # the full forward with the weights unchanged is the reference, exactly
+        assert runner.kl(h, params[h].detach().numpy().copy()) == 0.0
+    f16 = sensitivity.kl_direct(wide, calibration_docs(), [(h, "F16") for h in heads], tokens=64)
+    low_kl = sensitivity.kl_direct(wide, calibration_docs(), [(h, "Q3_K") for h in heads], tokens=64)
+    assert max(f16) < 1e-3 and min(low_kl) > 100 * max(f16), (f16, low_kl)
+
+    bits = {"Q3_K": 3.4375, "Q4_0": 4.5, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q8_0": 8.5, "F16": 16}
+    common = dict(format="gguf", calib_seq_len=128, record=False, check=False)
+    low = quantize(wide, tmp_path / "low.gguf", target_bpw=4.5, **common)
+    high = quantize(wide, tmp_path / "high.gguf", target_bpw=8.0, **common)
+    fixed = quantize(wide, tmp_path / "fixed.gguf", target_bpw=8.0, embeddings="Q6_K", **common)
+    gguf_heads = ("token_embd.weight", "output.weight")
+    for r in (low, high, fixed):
+        assert r.size_after <= int((4.5 if r is low else 8.0) * r.params_total / 8)
+        assert _types_in(Path(r.out))[0] == r.tensor_types
+    assert all(low.tensor_types[h] in candidate_types(256) for h in gguf_heads)
+    assert sum(bits[low.tensor_types[h]] for h in gguf_heads) < sum(bits[high.tensor_types[h]] for h in gguf_heads)
+    assert any("token_embd.weight" in n for n in low.notes)  # the allocation names the heads' types
+    assert all(fixed.tensor_types[h] == "Q6_K" for h in gguf_heads)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from slimlm.compress.blocks import FORMATS, dequantize_codes, pack
-from slimlm.compress.gptq import DEFAULT_ACT_ORDER, DEFAULT_DAMP, gptq_columns, gptq_quantize
+from slimlm.compress.gptq import DEFAULT_ACT_ORDER, DEFAULT_DAMP, DEFAULT_WEIGHTED, gptq_columns, gptq_quantize
 from slimlm.compress.kquants import Q6_K, QK_K, dequantize_q6_k_codes, nearest_int, pack_q6_k, q6_k_codes
 from slimlm.compress.kquants_imatrix import qkx_codes_weighted
 from slimlm.compress.kquants_q45 import Q4_K, Q5_K, pack_q4_k, pack_q5_k, qkx_codes
@@ -46,10 +46,6 @@ __all__ = ["KQUANT_TYPES", "CODED_TYPES", "QKXGrid", "Q6KGrid", "gptq_kquant", "
 KQUANT_TYPES = ("Q4_K", "Q5_K", "Q6_K")
 CODED_TYPES = ("F16", *KQUANT_TYPES, *FORMATS)  # what gptq_encode codes with GPTQ; others get RTN
 _NMAX = {"Q4_K": 15, "Q5_K": 31}
-# K-quant scales chosen by importance (diag H), as llama-quantize --imatrix does. Measured on
-# SmolLM2 (bench/quantize_curve.py, RESULTS.md): the unweighted rule lost to llama.cpp's imatrix
-# files at Q5_K_M.
-DEFAULT_WEIGHTED = True
 _F = np.float32
 
 
@@ -183,7 +179,7 @@ def gptq_encode(type_name: str, w: np.ndarray, H: np.ndarray, damp: float = DEFA
         qtype = {"Q4_K": Q4_K, "Q5_K": Q5_K, "Q6_K": Q6_K}[kind]
         return pack_kquant(kind, codes), qtype, dequantize_kquant(kind, codes)
     fmt = FORMATS[kind]
-    q, d, m = gptq_quantize(fmt, w, H, damp=damp, act_order=act_order)
+    q, d, m = gptq_quantize(fmt, w, H, damp=damp, act_order=act_order, weighted=weighted)
     return pack(fmt, q, d, m), fmt.qtype, dequantize_codes(fmt, q, d, m)
 
 

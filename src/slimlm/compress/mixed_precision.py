@@ -6,18 +6,23 @@ weight gets its own type, chosen either by llama.cpp's rule for a K-quant file t
 (kquant_formats.mix_type) or by an allocation that spends a byte budget where it buys the most
 fidelity:
 
-- candidates per weight: Q3_K, Q4_0, Q4_K, Q5_K, Q6_K, Q8_0, each after llama.cpp's width fallback
+- candidates per weight: Q3_K, Q4_0, Q4_K, Q5_K, Q6_K, Q8_0, F16, each after llama.cpp's width fallback
   (a 576-wide weight cannot hold a 256-block: Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0);
   Q3_K lets a file go below an all-Q4_0 body where widths allow (SmolLM2's ffn_down), which is what
   reaches llama.cpp's Q4_0 size once the file's own metadata is paid for; Q2_K is left out (its
   large error makes the KL scaled from it, step 4 of sensitivity.py, a poor guide to the others);
+  F16 is what a budget at or above an all-Q8_0 file buys beyond it: its most sensitive weights
+  unquantized, paid for by Q6_K on the least;
 - cost: the KL each weight's quantization at each type adds on calibration text
   (sensitivity.py, cached per model and text);
 - allocation: minimize the summed KL subject to the file's bytes <= budget, a multiple-choice
   knapsack solved exactly by dynamic programming over the budget in at most 200,000 steps (each
   weight's extra bytes rounded up to a step, so the budget always holds);
-- the token embedding and output head keep their automatic types (Q4_K_M's rule,
-  quant_steps.EMBEDDING_DEFAULTS, or --embeddings), counted in the budget; the file's other bytes
+- the token embedding and output head (`--embeddings auto`) join the allocation with the same
+  candidates, their KL measured by a full forward (sensitivity.py), written with round-to-nearest
+  whatever the method (GPTQ and AWQ code linear layers); they are a quarter of SmolLM2's weights and
+  most of Gemma 3's, so a fixed type (llama.cpp's Q8_0 or Q6_K) left the allocation half its
+  budget. An explicit --embeddings keeps that type, counted in the budget. The file's other bytes
   (header, vocabulary, norms) are measured exactly by writing the file once with 1-element tensors.
 
 The chosen types go into the file's metadata (`slimlm.tensor_types`, a JSON string
@@ -57,7 +62,7 @@ from slimlm.errors import SlimlmError
 __all__ = ["CANDIDATES", "TYPES_KEY", "TypedJob", "is_typed_request", "candidate_types", "allocate", "gguf_names",
            "quantize_typed", "type_summary"]
 
-CANDIDATES = ("Q3_K", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+CANDIDATES = ("Q3_K", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16")
 TYPES_KEY = "slimlm.tensor_types"
 MIXED_EMBEDDINGS = "Q4_K_M"  # whose automatic token embedding / output head types a mixed file keeps
 _ALIGN = 32  # GGUF data alignment
@@ -242,8 +247,10 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
         file_type, label = FILE_TYPES.get(name, name), name
     else:
         placeholder = {TYPES_KEY: json.dumps({names[n]: "Q4_0" for n in [*targets, *heads]})}
-        fixed = _fixed_bytes(folder, shapes, names, set(targets), heads, placeholder)
-        candidates = {n: candidate_types(shapes[n][-1]) for n in targets}
+        allocated = list(heads) if check_embeddings(req.embeddings) == "auto" else []
+        fixed = _fixed_bytes(folder, shapes, names, {*targets, *allocated},
+                             {n: t for n, t in heads.items() if n not in allocated}, placeholder)
+        candidates = {n: candidate_types(shapes[n][-1]) for n in [*targets, *allocated]}
         budget = _budget(req, params_total)
         least = fixed + sum(min(_aligned(tensor_bytes(t, shapes[n])) for t in c) for n, c in candidates.items())
         if budget < least:
@@ -256,18 +263,20 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
         options = {n: {t: (_aligned(tensor_bytes(t, shapes[n])), scores[n][t]) for t in c}
                    for n, c in candidates.items()}
         types = allocate(options, budget - fixed)
+        heads = {**heads, **{n: types.pop(n) for n in allocated}}
         weights = Counter()
         for n, t in types.items():
             weights[t] += int(np.prod(shapes[n]))
         file_type, label = file_type_for(weights.most_common(1)[0][0]), "mixed"
-        notes.append(f"estimated added KL {sum(scores[n][t] for n, t in types.items()):.4f} (sum over tensors) "
-                     f"for {budget / 2**20:.1f} MiB")
+        chosen = {**types, **{n: heads[n] for n in allocated}}
+        notes.append(f"estimated added KL {sum(scores[n][t] for n, t in chosen.items()):.4f} (sum over tensors) "
+                     f"for {budget / 2**20:.1f} MiB" + "".join(f"; {names[n]} {heads[n]}" for n in allocated))
     all_types = {names[n]: t for n, t in {**types, **heads}.items()}
     job = TypedJob(folder, Path(req.out), types, texts, req.calib_samples, req.calib_seq_len, req.sequential, notes)
     with method.source_typed(job) as source:  # the input, or the method's rewrite of it (AWQ's scales)
         method.prepare_typed(job, source)
         quantized = _write(job, source, method, name or MIXED_EMBEDDINGS, req, label,
-                           {TYPES_KEY: json.dumps(all_types)}, file_type)
+                           {TYPES_KEY: json.dumps(all_types)}, file_type, None if name else heads)
     out = Path(req.out)
     if not name and out.stat().st_size > budget:  # the accounting above is exact; this guards it
         raise SlimlmError(f"internal error: {out} is {out.stat().st_size} bytes, over the budget of {budget}")
@@ -285,9 +294,12 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
 
 
 def _write(job: TypedJob, source: Path, method, embed_fmt: str, req: QuantRequest, label: str, metadata: dict,
-           file_type: str) -> int:
-    """Write the file from `source`, each weight's bytes from method.encode_typed (in its type, job.types)."""
+           file_type: str, heads: dict[str, str] | None = None) -> int:
+    """Write the file from `source`, each weight's bytes from method.encode_typed (in its type,
+    job.types); the token embedding / output head in `heads`' types (round-to-nearest), else by
+    --embeddings' rule."""
     from slimlm.compress.gguf_export import export_gguf, read_config
+    from slimlm.compress.kquant_formats import encode as encode_type
     from slimlm.progress import progress_bar
 
     tied = read_config(job.folder).get("tie_word_embeddings", True)
@@ -296,6 +308,8 @@ def _write(job: TypedJob, source: Path, method, embed_fmt: str, req: QuantReques
     with progress_bar(f"{method.name} → {label}", len(job.types)) as advance:
         def writer(name_hf: str, name_gguf: str, w: np.ndarray):
             if name_hf not in job.types:
+                if heads and name_hf in heads:
+                    return encode_type(heads[name_hf], w)
                 return embed(name_gguf, w) if any(k in name_hf for k in KEEP) else None
             counted[0] += w.size
             advance()

@@ -12,7 +12,9 @@ forward per tensor:
    err(t) = sum_ij E[x_j^2] (W - Q_t(W))_ij^2 (Q_t: llama.cpp's round-trip through the type);
 3. its KL at the candidate with the largest error (the lowest type) is measured directly: the
    weight is swapped for its quantized values and the model is rerun from that layer's recorded
-   input (earlier layers are unchanged), one tensor at a time;
+   input (earlier layers are unchanged), one tensor at a time; the token embedding and output
+   head, which mixed files allocate too, get a full forward (a tied embedding is both ends; its
+   error is weighted by the head's input, an untied embedding's counts unweighted);
 4. the other types' KL is scaled from that one by the ratio of their errors:
    KL(t) = KL(low) * err(t) / err(low) (KL is second order in a small output change, and so is err).
 
@@ -101,7 +103,7 @@ class _Runner:
     def __init__(self, model, ids, names: list[str]):
         import torch
 
-        self.model, self.torch = model, torch
+        self.model, self.torch, self.ids = model, torch, ids
         self.layers = model.model.layers
         self.inputs: dict[int, tuple] = {}
         self.sq: dict[str, torch.Tensor] = {}
@@ -109,8 +111,13 @@ class _Runner:
         modules = dict(model.named_modules())
         for i, layer in enumerate(self.layers):
             handles.append(layer.register_forward_pre_hook(self._keep(i), with_kwargs=True))
+        self.flat: list[str] = []  # weights whose error counts unweighted (an untied token embedding)
         for name in names:
-            handles.append(modules[name.removesuffix(".weight")].register_forward_pre_hook(self._square(name)))
+            source = _input_of(model, modules, name)
+            if source is None:
+                self.flat.append(name)
+            else:
+                handles.append(modules[source].register_forward_pre_hook(self._square(name)))
         with torch.no_grad():
             logits = model(ids, use_cache=False).logits[0].float()
         for h in handles:
@@ -154,14 +161,30 @@ class _Runner:
         param = dict(self.model.named_parameters())[name]
         old = param.data.clone()
         match = _LAYER.search("." + name)
-        start = int(match.group(1)) if match else 0
         try:
             with torch.no_grad():
                 param.data.copy_(torch.from_numpy(weight))
-                logp = torch.log_softmax(self.logits_from(start), -1)
+                if match:
+                    logits = self.logits_from(int(match.group(1)))
+                else:  # the token embedding / output head: a full forward (a tied one is both ends)
+                    logits = self.model(self.ids, use_cache=False).logits[0].float()
+                logp = torch.log_softmax(logits, -1)
         finally:
             param.data.copy_(old)
         return float((self.ref_p * (self.ref_logp - logp)).sum(-1).mean())
+
+
+def _input_of(model, modules: dict, name: str) -> str | None:
+    """The module whose input weights `name`'s error: its own (a linear layer); for a token
+    embedding tied to the output head, the head (its error reaches every logit through the head's
+    input; as a lookup it only moves the few rows the text uses); None for an untied embedding."""
+    import torch
+
+    module = modules[name.removesuffix(".weight")]
+    if not isinstance(module, torch.nn.Embedding):
+        return name.removesuffix(".weight")
+    head = getattr(model, "lm_head", None)
+    return "lm_head" if head is not None and head.weight is module.weight else None
 
 
 def measure(folder: Path, texts: list[str], candidates: dict[str, list[str]], tokens: int = 256) -> dict:
@@ -176,7 +199,7 @@ def measure(folder: Path, texts: list[str], candidates: dict[str, list[str]], to
     with progress_bar("sensitivity (KL per tensor)", len(candidates)) as advance:
         for name, types in candidates.items():
             w = params[name].detach().float().numpy()
-            sq = runner.sq[name].numpy().astype(np.float64)
+            sq = np.ones(w.shape[-1]) if name in runner.flat else runner.sq[name].numpy().astype(np.float64)
             quantized = {t: dequantize_type(t, w) for t in types}
             err = {t: float((((w - q).astype(np.float64) ** 2) * sq[None, :]).sum()) for t, q in quantized.items()}
             low = max(types, key=lambda t: err[t])

@@ -139,25 +139,46 @@ def test_bad_budgets_fail_in_one_line_before_any_work(wide, tmp_path, capfd, mon
         assert not out.exists()
 
 
-def test_gptq_mixed_file_meets_its_budget_with_rtns_types(wide, tmp_path):
-    """--method gptq --target-bpw: the types are the allocation's from RTN sensitivities (the same as
-    --method rtn picks), the file meets the budget and records them, and GPTQ's bytes are written."""
+def test_gptq_mixed_file_meets_its_budget_with_importance_weighted_types(wide, tmp_path, monkeypatch):
+    """--method gptq --target-bpw: the allocation's sensitivities quantize every linear weight by
+    the importance-matrix rules GPTQ fits its scales by (rtn's by the reference rules); the file
+    meets the budget and records its types, GPTQ's bytes are written in every type it codes, and the
+    token embedding / output head (allocated too) are RTN's bytes in the types chosen."""
     from slimlm.compress.gptq_kquant import CODED_TYPES
+    from slimlm.compress.kquant_formats import encode
+    from slimlm.compress.quant_steps import tensor_shapes
     from slimlm.compress.quantize import quantize
 
     common = dict(format="gguf", target_bpw=5.2, calib_seq_len=128, calib_samples=16, record=False)
+    seen = {}
+    real = sensitivity.measure
+
+    def spy(folder, texts, candidates, tokens=256, weighted=frozenset()):
+        seen["weighted"], seen["candidates"] = weighted, candidates
+        return real(folder, texts, candidates, tokens, weighted)
+
+    monkeypatch.setattr(sensitivity, "measure", spy)
     rtn = quantize(wide, tmp_path / "rtn.gguf", check=False, **common)
+    assert seen["weighted"] == frozenset()
     gptq = quantize(wide, tmp_path / "gptq.gguf", method="gptq", **common)
+    linears = [n for n in seen["candidates"] if ".layers." in n]
+    assert len(linears) == 28 and seen["weighted"] == frozenset(linears)
     assert gptq.format == "gguf:mixed" and gptq.method == "gptq"
-    assert gptq.size_after == rtn.size_after <= int(5.2 * gptq.params_total / 8)
+    assert max(gptq.size_after, rtn.size_after) <= int(5.2 * gptq.params_total / 8)
     tensors, meta = _types_in(Path(gptq.out))
-    assert tensors == meta == gptq.tensor_types == rtn.tensor_types
+    assert tensors == meta == gptq.tensor_types
     assert len(set(t for n, t in tensors.items() if n.startswith("blk."))) >= 2
     ours = {t.name: np.asarray(t.data) for t in GGUFReader(gptq.out).tensors}
     theirs = {t.name: np.asarray(t.data) for t in GGUFReader(rtn.out).tensors}
-    coded = [n for n, t in tensors.items() if n.startswith("blk.") and t in CODED_TYPES]  # others keep RTN's
-    assert coded and all(not np.array_equal(ours[n], theirs[n]) for n in coded)  # GPTQ's codes, not RTN's
-    assert np.array_equal(ours["output.weight"], theirs["output.weight"])
+    same_type = [n for n, t in tensors.items() if n.startswith("blk.") and t in CODED_TYPES
+                 and rtn.tensor_types.get(n) == t]
+    assert same_type and all(not np.array_equal(ours[n], theirs[n]) for n in same_type)  # GPTQ's codes
+    from safetensors.numpy import load_file
+
+    dense = load_file(str(Path(wide) / "model.safetensors"))
+    assert tensor_shapes(wide)["lm_head.weight"] == dense["lm_head.weight"].shape
+    head = encode(tensors["output.weight"], dense["lm_head.weight"].astype(np.float32))[0]
+    assert np.array_equal(ours["output.weight"].reshape(-1).view(np.uint8), head.reshape(-1).view(np.uint8))
     assert 0 <= gptq.fidelity["top1_agreement"] <= 1
     lines = (tmp_path / "gptq.tensor-types.txt").read_text().splitlines()
     assert dict(line.split("=") for line in lines) == {k: v.lower() for k, v in gptq.tensor_types.items()}

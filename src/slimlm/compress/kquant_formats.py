@@ -151,11 +151,38 @@ def encode(type_name: str, w: np.ndarray):
     return pack(fmt, *rtn(fmt, w)), fmt.qtype
 
 
-def dequantize_type(type_name: str, w: np.ndarray) -> np.ndarray:
-    """What llama.cpp reads back after storing w as `type_name` (float32, w's shape)."""
+WEIGHTED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")  # slimlm has their imatrix rules
+
+
+def encode_weighted(type_name: str, w: np.ndarray, importance):
+    """(data, GGMLQuantizationType) for w [rows, cols] as llama-quantize --imatrix writes it, with
+    `importance` one value per column (E[x_j²] of the layer's input); `encode` for a type without
+    such a rule here (Q8_0 has none in llama.cpp either; Q2_K, Q3_K and IQ4_NL slimlm lacks)."""
+    from slimlm.compress.blocks import FORMATS
+    from slimlm.compress.blocks_imatrix import quantize_block_weighted
+    from slimlm.compress.kquants import Q6_K, pack_q6_k, q6_k_codes
+    from slimlm.compress.kquants_imatrix import importance_row, quantize_q4_k_weighted, quantize_q5_k_weighted
+    from slimlm.compress.kquants_q45 import Q4_K, Q5_K
+
+    kind = type_name.upper()
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if kind not in WEIGHTED_TYPES or w.ndim != 2:
+        return encode(kind, w)
+    if kind in FORMATS:
+        return quantize_block_weighted(kind, w, importance), FORMATS[kind].qtype
+    if kind == "Q6_K":
+        return pack_q6_k(*q6_k_codes(w, importance_row(importance, w.shape[1]))), Q6_K
+    coder, qtype = {"Q4_K": (quantize_q4_k_weighted, Q4_K), "Q5_K": (quantize_q5_k_weighted, Q5_K)}[kind]
+    return coder(w, importance), qtype
+
+
+def dequantize_type(type_name: str, w: np.ndarray, importance=None) -> np.ndarray:
+    """What llama.cpp reads back after storing w as `type_name` (float32, w's shape); with
+    `importance`, stored by the importance-matrix rule (encode_weighted)."""
     from gguf.quants import dequantize
 
-    data, qtype = encode(type_name, np.ascontiguousarray(w, dtype=np.float32))
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    data, qtype = encode(type_name, w) if importance is None else encode_weighted(type_name, w, importance)
     if qtype is None:
         return data.astype(np.float32)
     return dequantize(data, qtype).reshape(w.shape).astype(np.float32)

@@ -28,7 +28,8 @@ fidelity:
 The chosen types go into the file's metadata (`slimlm.tensor_types`, a JSON string
 {gguf name: type}), into the result (`QuantizeResult.tensor_types`), and into FILE.tensor-types.txt
 (`name=type` lines, as llama-quantize's --tensor-type takes them) so llama-quantize can be rerun
-with slimlm's choices. The types come first (from RTN sensitivities, whatever the method); then the
+with slimlm's choices. The types come first (from sensitivities measured with the method's scale
+rules: llama-quantize's importance-matrix rules for GPTQ, the reference rules otherwise); then the
 method, knowing every weight's type (TypedJob), is asked for each weight's bytes: RTN gives
 llama.cpp's reference quantizers byte for byte, GPTQ its own codes in the same layouts, AWQ RTN's
 bytes of its rescaled model (the file written from the folder method.source_typed gives).
@@ -259,7 +260,8 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
                               f"({8 * least / params_total:.2f} bits per weight)")
         from slimlm.compress.sensitivity import sensitivities
 
-        scores = sensitivities(folder, texts, candidates, tokens=req.calib_seq_len, notes=notes)
+        scores = sensitivities(folder, texts, candidates, tokens=req.calib_seq_len, notes=notes,
+                               weighted=frozenset(targets) if method.importance_scales else frozenset())
         options = {n: {t: (_aligned(tensor_bytes(t, shapes[n])), scores[n][t]) for t in c}
                    for n, c in candidates.items()}
         types = allocate(options, budget - fixed)

@@ -9,7 +9,10 @@ forward per tensor:
    records the reference next-token distributions, each decoder layer's inputs, and E[x_j^2] of
    every linear layer's input column j (forward hooks);
 2. for each tensor, its weighted quantization error at each candidate type,
-   err(t) = sum_ij E[x_j^2] (W - Q_t(W))_ij^2 (Q_t: llama.cpp's round-trip through the type);
+   err(t) = sum_ij E[x_j^2] (W - Q_t(W))_ij^2 (Q_t: llama.cpp's round-trip through the type, by
+   its importance-matrix rule with E[x^2] as the importance for the weights a calibrated method
+   writes so, GPTQ's: on a model whose weights already sit on a coarser grid, such as the built-in
+   SmolLM2 (dequantized from Q4_1), that rule stores Q5_1 losslessly and the reference rule does not);
 3. its KL at the candidate with the largest error (the lowest type) is measured directly: the
    weight is swapped for its quantized values and the model is rerun from that layer's recorded
    input (earlier layers are unchanged), one tensor at a time; the token embedding and output
@@ -43,14 +46,16 @@ SCHEME = "kl-low-type+weighted-err/v1"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
-def cache_key(folder: Path, texts: list[str], tokens: int, candidates: dict[str, list[str]]) -> str:
+def cache_key(folder: Path, texts: list[str], tokens: int, candidates: dict[str, list[str]],
+              weighted: frozenset = frozenset()) -> str:
     h = hashlib.blake2b(digest_size=16)
     for file in sorted(Path(folder).glob("*.safetensors")) + [Path(folder) / "config.json"]:
         h.update(file.name.encode())
         with open(file, "rb") as f:
             while chunk := f.read(1 << 24):
                 h.update(chunk)
-    h.update(json.dumps([SCHEME, tokens, candidates, texts], sort_keys=True).encode())
+    h.update(json.dumps([SCHEME, tokens, candidates, texts] + ([sorted(weighted)] if weighted else []),
+                        sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -61,12 +66,14 @@ def cache_path(key: str) -> Path:
 
 
 def sensitivities(folder: Path, texts: list[str], candidates: dict[str, list[str]], tokens: int = 256,
-                  notes: list[str] | None = None) -> dict[str, dict[str, float]]:
+                  notes: list[str] | None = None, weighted: frozenset = frozenset()) -> dict[str, dict[str, float]]:
     """{weight name: {type: added KL}} for each weight and candidate type, from the cache when the
-    same weights, text and candidates were measured before."""
+    same weights, text and candidates were measured before. The weights in `weighted` are
+    quantized by llama-quantize's importance-matrix rules (their input's E[x²] as the importance),
+    as the method that writes them will (GPTQ); the others by the reference rules (RTN's bytes)."""
     from slimlm.paths import atomic_write_text
 
-    path = cache_path(cache_key(folder, texts, tokens, candidates))
+    path = cache_path(cache_key(folder, texts, tokens, candidates, frozenset(weighted)))
     if path.exists():
         try:
             scores = json.loads(path.read_text())["scores"]
@@ -76,7 +83,7 @@ def sensitivities(folder: Path, texts: list[str], candidates: dict[str, list[str
         except (OSError, ValueError, KeyError):
             pass  # a broken cache file is measured again and rewritten
     start = time.perf_counter()
-    found = measure(folder, texts, candidates, tokens)
+    found = measure(folder, texts, candidates, tokens, weighted)
     seconds = time.perf_counter() - start
     atomic_write_text(path, json.dumps({"scheme": SCHEME, "model": str(folder), "tokens": tokens,
                                         "seconds": seconds, **found}, indent=1))
@@ -187,7 +194,8 @@ def _input_of(model, modules: dict, name: str) -> str | None:
     return "lm_head" if head is not None and head.weight is module.weight else None
 
 
-def measure(folder: Path, texts: list[str], candidates: dict[str, list[str]], tokens: int = 256) -> dict:
+def measure(folder: Path, texts: list[str], candidates: dict[str, list[str]], tokens: int = 256,
+            weighted: frozenset = frozenset()) -> dict:
     """The scheme of the module docstring, uncached: {"scores": {name: {type: KL}}, "kl_low":
     {name: (type, KL)}, "err": {name: {type: weighted error}}}."""
     from slimlm.progress import progress_bar
@@ -200,7 +208,8 @@ def measure(folder: Path, texts: list[str], candidates: dict[str, list[str]], to
         for name, types in candidates.items():
             w = params[name].detach().float().numpy()
             sq = np.ones(w.shape[-1]) if name in runner.flat else runner.sq[name].numpy().astype(np.float64)
-            quantized = {t: dequantize_type(t, w) for t in types}
+            imp = sq.astype(np.float32) if name in weighted and name not in runner.flat else None
+            quantized = {t: dequantize_type(t, w, imp) for t in types}
             err = {t: float((((w - q).astype(np.float64) ** 2) * sq[None, :]).sum()) for t, q in quantized.items()}
             low = max(types, key=lambda t: err[t])
             kl = max(runner.kl(name, quantized[low]), 0.0)

@@ -38,6 +38,9 @@ class QuantMethod:
     help: ClassVar[str] = ""  # one line for `slimlm quantize --help`
     calibrated: ClassVar[bool] = False  # reads calibration text (--calib, --calib-samples, --calib-seq-len)
     typed_formats: ClassVar[bool] = False  # writes K-quant files (gguf:Q4_K_M...) and --target-size mixes
+    # fits typed files' scales by llama-quantize's importance-matrix rules (so a mix's allocation
+    # measures each type by them too: sensitivity.py `weighted`)
+    importance_scales: ClassVar[bool] = False
 
     # --- the format -------------------------------------------------------------------------
 

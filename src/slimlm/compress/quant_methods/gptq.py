@@ -95,7 +95,8 @@ class GPTQ:
 class GPTQMethod(QuantMethod):
     help = "GPTQ: codes and block scales chosen with second-order error compensation from calibration text"
     calibrated = True
-    typed_formats = True  # K-quant super-blocks through gptq_kquant.py; types of a mix chosen from RTN sensitivities
+    importance_scales = True  # gptq.DEFAULT_WEIGHTED: diag(H) is the importance
+    typed_formats = True  # K-quant super-blocks through gptq_kquant.py; a mix's types from importance-weighted sensitivities
 
     def prepare(self, job: QuantJob, source: Path) -> None:
         if job.sequential:  # codes in the writer's layout: llama.cpp's for GGUF, as stored for a packed folder

@@ -105,3 +105,19 @@ def test_block_rule_is_not_the_reference_and_refuses_what_it_cannot_do():
         block_codes_weighted("Q8_0", w, qw)
     with pytest.raises(SlimlmError, match="multiple of 32"):
         block_codes_weighted("Q4_0", np.ones((2, 40), np.float32), np.ones(40))
+
+
+def test_a_4_bit_grid_is_stored_losslessly_in_q5_1_by_the_importance_rule_only():
+    """Why the allocation must measure a type by the rule that writes it: weights dequantized from
+    Q4_1 (as the built-in SmolLM2 is) fit Q5_1 exactly under llama-quantize's importance-matrix
+    rule (its search finds half the Q4_1 scale), while the reference min/max rule loses them;
+    encode_weighted is the dispatch the sensitivity pass uses."""
+    from slimlm.compress.blocks import dequantize_codes, rtn
+    from slimlm.compress.kquant_formats import dequantize_type
+
+    rng = np.random.default_rng(41)
+    w = dequantize_codes("Q4_1", *rtn("Q4_1", (rng.standard_normal((8, 576)) * 0.05).astype(np.float32)))
+    imp = np.exp(rng.standard_normal(576)).astype(np.float32)
+    assert np.array_equal(dequantize_type("Q5_1", w, imp), w)
+    assert np.abs(dequantize_type("Q5_1", w) - w).max() > 1e-4
+    assert dequantize_type("Q8_0", w, imp).shape == w.shape  # no imatrix rule: the reference one

@@ -336,7 +336,11 @@ DESCRIPTION = ("KL against the f32 GGUF from `llama-perplexity --kl-divergence` 
                "to the llama.cpp file's size at that type; llama.cpp, slimlm's types: llama-quantize with slimlm rtn's "
                "`--tensor-type-file`. GPTQ and llama-imatrix calibrate on {calib}, "
                f"{CALIB['calib_samples']} x {CALIB['calib_seq_len']} tokens. bits/weight: file bits / all parameters. "
-               "Decode tok/s (where shown) measured in one quiet pass (`--speed`). Command: `{command}`.")
+               "Decode tok/s (where shown) measured in one quiet pass (`--speed`). The f32 reference is the "
+               "dequantized GGUF the built-in package ships (SmolLM2: Q4_1; Gemma 3: Q4_K_M), so a type that holds "
+               "its grid exactly (Q5_1 for Q4_1 blocks, with an importance-matrix scale search) scores at the floor "
+               "of llama.cpp's quantized kernels; above ~5 bits the curve measures that recovery as much as "
+               "quantization. Command: `{command}`.")
 
 if __name__ == "__main__":
     sys.exit(main())

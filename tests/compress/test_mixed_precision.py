@@ -158,6 +158,7 @@ def test_gptq_mixed_file_meets_its_budget_with_importance_weighted_types(wide, t
         return real(folder, texts, candidates, tokens, weighted)
 
     monkeypatch.setattr(sensitivity, "measure", spy)
+    monkeypatch.setattr(sensitivity, "cache_path", lambda key: tmp_path / "sensitivity" / f"{key}.json")  # measured here
     rtn = quantize(wide, tmp_path / "rtn.gguf", check=False, **common)
     assert seen["weighted"] == frozenset()
     gptq = quantize(wide, tmp_path / "gptq.gguf", method="gptq", **common)

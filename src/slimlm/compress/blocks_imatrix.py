@@ -12,7 +12,7 @@ files are and then spreads the rounding error, and the tests hold the bytes agai
 
 The rule (ggml-quants.c `quantize_row_q4_0_impl` and friends, read for the rule): per row,
 sigma2 = sum(x²) / n; each block of 32 gets weights qw * sqrt(sigma2 + x²); Q4_0 / Q5_0 take
-make_qx_quants' weighted search over 19 scales around -nmax/max (kquants._make_qx_quants, nmax 8
+make_qx_quants' weighted search over 19 scales around -nmax/max (kquants.make_qx_quants, nmax 8
 or 16) and store its least-squares scale; Q4_1 / Q5_1 take make_qkx3_quants' search
 (kquants_q45.qkx_search, rmin -0.9, rdelta 0.05, 37 grids) and store its scale and min. The codes
 are the search's, not re-rounded against the fp16 values (unlike the K-quants).
@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from slimlm.compress.blocks import get_format, pack
-from slimlm.compress.kquants import _make_qx_quants, sum16
+from slimlm.compress.kquants import make_qx_quants, sum16
 from slimlm.compress.kquants_imatrix import importance_row
 from slimlm.compress.kquants_q45 import qkx_search
 from slimlm.errors import SlimlmError
@@ -67,7 +67,7 @@ def block_codes_weighted(fmt_name: str, w: np.ndarray, qw, sigma2: np.ndarray | 
     for s in range(0, nb, _CHUNK):
         e = min(nb, s + _CHUNK)
         if fmt.symmetric:
-            d[s:e], q[s:e] = _make_qx_quants(x[s:e], nmax, qw=wt[s:e])
+            d[s:e], q[s:e] = make_qx_quants(x[s:e], nmax, qw=wt[s:e])
         else:
             scale, the_min, lt = qkx_search(np.ascontiguousarray(x[s:e].T), np.ascontiguousarray(wt[s:e].T),
                                             nmax, -0.9, 0.05, 36)

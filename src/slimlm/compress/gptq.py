@@ -201,6 +201,13 @@ def inverse_cholesky(H: np.ndarray, damp: float) -> np.ndarray:
                       "use more calibration samples or a larger damp")
 
 
+def hessian_importance(H: np.ndarray, cols: int, weighted: bool) -> np.ndarray | None:
+    """diag(H) as float32, the importance matrix GPTQ's weighted scale rules take; None when not
+    weighted or when H is not [cols, cols] (gptq_columns then says what is wrong with it)."""
+    H = np.asarray(H)
+    return np.diag(H).astype(np.float32) if weighted and H.shape == (cols, cols) else None
+
+
 class BlockGrid:
     """The quantization grid of a 32-block llama.cpp format for gptq_columns: `fit` chooses blocks'
     scales (and mins) with llama.cpp's rule (`blocks.rtn`; with `importance`, one value per column,
@@ -303,9 +310,8 @@ def gptq_quantize(fmt: str | BlockFormat, w: np.ndarray, H: np.ndarray, damp: fl
         rtn(fmt, w)  # validates w (float, finite, width a multiple of the block size)
     grid = None
     if w.ndim == 2:
-        H = np.asarray(H, np.float64)
-        use = weighted and H.shape == (w.shape[1], w.shape[1])  # else gptq_columns says what is wrong
-        grid = BlockGrid(fmt, *w.shape, importance=np.diag(H).astype(np.float32) if use else None,
-                         sigma2=row_sigma2(w) if use else None)
+        importance = hessian_importance(H, w.shape[1], weighted)
+        grid = BlockGrid(fmt, *w.shape, importance=importance,
+                         sigma2=None if importance is None else row_sigma2(w))
     gptq_columns(grid, w, H, damp=damp, act_order=act_order, batch=batch)
     return grid.result()

@@ -34,7 +34,14 @@ from __future__ import annotations
 import numpy as np
 
 from slimlm.compress.blocks import FORMATS, dequantize_codes, pack
-from slimlm.compress.gptq import DEFAULT_ACT_ORDER, DEFAULT_DAMP, DEFAULT_WEIGHTED, gptq_columns, gptq_quantize
+from slimlm.compress.gptq import (
+    DEFAULT_ACT_ORDER,
+    DEFAULT_DAMP,
+    DEFAULT_WEIGHTED,
+    gptq_columns,
+    gptq_quantize,
+    hessian_importance,
+)
 from slimlm.compress.kquants import Q6_K, QK_K, dequantize_q6_k_codes, nearest_int, pack_q6_k, q6_k_codes
 from slimlm.compress.kquants_imatrix import qkx_codes_weighted
 from slimlm.compress.kquants_q45 import Q4_K, Q5_K, pack_q4_k, pack_q5_k, qkx_codes
@@ -132,9 +139,7 @@ def gptq_kquant(type_name: str, w: np.ndarray, H: np.ndarray, damp: float = DEFA
     _check_width(kind, w)
     if not np.isfinite(w).all():
         raise SlimlmError("the weights hold NaN or inf: cannot quantize them")
-    H = np.asarray(H, np.float64)
-    square = H.shape == (w.shape[1], w.shape[1])  # else gptq_columns says what is wrong with H
-    importance = np.diag(H).astype(_F) if weighted and square else None
+    importance = hessian_importance(H, w.shape[1], weighted)
     grid = (Q6KGrid if kind == "Q6_K" else QKXGrid)(kind, *w.shape, importance=importance)
     gptq_columns(grid, w, H, damp=damp, act_order=act_order, batch=QK_K)
     return grid.result()

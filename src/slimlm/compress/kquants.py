@@ -29,7 +29,7 @@ from gguf import GGMLQuantizationType
 
 from slimlm.errors import SlimlmError
 
-__all__ = ["Q6_K", "QK_K", "Q6_K_BYTES", "q6_k_codes", "pack_q6_k", "quantize_q6_k", "dequantize_q6_k_codes"]
+__all__ = ["Q6_K", "QK_K", "Q6_K_BYTES", "make_qx_quants", "q6_k_codes", "pack_q6_k", "quantize_q6_k", "dequantize_q6_k_codes"]
 
 Q6_K = GGMLQuantizationType.Q6_K
 QK_K = 256                # weights per super-block
@@ -54,7 +54,7 @@ def sum16(a: np.ndarray) -> np.ndarray:
     return s
 
 
-def _make_qx_quants(x: np.ndarray, nmax: int = 32, qw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def make_qx_quants(x: np.ndarray, nmax: int = 32, qw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """make_qx_quants(n, nmax, x, L, rmse_type=1, qw) for each row of x (n_sub, 16), weights qw
     (the same shape: an importance matrix) or, without them, x²:
     (scale float32 per row, L uint8 codes 0..2*nmax-1)."""
@@ -105,7 +105,7 @@ def q6_k_codes(w: np.ndarray, qw: np.ndarray | None = None) -> tuple[np.ndarray,
     qx = None if qw is None else np.broadcast_to(np.asarray(qw, np.float32), w.shape).reshape(-1, 16)
     scales, L = np.empty(x.shape[0], np.float32), np.empty(x.shape, np.uint8)
     for s in range(0, x.shape[0], _CHUNK):
-        scales[s:s + _CHUNK], L[s:s + _CHUNK] = _make_qx_quants(
+        scales[s:s + _CHUNK], L[s:s + _CHUNK] = make_qx_quants(
             x[s:s + _CHUNK], qw=None if qx is None else qx[s:s + _CHUNK])
     nb = x.shape[0] // 16
     scales, L, xb = scales.reshape(nb, 16), L.reshape(nb, 16, 16), x.reshape(nb, 16, 16)

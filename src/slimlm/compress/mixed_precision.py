@@ -264,13 +264,13 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
                                weighted=frozenset(targets) if method.importance_scales else frozenset())
         options = {n: {t: (_aligned(tensor_bytes(t, shapes[n])), scores[n][t]) for t in c}
                    for n, c in candidates.items()}
-        types = allocate(options, budget - fixed)
-        heads = {**heads, **{n: types.pop(n) for n in allocated}}
+        chosen = allocate(options, budget - fixed)
+        types = {n: chosen[n] for n in targets}
+        heads = {**heads, **{n: chosen[n] for n in allocated}}
         weights = Counter()
         for n, t in types.items():
             weights[t] += int(np.prod(shapes[n]))
         file_type, label = file_type_for(weights.most_common(1)[0][0]), "mixed"
-        chosen = {**types, **{n: heads[n] for n in allocated}}
         notes.append(f"estimated added KL {sum(scores[n][t] for n, t in chosen.items()):.4f} (sum over tensors) "
                      f"for {budget / 2**20:.1f} MiB" + "".join(f"; {names[n]} {heads[n]}" for n in allocated))
     all_types = {names[n]: t for n, t in {**types, **heads}.items()}

@@ -171,7 +171,7 @@ class Bench:
 
 
 def run_model(bench: Bench, methods: list[str], peer_types: list[str], mixed_at: list[str],
-              uniform: list[str], type_files: bool = True) -> None:
+              uniform: list[str], type_files: bool = True, uniform_methods: list[str] | None = None) -> None:
     """Most telling first, so a run cut short still answers the question: llama.cpp's points, slimlm's
     mixed files at their sizes (each method), its uniform K-quant files, then llama-quantize with
     slimlm's types (what the type choice alone buys)."""
@@ -184,18 +184,19 @@ def run_model(bench: Bench, methods: list[str], peer_types: list[str], mixed_at:
             size = bench.results[f"llamacpp-{type_name}"]["bytes"]
             bench.job(f"slimlm-{method}-mixed-{type_name}", f"slimlm mixed {method}", f"<= {type_name}",
                       bench.slimlm(method, format="gguf", target_size=size / MiB))
-    for method in methods:
+    for method in methods if uniform_methods is None else uniform_methods:
         if method != "rtn":  # rtn's K-quant files are llama-quantize's bytes (tested)
             for type_name in uniform:
                 bench.job(f"slimlm-{method}-{type_name}", f"slimlm {method}", type_name,
                           bench.slimlm(method, format=f"gguf:{type_name}"))
-    for type_name in mixed_at if type_files else []:
-        types_file = bench.dir / f"slimlm-rtn-mixed-{type_name}.tensor-types.txt"
-        if types_file.exists():
-            for imatrix in (False, True):
-                bench.job(f"llamacpp{'-imat' if imatrix else ''}-slimlm-types-{type_name}",
-                          f"llama.cpp, slimlm's types{' + imatrix' if imatrix else ''}", f"<= {type_name}",
-                          bench.peer("Q8_0", imatrix, types_file))
+    for method in methods if type_files else []:
+        for type_name in mixed_at:
+            types_file = bench.dir / f"slimlm-{method}-mixed-{type_name}.tensor-types.txt"
+            if types_file.exists():
+                for imatrix in (False, True):
+                    bench.job(f"llamacpp{'-imat' if imatrix else ''}-slimlm-{method}-types-{type_name}",
+                              f"llama.cpp, slimlm {method}'s types{' + imatrix' if imatrix else ''}",
+                              f"<= {type_name}", bench.peer("Q8_0", imatrix, types_file))
 
 
 def measure_speed(bench: Bench) -> None:
@@ -304,6 +305,7 @@ def main() -> int:
     ap.add_argument("--types", default=",".join(PEER_TYPES), help="llama.cpp's points (llama-quantize types)")
     ap.add_argument("--mixed-at", default=",".join(PEER_TYPES), help="llama.cpp points to build slimlm's mixes at")
     ap.add_argument("--uniform", default=",".join(UNIFORM_TYPES), help="slimlm's uniform K-quant files (not rtn)")
+    ap.add_argument("--uniform-methods", help="the methods of the uniform K-quant files (default: --methods)")
     ap.add_argument("--no-type-files", action="store_true",
                     help="skip llama-quantize with slimlm's per-tensor types (saves time on a bigger model)")
     ap.add_argument("--threads", type=int, default=2,
@@ -317,7 +319,8 @@ def main() -> int:
         bench = Bench(model, Path(args.work), tools, corpora, args.calib, args.max_chunks, args.threads)
         run_model(bench, [m for m in args.methods.split(",") if m], args.types.split(","),
                   [t for t in args.mixed_at.split(",") if t], [t for t in args.uniform.split(",") if t],
-                  not args.no_type_files)
+                  not args.no_type_files,
+                  [m for m in args.uniform_methods.split(",") if m] if args.uniform_methods else None)
         if args.speed:
             measure_speed(bench)
         body = table(bench) + [""] + [f"- {x}" for x in verdicts(bench)]
@@ -333,8 +336,8 @@ def main() -> int:
 DESCRIPTION = ("KL against the f32 GGUF from `llama-perplexity --kl-divergence` (chunks of 512, `-fa off`, 2 threads) on "
                "held-out python-docs and the out-of-domain held-out prose and ChatML chat of data/calibration_mix.py "
                "(none shares a 13-word run with the calibration text). slimlm mixed: `--format gguf --target-size` set "
-               "to the llama.cpp file's size at that type; llama.cpp, slimlm's types: llama-quantize with slimlm rtn's "
-               "`--tensor-type-file`. GPTQ and llama-imatrix calibrate on {calib}, "
+               "to the llama.cpp file's size at that type; llama.cpp, slimlm METHOD's types: llama-quantize with the "
+               "`--tensor-type-file` of that slimlm mix. GPTQ and llama-imatrix calibrate on {calib}, "
                f"{CALIB['calib_samples']} x {CALIB['calib_seq_len']} tokens. bits/weight: file bits / all parameters. "
                "Decode tok/s (where shown) measured in one quiet pass (`--speed`). The f32 reference is the "
                "dequantized GGUF the built-in package ships (SmolLM2: Q4_1; Gemma 3: Q4_K_M), so a type that holds "

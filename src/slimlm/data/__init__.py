@@ -6,8 +6,8 @@ task sets (`pydoc`, built from the standard library's docstrings, builtin_tasks.
 reader with `file:line` errors, chat and prompt records, and the one calibration / held-out
 split of the built-in corpus. eval/, train/, compress/ and the router read through here, so a
 data file means the same thing, and fails the same way, to every verb. This package imports
-no verb's package (it sits below them in the layers of pyproject.toml); it is where corpus
-curation goes.
+no verb's package (it sits below them in the layers of pyproject.toml). The privacy detectors
+(privacy.py) live here because two verbs use them: the server's guard and curation's PII step.
 """
 
 from slimlm.data.builtin_tasks import BUILTIN_TASKS, builtin_task

@@ -37,7 +37,7 @@ def read_jsonl(path: Path, required: tuple[str, ...] = (), skip_bad_lines: bool 
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
-            problem = _problem(line, required, check)
+            problem = parse_line(line, required, check)
             if isinstance(problem, dict):
                 records.append(problem)
                 continue
@@ -51,7 +51,7 @@ def read_jsonl(path: Path, required: tuple[str, ...] = (), skip_bad_lines: bool 
     return records
 
 
-def _problem(line: str, required: tuple[str, ...], check: Callable[[dict], str | None] | None) -> dict | str:
+def parse_line(line: str, required: tuple[str, ...], check: Callable[[dict], str | None] | None) -> dict | str:
     """The line's record, or what is wrong with it in words (read_jsonl adds the file and line)."""
     try:
         record = json.loads(line)

@@ -80,7 +80,7 @@ class Hybrid:
 
     @classmethod
     def build(cls, config, hook=None, large=None) -> Hybrid:
-        from slimlm.serve.privacy import PrivacyGuard
+        from slimlm.data.privacy import PrivacyGuard
 
         policy = None
         if hook is not None:

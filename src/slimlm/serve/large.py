@@ -17,9 +17,9 @@ import time
 
 from fastapi.responses import JSONResponse
 
+from slimlm.data.privacy import PrivacyGuard
 from slimlm.errors import SlimlmError
 from slimlm.serve import schemas as S
-from slimlm.serve.privacy import PrivacyGuard
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 _PARTIAL = re.compile(r"\[[A-Z_]*\d*$")  # what may still grow into a placeholder such as [EMAIL_1]

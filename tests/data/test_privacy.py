@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from slimlm.data.privacy import KINDS, Decision, Finding, PrivacyGuard
 from slimlm.errors import SlimlmError
-from slimlm.serve.privacy import KINDS, Decision, Finding, PrivacyGuard
 
 PRIVATE_KEY = ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAA\n"
                "-----END OPENSSH PRIVATE KEY-----")

@@ -133,11 +133,16 @@ class PrivacyGuard:
     mode "redact": it may leave once `redact`/`redact_messages` has replaced the items.
     """
 
-    def __init__(self, mode: str = "local", phone_regions: tuple[str, ...] = DEFAULT_PHONE_REGIONS) -> None:
+    def __init__(self, mode: str = "local", phone_regions: tuple[str, ...] = DEFAULT_PHONE_REGIONS,
+                 kinds: tuple[str, ...] = KINDS) -> None:
         if mode not in MODES:
             raise SlimlmError(f"unknown privacy mode '{mode}': choose one of {', '.join(MODES)}")
+        unknown = [k for k in kinds if k not in KINDS]
+        if unknown:
+            raise SlimlmError(f"unknown kind of personal data '{unknown[0]}': choose from {', '.join(KINDS)}")
         self.mode = mode
         self.phone_regions = tuple(phone_regions)
+        self.kinds = frozenset(kinds)  # what counts (curation may keep, say, IP addresses in logs)
 
     # -- detection ---------------------------------------------------------------------------
     def scan(self, text: str) -> list[Finding]:
@@ -166,7 +171,7 @@ class PrivacyGuard:
         found += _validated(_IPV4, "ip", text, _ipv4_ok)
         found += _validated(_IPV6, "ip", text, _ipv6_ok)
         found += self._phones(text)
-        return _without_overlaps(found)
+        return [f for f in _without_overlaps(found) if f.kind in self.kinds]
 
     def _phones(self, text: str) -> list[Finding]:
         import phonenumbers

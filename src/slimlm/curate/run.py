@@ -106,8 +106,8 @@ class _Runner:
         try:
             with _stderr_to(self.work / "logs" / "datatrove.log"):
                 _executor(stage, logs, self.options).run()
-        except SlimlmError:
-            raise
+        except SlimlmError as exc:
+            raise SlimlmError(f"{name} ({stage.name}) failed: {exc}: rerun the same command to continue") from exc
         except Exception as exc:  # a worker's error, re-raised here by the executor
             raise SlimlmError(f"{name} failed ({type(exc).__name__}: {exc}): the log is {logs}/logs; rerun the same "
                               "command to continue from the tasks that finished") from exc
@@ -175,16 +175,21 @@ def curate(recipe: str | Path | dict | Recipe, inputs: list[str | Path], out: st
                 dest = work / "shards" / f"{n:02d}"
                 runner.pipeline(source, elements, dest, f"{n:02d}-documents", final=False)
                 source, elements = dest, []
-            prep, filters = cls.corpus_stages(step.params, ctx, source)
-            for k, stage in enumerate(prep, start=1):
+            corpus_plan = cls.corpus_stages(step.params, ctx, source)
+            for k, stage in enumerate(corpus_plan.stages, start=1):
                 runner.run_stage(stage, [None] * len(stage.pipeline), f"{ctx.label}-{k}-{stage.name.replace(' ', '_')}")
-            elements += [(ctx.label, f) for f in filters]
+            source = corpus_plan.source
+            elements += [(ctx.label, f) for f in corpus_plan.filters]
         else:
             elements += [(ctx.label, s) for s in cls.document_steps(step.params, ctx)]
         elements.append((ctx.label, Tally()))
     runner.pipeline(source, elements, work / "output" / "data", f"{n + 1:02d}-output", final=True)
 
     steps = funnel(recipe, input_report, runner.stages)
+    for row in steps:  # what a step measured about itself (the grader's F1, the cut): its *.json files
+        found = sorted((work / "steps" / row["label"]).rglob("*.json"))
+        if found:
+            row["details"] = {p.stem: json.loads(p.read_text()) for p in found}
     result = CurateResult(out=out, funnel=steps, input=input_report, seconds=time.perf_counter() - start,
                           skipped=input_report["skipped"])
     final = work / "output"

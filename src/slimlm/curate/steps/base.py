@@ -56,6 +56,16 @@ class Stage:
     tasks: int
 
 
+@dataclass
+class CorpusPlan:
+    """What a whole-corpus step runs: `stages` in order, then `filters` first in the pipeline that
+    reads `source` (the shards the stages read, or new shards they wrote, such as scored copies)."""
+
+    stages: list
+    filters: list
+    source: Path
+
+
 class CurateStep:
     """One step of a recipe. Subclass it, set `help` and `params`, implement one of the two
     builders, and decorate the class with `@register_step("name")`."""
@@ -72,9 +82,9 @@ class CurateStep:
         """datatrove PipelineSteps that judge or rewrite one document at a time."""
         raise NotImplementedError
 
-    def corpus_stages(self, params, ctx: StepContext, source: Path) -> tuple[list[Stage], list]:
-        """(stages that read the shards in `source` and prepare, the filter steps that then run
-        first in the pipeline reading `source` again, shard for shard)."""
+    def corpus_stages(self, params, ctx: StepContext, source: Path) -> CorpusPlan:
+        """The stages that read the shards in `source` and prepare, and the filter steps that then
+        run first in the pipeline reading the plan's source, shard for shard."""
         raise NotImplementedError
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from datatrove.data import Document
 
-from slimlm.curate.steps.base import CurateStep, Stage, check_positive, register_step
+from slimlm.curate.steps.base import CorpusPlan, CurateStep, Stage, check_positive, register_step
 from slimlm.errors import SlimlmError
 
 
@@ -43,7 +43,7 @@ class ExactDedup(CurateStep):
         sigs, dups = ctx.folder("signatures"), ctx.folder("duplicates")
         stages = [Stage("signatures", [JsonlReader(str(source)), ExactDedupSignature(str(sigs), config)], ctx.tasks),
                   Stage("find duplicates", [ExactFindDedups(str(sigs), str(dups), config)], 1)]
-        return stages, [ExactDedupFilter(str(dups), config, exclusion_writer=ctx.removed_writer())]
+        return CorpusPlan(stages, [ExactDedupFilter(str(dups), config, exclusion_writer=ctx.removed_writer())], source)
 
 
 @dataclass
@@ -111,4 +111,4 @@ class NearDedup(CurateStep):
                         ctx.tasks),
                   Stage("buckets", [MinhashDedupBuckets(str(sigs), str(buckets), config=config)], bands),
                   Stage("clusters", [MinhashDedupCluster(str(buckets), str(clusters), config=config)], 1)]
-        return stages, [MinhashDedupFilter(str(clusters), exclusion_writer=ctx.removed_writer())]
+        return CorpusPlan(stages, [MinhashDedupFilter(str(clusters), exclusion_writer=ctx.removed_writer())], source)

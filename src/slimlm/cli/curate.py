@@ -130,3 +130,53 @@ def inspect(
             for d in docs:
                 task = f" (overlaps {d['task']})" if "task" in d else ""
                 out.print(f"  {d['id']}{task}: {d['text']!r}", markup=False, soft_wrap=True)
+
+
+@app.command()
+def synth(
+    teacher: str = typer.Option(..., "--teacher", help="Who writes: a model slimlm loads (folder, .gguf, built-in "
+                                "name) or an OpenAI-compatible URL (…/v1)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="The folder to write: train.jsonl (chat records for "
+                                 "finetune/distill), synth.json, and curate's data/, removed/, report.html."),
+    mode: str = typer.Option("textbook", "--mode", help="textbook: passages from topic x audience x format prompts; "
+                             "qa: question/answer pairs grounded in --docs."),
+    n: int = typer.Option(100, "--n", help="textbook: passages to write; qa: passages of your documents to ask about."),
+    topics: Optional[Path] = typer.Option(None, "--topics", help="textbook: a file with one topic per line "
+                                          "(default: the titles of Python's reference topics)."),
+    docs: Optional[list[str]] = typer.Option(None, "--docs", help="qa: files or folders (.txt, .md, .jsonl, "
+                                             ".parquet); repeat for several."),
+    k: int = typer.Option(3, "--k", help="qa: question/answer pairs per passage."),
+    audiences: Optional[list[str]] = typer.Option(None, "--audience", help="textbook: repeat for several "
+                                                  "(default: high school, college, professionals, curious adults)."),
+    formats: Optional[list[str]] = typer.Option(None, "--style", help="textbook: repeat for several (default: "
+                                                "textbook section, tutorial, exercises with solutions, article)."),
+    prompt: Optional[Path] = typer.Option(None, "--prompt", help="Your own template file ({topic} {audience} "
+                                          "{format}, or {text} {k} for qa)."),
+    max_tokens: int = typer.Option(768, "--max-tokens", help="The teacher's longest answer."),
+    teacher_model: Optional[str] = typer.Option(None, "--teacher-model", help="The `model` name sent to a URL."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="The environment variable holding the "
+                                              "URL's API key (never pass a key as an argument)."),
+    seed: int = typer.Option(0, "--seed", help="Which prompts of the grid, in which order."),
+    tokenizer: str = typer.Option("smollm2-135m-instruct", "--tokenizer", help="Counts tokens in the report "
+                                  "(or `words`)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+):
+    """Have a teacher write textbook-style passages or grounded Q/A pairs, then dedupe and decontaminate them.
+
+    \b
+    Resumable: answers are kept as they arrive; rerun the same command after a kill or an outage.
+    Example: slimlm synth --teacher gemma3-270m --n 50 --out synth/
+    Grounded: slimlm synth --teacher http://127.0.0.1:8080/v1 --mode qa --docs handbook/ --out qa/
+    """
+    from slimlm.curate.synth import AUDIENCES, FORMATS, SynthOptions
+    from slimlm.curate.synth import synth as do_synth
+
+    options = SynthOptions(mode=mode, n=n, topics=str(topics) if topics else None, docs=list(docs or []), k=k,
+                           audiences=list(audiences or AUDIENCES), formats=list(formats or FORMATS),
+                           max_tokens=max_tokens, prompt=str(prompt) if prompt else None, seed=seed,
+                           teacher_model=teacher_model, api_key_env=api_key_env, tokenizer=tokenizer)
+    summary = do_synth(teacher, out_dir, options, force=force, say=lambda line: out.print(line, markup=False))
+    out.print(f"{summary['prompts']} prompts -> {summary['records']} records -> {summary['kept']} kept after dedup "
+              "and decontamination", markup=False)
+    out.print(f"train on it: slimlm finetune MODEL --data {out_dir / 'train.jsonl'} --out ./lora", markup=False,
+              soft_wrap=True)

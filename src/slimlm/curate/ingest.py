@@ -4,7 +4,8 @@ Parquet (a column), checked line by line and spread over shards that the pipelin
 Everything is read once, here, so a bad file is found before any filter runs: a line that is not
 JSON, a record without the field, a file that is not UTF-8 or not Parquet is one error naming the
 file and line (`on_error="fail"`, the default) or is reported and skipped (`"skip"`). Each document
-gets an id (`file:line`), its provenance and its token count. A chat record's turns become one
+gets an id (`file:line`), its provenance and its token count (and keeps a JSONL record's own
+`metadata` mapping). A chat record's turns become one
 text, each turn after a line `<|role|>`, so every step judges what was said; the writer turns the
 text back into `messages` (`chat_messages`).
 """
@@ -107,12 +108,14 @@ def _records(path: Path, text_field: str) -> Iterator[tuple[int, dict | str]]:
 
 
 def _text_of(record: dict, text_field: str) -> dict | str:
+    meta = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}  # kept with the document
     value = record.get(text_field)
     if isinstance(value, str):
-        return {"text": value}
+        return {"text": value, "meta": meta}
     if "messages" in record:
         text = render_chat(record["messages"])
-        return {"text": text, "chat": True} if text else "'messages' is not a list of {role, content} turns"
+        return {"text": text, "chat": True, "meta": meta} if text else \
+            "'messages' is not a list of {role, content} turns"
     return f"no text field {text_field!r} (a string) and no chat 'messages': name the field with --field"
 
 
@@ -182,7 +185,8 @@ def ingest(inputs: list[str | Path], out: Path, shards: int, counter, text_field
                 if not record["text"].strip():
                     continue
                 report.documents += 1
-                meta = {"source": str(path), "line": line, **({"chat": True} if record.get("chat") else {})}
+                meta = {**record.get("meta", {}), "source": str(path), "line": line,
+                        **({"chat": True} if record.get("chat") else {})}
                 batch.append({"id": f"{path}:{line}", "text": record["text"], "metadata": meta})
                 if len(batch) >= 256:
                     flush()

@@ -116,7 +116,7 @@ def test_bad_files_are_one_line_errors(tmp_path):
 def test_python_overrides_are_checked_by_name_and_type():
     base = FinetuneConfig(rank=4)
     assert replace_checked(base, rank=8, train={"lr": 1e-3}) == FinetuneConfig(rank=8, train=TrainConfig(lr=1e-3))
-    with pytest.raises(TypeError, match="unknown key 'rnak'.*allowed keys are alpha, dropout"):
+    with pytest.raises(TypeError, match="unknown key 'rnak'.*allowed keys are alpha, curriculum, curriculum_buckets, dropout"):
         replace_checked(base, rnak=8)
     with pytest.raises(TypeError, match="rank must be an integer"):
         replace_checked(base, rank="8")

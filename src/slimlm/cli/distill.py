@@ -75,6 +75,11 @@ def distill(
     seed: int = typer.Option(_T.seed, "--seed", help="Seed for the split, data order, sampling and initialization."),
     target: Optional[List[str]] = typer.Option(None, "--target", help="LoRA: modules to adapt (default per family)."),
     train_on_prompt: bool = typer.Option(False, "--train-on-prompt", help="Learn the prompt tokens too."),
+    curriculum: Optional[str] = typer.Option(None, "--curriculum", help="Train in the order of a score the records "
+                                             "carry (metadata.KEY from slimlm curate: edu_score = best last; "
+                                             "perplexity = easiest first; KEY:desc reverses) instead of shuffled."),
+    curriculum_buckets: int = typer.Option(0, "--curriculum-buckets", help="With --curriculum: cut the order "
+                                           "into this many score buckets, each shuffled (0: strict order)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in OUT (same settings)."),
     force: bool = typer.Option(False, "--force", help="Delete OUT (a previous slimlm run) and start over."),
     config: Optional[Path] = ConfigOpt,

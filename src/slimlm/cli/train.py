@@ -121,6 +121,11 @@ def finetune(
                                          "the answers."),
     skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed JSONL lines (counted) "
                                         "instead of stopping at the first."),
+    curriculum: Optional[str] = typer.Option(None, "--curriculum", help="Train in the order of a score the records "
+                                             "carry (metadata.KEY from slimlm curate: edu_score = best last; "
+                                             "perplexity = easiest first; KEY:desc reverses) instead of shuffled."),
+    curriculum_buckets: int = typer.Option(0, "--curriculum-buckets", help="With --curriculum: cut the order "
+                                           "into this many score buckets, each shuffled (0: strict order)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in OUT from its newest "
                                 "checkpoint, with the same settings."),
     force: bool = typer.Option(False, "--force", help="Delete OUT (a previous slimlm run) and start over."),

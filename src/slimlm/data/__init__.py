@@ -14,10 +14,10 @@ from slimlm.data.builtin_tasks import BUILTIN_TASKS, builtin_task
 from slimlm.data.calibration_mix import held_out_chat, held_out_corpora, held_out_prose, mix_docs, ngram_overlap
 from slimlm.data.corpora import BUILTIN_CORPORA, builtin_corpus, python_docs, text_documents, text_files
 from slimlm.data.jsonl import JsonlReport, read_jsonl
-from slimlm.data.records import check_chat_record, read_prompts, read_records
+from slimlm.data.records import check_chat_record, read_prompts, read_records, record_scores
 from slimlm.data.splits import DEFAULT_CALIB, HELD_OUT, calibration_corpus, calibration_docs, held_out_docs
 
 __all__ = ["BUILTIN_CORPORA", "BUILTIN_TASKS", "DEFAULT_CALIB", "HELD_OUT", "JsonlReport", "builtin_corpus",
            "builtin_task", "calibration_corpus", "calibration_docs", "check_chat_record", "held_out_chat",
            "held_out_corpora", "held_out_docs", "held_out_prose", "mix_docs", "ngram_overlap", "python_docs",
-           "read_jsonl", "read_prompts", "read_records", "text_documents", "text_files"]
+           "read_jsonl", "read_prompts", "read_records", "record_scores", "text_documents", "text_files"]

@@ -70,6 +70,32 @@ def read_records(source: str | Path, skip_bad_lines: bool = False, report: Jsonl
     return out
 
 
+def record_scores(source: str | Path, key: str, skip_bad_lines: bool = False) -> list[float]:
+    """The score `key` of each training record `read_records` returns, in the same order: the
+    record's `metadata[key]` (what `slimlm curate` writes: edu_score, perplexity...) or its own
+    top-level `key`. For a curriculum; a record without one is an error naming the line."""
+    path = Path(source)
+    if path.suffix != ".jsonl" or not path.is_file():
+        raise SlimlmError(f"{source}: a curriculum needs JSONL records with a score (metadata.{key}): give the "
+                          "train.jsonl or data of `slimlm curate`/`slimlm synth`")
+    scores = []
+
+    def check(record: dict) -> str | None:
+        problem = check_chat_record(record)
+        if problem:
+            return problem
+        value = record.get("metadata", {}).get(key, record.get(key)) if isinstance(record.get("metadata", {}), dict) \
+            else record.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"no score {key!r} (a number, in metadata or at the top level): score the data with slimlm curate"
+        return None
+
+    for record in read_jsonl(path, skip_bad_lines=skip_bad_lines, check=check):
+        meta = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
+        scores.append(float(meta.get(key, record.get(key))))
+    return scores
+
+
 def _check_prompt_row(row: dict) -> str | None:
     if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
         return "has no \"prompt\" text"

@@ -42,6 +42,8 @@ class FinetuneConfig:
     eval_fraction: float = 0.1  # share of the data held out
     pack: bool | None = None  # None: pack plain text, keep chat/pair examples one per row
     skip_bad_lines: bool = False  # skip malformed JSONL lines (counted) instead of stopping
+    curriculum: str | None = None  # order training by a score the records carry (metadata.KEY[:desc]), not shuffled
+    curriculum_buckets: int = 0  # >1: that many score buckets in order, each shuffled
     train: TrainConfig = field(default_factory=TrainConfig)  # its `out` is the run's OUT
 
     def validate(self) -> FinetuneConfig:
@@ -55,6 +57,7 @@ class FinetuneConfig:
             raise SlimlmError(f"--gguf writes a llama.cpp LoRA adapter, which {self.method} is not: "
                               "`slimlm export` a merged or fully fine-tuned model instead")
         _check_fraction(self.eval_fraction)
+        _check_curriculum(self.curriculum, self.curriculum_buckets)
         self.train.validate(need_out=False)
         return self
 
@@ -84,6 +87,8 @@ class DistillConfig:
     pack: bool | None = None
     train_on_prompt: bool = False
     skip_bad_lines: bool = False
+    curriculum: str | None = None  # order training by a score the records carry (metadata.KEY[:desc]), not shuffled
+    curriculum_buckets: int = 0  # >1: that many score buckets in order, each shuffled
     prompt_tokens: int = 64  # sequence, plain text: tokens of each block the teacher continues
     max_new_tokens: int = 256  # sequence: longest teacher answer
     gen_temperature: float = 0.0  # sequence: 0 greedy, else sampling
@@ -113,6 +118,7 @@ class DistillConfig:
         if self.merge and self.method == "full":
             raise SlimlmError("--merge folds an adapter into the weights: full training already writes dense weights")
         _check_fraction(self.eval_fraction)
+        _check_curriculum(self.curriculum, self.curriculum_buckets)
         self.train.validate(need_out=False)
         return self
 
@@ -120,3 +126,12 @@ class DistillConfig:
 def _check_fraction(value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise SlimlmError(f"--eval-fraction {value} must be at least 0 and below 1 (the share held out)")
+
+
+def _check_curriculum(curriculum: str | None, buckets: int) -> None:
+    from slimlm.train.data import parse_curriculum
+
+    if curriculum is not None:
+        parse_curriculum(curriculum)
+    if buckets < 0 or (buckets and curriculum is None):
+        raise SlimlmError("--curriculum-buckets needs --curriculum and must be at least 0")

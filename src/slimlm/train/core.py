@@ -58,6 +58,7 @@ class TrainConfig:
     early_stop_patience: int = 0  # stop after this many evaluations without improvement (0: never)
     max_tokens: int | None = None  # stop after this many input tokens (all processes)
     seed: int = 0
+    shuffle: bool = True  # each epoch in a new order; False keeps the data's order (a curriculum)
     gradient_checkpointing: bool = False
     bf16: str | bool = "auto"  # "auto": only where the hardware computes bf16 natively
     # run folder: checkpoints/, train_log.jsonl, loss.png; not a recipe key (finetune/distill set it from OUT)
@@ -195,7 +196,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         # Its own generator: otherwise each new iterator draws from the global RNG, and a resumed
         # run (which starts an iterator mid-epoch) would see different dropout masks.
-        loader = torch.utils.data.DataLoader(self.train_data, batch_size=config.batch_size, shuffle=True,
+        loader = torch.utils.data.DataLoader(self.train_data, batch_size=config.batch_size, shuffle=config.shuffle,
                                              collate_fn=collate, generator=torch.Generator().manual_seed(config.seed))
         self.model, self.optimizer, self.loader = acc.prepare(model, optimizer, loader)
         steps_per_epoch = math.ceil(len(self.loader) / config.grad_accum)

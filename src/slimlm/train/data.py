@@ -16,7 +16,7 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slimlm.data import JsonlReport, read_records
+from slimlm.data import JsonlReport, read_records, record_scores
 from slimlm.errors import SlimlmError
 
 IGNORE = -100  # the label value torch's cross_entropy and transformers' losses skip
@@ -133,20 +133,50 @@ def split(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
+def parse_curriculum(spec: str) -> tuple[str, bool]:
+    """'KEY' (ascending: the highest scores last) or 'KEY:desc' -> (key, descending)."""
+    key, _, order = spec.partition(":")
+    if not key or order not in ("", "asc", "desc"):
+        raise SlimlmError(f"curriculum {spec!r}: give a score name, optionally with :asc or :desc (edu_score, "
+                          "perplexity:desc)")
+    return key, order == "desc"
+
+
+def curriculum_order(scores: list[float], spec: str, buckets: int, seed: int) -> list[int]:
+    """Indices in curriculum order: sorted by score (stable), or, with `buckets`, cut into that many
+    equal buckets of increasing score, each shuffled (seeded): a coarse order that still mixes
+    examples of about the same score."""
+    _, descending = parse_curriculum(spec)
+    order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=descending)
+    if buckets > 1:
+        rng, size = random.Random(seed), -(-len(order) // buckets)
+        chunks = [order[i:i + size] for i in range(0, len(order), size)]
+        for chunk in chunks:
+            rng.shuffle(chunk)
+        order = [i for chunk in chunks for i in chunk]
+    return order
+
+
 def load_data(source: str | Path, tokenizer, seq_len: int = 512, eval_fraction: float = 0.1, seed: int = 0,
               train_on_prompt: bool = False, pack_examples: bool | None = None,
-              skip_bad_lines: bool = False) -> TrainData:
+              skip_bad_lines: bool = False, curriculum: str | None = None, buckets: int = 0) -> TrainData:
     """Read, tokenize, split and (for text, or when asked) pack training data.
 
     pack_examples: None packs plain text and leaves instruction examples one per row (padded
     per batch); True packs instruction examples too, keeping their label masks.
+    curriculum: a score each record carries (`metadata.KEY`, as `slimlm curate` writes it, e.g.
+    edu_score, or perplexity under a teacher); the training examples are ordered by it
+    (curriculum_order) instead of shuffled, the held-out split staying random.
     """
     if seq_len < 2:
         raise SlimlmError(f"sequence length {seq_len} is too short: use at least 2 tokens (512 is typical)")
     report = JsonlReport()
     records = read_records(source, skip_bad_lines=skip_bad_lines, report=report)
+    scores = record_scores(source, parse_curriculum(curriculum)[0], skip_bad_lines) if curriculum else None
     kind = "text" if all(isinstance(r, str) for r in records) else "instruction"
     if kind == "text":  # split blocks, since a .txt file is a single document
+        if scores is not None:  # documents in curriculum order, then packed: the blocks follow it
+            records = [records[i] for i in curriculum_order(scores, curriculum, buckets, seed)]
         blocks = pack([encode_text(tokenizer, r) for r in records], seq_len)
         train, held = split(blocks, eval_fraction, seed)
         return TrainData(train, held, kind, str(source), seq_len, True, skipped=report.skipped)
@@ -163,11 +193,16 @@ def load_data(source: str | Path, tokenizer, seq_len: int = 512, eval_fraction: 
     truncated = sum(len(ex["input_ids"]) > seq_len for ex in examples)
     if not pack_examples:
         examples = [{k: v[:seq_len] for k, v in ex.items()} for ex in examples]
-    kept = [ex for ex in examples if _learnable(ex)]
+    learnable = [i for i, ex in enumerate(examples) if _learnable(ex)]
+    kept = [examples[i] for i in learnable]
     if not kept:
         raise SlimlmError(f"{source}: no example has an answer token within the first {seq_len} tokens: "
                           "raise --seq-len")
     train, held = split(kept, eval_fraction, seed)
+    if scores is not None:  # the same split, then the training examples in curriculum order
+        train_idx, _ = split(learnable, eval_fraction, seed)
+        train = [examples[train_idx[i]] for i in curriculum_order([scores[j] for j in train_idx], curriculum,
+                                                                   buckets, seed)]
     if pack_examples:
         train, held = pack(train, seq_len), pack(held, seq_len)
     return TrainData(train, held, kind, str(source), seq_len, bool(pack_examples),

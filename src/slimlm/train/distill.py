@@ -202,6 +202,11 @@ def distill(teacher, student, data, out, config: DistillConfig | str | Path | di
     cfg = make_config(DistillConfig, config, "distill()", **overrides)
     cfg = replace(cfg, train=replace(cfg.train, out=str(out))).validate()
     tc, mode, kind, on_policy, method, merge = cfg.train, cfg.mode, cfg.loss, cfg.on_policy, cfg.method, cfg.merge
+    if cfg.curriculum:
+        if mode != "logit":
+            raise SlimlmError("--curriculum orders the examples of logit distillation; sequence distillation trains "
+                              "on the teacher's answers: order those with slimlm curate instead")
+        tc = replace(tc, shuffle=False)  # a curriculum is an order
     top_k, eval_fraction, train_on_prompt, pack = cfg.top_k, cfg.eval_fraction, cfg.train_on_prompt, cfg.pack
     state = process_state()
     seq_len = data.seq_len if isinstance(data, TrainData) else cfg.seq_len  # tokenized data brings its own
@@ -214,7 +219,8 @@ def distill(teacher, student, data, out, config: DistillConfig | str | Path | di
         vocab = _vocab(t_tok, s_tok)  # a mismatch is a one-line error naming --mode sequence
         train_data = data if isinstance(data, TrainData) else load_data(
             data, s_tok, seq_len=seq_len, eval_fraction=eval_fraction, seed=tc.seed,
-            train_on_prompt=train_on_prompt, pack_examples=pack, skip_bad_lines=cfg.skip_bad_lines)
+            train_on_prompt=train_on_prompt, pack_examples=pack, skip_bad_lines=cfg.skip_bad_lines,
+            curriculum=cfg.curriculum, buckets=cfg.curriculum_buckets)
         cache = Path(cfg.cache) if cfg.cache else default_cache_path(t_folder, train_data.train, top_k)
     else:
         from slimlm.train.distill_sequence import answered, generate_answers, student_data, teacher_prompts

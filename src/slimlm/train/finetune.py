@@ -175,10 +175,11 @@ def finetune(model, data, out, config: FinetuneConfig | str | Path | dict | None
         if base.config.model_type not in ARCHS:
             raise SlimlmError(f"--gguf: llama.cpp export does not support {base.config.model_type}; "
                               f"supported: {', '.join(ARCHS)}")
-    tc = cfg.train
+    tc = replace(cfg.train, shuffle=False) if cfg.curriculum else cfg.train  # a curriculum is an order
     train_data = load_data(data, tokenizer, seq_len=cfg.seq_len, eval_fraction=cfg.eval_fraction, seed=tc.seed,
                            train_on_prompt=cfg.train_on_prompt, pack_examples=cfg.pack,
-                           skip_bad_lines=cfg.skip_bad_lines)
+                           skip_bad_lines=cfg.skip_bad_lines, curriculum=cfg.curriculum,
+                           buckets=cfg.curriculum_buckets)
     total = sum(p.numel() for p in base.parameters())
     targets: list[str] = []
     set_seed(tc.seed)  # the adapter's random initialization is part of the run

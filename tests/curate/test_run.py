@@ -177,3 +177,12 @@ def test_a_killed_run_continues_without_losing_or_duplicating_documents(tmp_path
     for step in run["funnel"]:
         assert step["docs_in"] - step["docs_out"] == sum(step["removed"].values())
     assert not (tmp_path / ".out.work").exists()
+
+
+def test_an_unreadable_file_is_named(tmp_path):
+    import gzip as gz
+
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gz.compress(b'{"text": "fine"}\n')[:-12])  # cut short: the stream ends early
+    with pytest.raises(SlimlmError, match=rf"{broken}: cannot be read"):
+        curate({"tokenizer": "words", "steps": ["normalize"]}, [broken], tmp_path / "out", say=lambda _: None)

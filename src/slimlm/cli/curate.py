@@ -159,6 +159,8 @@ def synth(
     seed: int = typer.Option(0, "--seed", help="Which prompts of the grid, in which order."),
     tokenizer: str = typer.Option("smollm2-135m-instruct", "--tokenizer", help="Counts tokens in the report "
                                   "(or `words`)."),
+    executor: str = typer.Option("local", "--executor", help="Where the dedup and decontamination run: local or ray."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (--executor ray)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
 ):
     """Have a teacher write textbook-style passages or grounded Q/A pairs, then dedupe and decontaminate them.
@@ -174,7 +176,8 @@ def synth(
     options = SynthOptions(mode=mode, n=n, topics=str(topics) if topics else None, docs=list(docs or []), k=k,
                            audiences=list(audiences or AUDIENCES), formats=list(formats or FORMATS),
                            max_tokens=max_tokens, prompt=str(prompt) if prompt else None, seed=seed,
-                           teacher_model=teacher_model, api_key_env=api_key_env, tokenizer=tokenizer)
+                           teacher_model=teacher_model, api_key_env=api_key_env, tokenizer=tokenizer,
+                           executor=executor, address=address)
     summary = do_synth(teacher, out_dir, options, force=force, say=lambda line: out.print(line, markup=False))
     out.print(f"{summary['prompts']} prompts -> {summary['records']} records -> {summary['kept']} kept after dedup "
               "and decontamination", markup=False)

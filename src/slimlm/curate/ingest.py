@@ -81,7 +81,14 @@ def chat_messages(text: str) -> list[dict]:
 
 
 def _records(path: Path, text_field: str) -> Iterator[tuple[int, dict | str]]:
-    """(line, {"text", "chat"?}) or (line, problem) for each record of one file."""
+    """(line, {"text", "chat"?}) or (line, problem) for each record of one file; line 0: the file."""
+    try:
+        yield from _file_records(path, text_field)
+    except (OSError, EOFError) as exc:  # unreadable (permissions, a gzip stream cut short): the file is the problem
+        yield 0, f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
+
+
+def _file_records(path: Path, text_field: str) -> Iterator[tuple[int, dict | str]]:
     kind = _kind(path)
     if kind == "text":
         try:

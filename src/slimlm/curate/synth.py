@@ -52,6 +52,8 @@ class SynthOptions:
     retries: int = 4
     backoff_s: float = 1.0
     tokenizer: str = "smollm2-135m-instruct"  # counts tokens in the report (or `words`)
+    executor: str = "local"  # where the dedup and decontamination run: local, or ray
+    address: str | None = None  # a Ray cluster's address (executor ray)
 
 
 def builtin_topics() -> list[str]:
@@ -184,7 +186,8 @@ def synth(teacher: str, out: str | Path, options: SynthOptions | None = None, fo
     raw.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     recipe = {"description": "slimlm synth: the teacher's output, deduplicated and decontaminated",
               "tokenizer": options.tokenizer, "steps": ["exact_dedup", "near_dedup", "decontaminate"]}
-    result = curate(recipe, [raw], out, RunOptions(tasks=1), force=force, say=say)
+    result = curate(recipe, [raw], out, RunOptions(tasks=2, executor=options.executor, address=options.address),
+                    force=force, say=say)
     kept = _chat_records(out / "data")
     (out / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     summary = {"teacher": teacher, "options": asdict(options), "prompts": len(jobs), "records": len(records),

@@ -97,6 +97,14 @@ def run(
     kept = result.funnel[-1]["docs_out"]
     out.print(_funnel_table(result.funnel, f"slimlm curate {recipe.source}: {result.input['documents']:,} -> "
                             f"{kept:,} documents in {result.seconds:.1f} s"))
+    for step in result.funnel:  # what a scoring step measured about itself
+        metrics, cut = step.get("details", {}).get("metrics"), step.get("details", {}).get("cut")
+        if metrics:
+            out.print(f"  {step['step']}: grader F1 at grade 3 = {metrics['f1_at_3']:.3f}, mean abs. error "
+                      f"{metrics['mae']:.2f} on {metrics['held_out']} held-out grades", markup=False)
+        if cut:
+            out.print(f"  {step['step']}: kept {cut['key']} {'<=' if cut['lower_is_better'] else '>='} {cut['cut']:.3f}",
+                      markup=False)
     for line in result.skipped[:5]:
         out.print(f"  skipped {line}", markup=False, soft_wrap=True)
     out.print(f"kept: {out_dir / 'data'}", markup=False, soft_wrap=True)
@@ -153,6 +161,7 @@ def synth(
     prompt: Optional[Path] = typer.Option(None, "--prompt", help="Your own template file ({topic} {audience} "
                                           "{format}, or {text} {k} for qa)."),
     max_tokens: int = typer.Option(768, "--max-tokens", help="The teacher's longest answer."),
+    batch: int = typer.Option(4, "--batch", help="Prompts sent at once to a URL teacher (kept after each batch)."),
     teacher_model: Optional[str] = typer.Option(None, "--teacher-model", help="The `model` name sent to a URL."),
     api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="The environment variable holding the "
                                               "URL's API key (never pass a key as an argument)."),
@@ -175,7 +184,7 @@ def synth(
 
     options = SynthOptions(mode=mode, n=n, topics=str(topics) if topics else None, docs=list(docs or []), k=k,
                            audiences=list(audiences or AUDIENCES), formats=list(formats or FORMATS),
-                           max_tokens=max_tokens, prompt=str(prompt) if prompt else None, seed=seed,
+                           max_tokens=max_tokens, batch=batch, prompt=str(prompt) if prompt else None, seed=seed,
                            teacher_model=teacher_model, api_key_env=api_key_env, tokenizer=tokenizer,
                            executor=executor, address=address)
     summary = do_synth(teacher, out_dir, options, force=force, say=lambda line: out.print(line, markup=False))

@@ -6,8 +6,9 @@
 - qa: question/answer pairs grounded in your documents (prompts/synth_qa.txt), each passage cut
   to `max_chars`, `k` pairs asked per passage.
 
-Jobs are fixed by the settings (a seeded sample of the prompt grid), each answer appended to a
-work file as it arrives, so a killed run, or a teacher that stays away after its retries,
+Jobs are fixed by the settings (a seeded sample of the prompt grid), sent to a URL `batch` at a
+time (concurrent requests, which a serving engine batches), each batch's answers appended to a
+work file as they arrive, so a killed run, or a teacher that stays away after its retries,
 continues where it stopped when the same command is rerun. The output is then deduplicated
 against itself (exact and MinHash) and decontaminated against every eval task by `curate`, and
 written as chat JSONL that `finetune` and `distill` read as it is (OUT/train.jsonl).
@@ -45,6 +46,7 @@ class SynthOptions:
     k: int = 3  # qa: pairs per passage
     max_chars: int = 3000  # qa: of each passage
     max_tokens: int = 768  # the teacher's longest answer
+    batch: int = 4  # prompts sent at once to a URL (answers are kept after each batch)
     prompt: str | None = None  # your own template file (textbook: {topic} {audience} {format}; qa: {text} {k})
     seed: int = 0
     teacher_model: str | None = None  # the `model` field sent to a URL
@@ -139,7 +141,7 @@ def synth(teacher: str, out: str | Path, options: SynthOptions | None = None, fo
           say=print, progress=None) -> dict:
     """Generate, deduplicate and decontaminate; OUT/train.jsonl, OUT/synth.json and curate's files."""
     from slimlm.curate.run import RunOptions, curate
-    from slimlm.curate.teacher import Teacher
+    from slimlm.curate.teacher import Teacher, TeacherStopped
 
     options = options or SynthOptions()
     if options.mode not in MODES:
@@ -159,18 +161,28 @@ def synth(teacher: str, out: str | Path, options: SynthOptions | None = None, fo
     say(f"{len(jobs)} prompts, {len(done)} answered before, {len(todo)} to ask {teacher}")
     client = Teacher(teacher, api_key_env=options.api_key_env, model_name=options.teacher_model,
                      max_tokens=options.max_tokens, retries=options.retries, backoff_s=options.backoff_s)
-    i = 0
+    written = 0
     try:
         with answers.open("a", encoding="utf-8") as f:
-            for i, job in enumerate(todo, start=1):
-                answer = client.ask(job["prompt"])
-                f.write(json.dumps({"id": job["id"], "answer": answer}, ensure_ascii=False) + "\n")
+            for start in range(0, len(todo), options.batch):
+                batch = todo[start:start + options.batch]
+                stopped = None
+                try:
+                    got = client.ask_many([j["prompt"] for j in batch])
+                except TeacherStopped as exc:  # keep what did come back of this batch, then stop
+                    got, stopped = exc.answers, exc
+                for job, answer in zip(batch, got):
+                    if answer is not None:
+                        f.write(json.dumps({"id": job["id"], "answer": answer}, ensure_ascii=False) + "\n")
+                        written += 1
                 f.flush()
+                if stopped is not None:
+                    raise stopped
                 if progress:
-                    progress(i, len(todo))
+                    progress(written, len(todo))
     except SlimlmError as exc:
-        raise SlimlmError(f"{exc}: {len(done) + i - 1} of {len(jobs)} answers are kept in {answers}; rerun the same "
-                          "command to continue") from None
+        raise SlimlmError(f"{exc}: {len(done) + written} of {len(jobs)} answers are kept in {answers}; rerun the "
+                          "same command to continue") from None
     finally:
         client.close()
     by_id = {j["id"]: j for j in jobs}

@@ -11,6 +11,14 @@ import asyncio
 from slimlm.errors import SlimlmError
 
 
+class TeacherStopped(SlimlmError):
+    """The teacher stayed away; `answers` holds what it did answer of the last batch (None: not)."""
+
+    def __init__(self, message: str, answers: list[str | None]):
+        super().__init__(message)
+        self.answers = answers
+
+
 def is_url(spec: str) -> bool:
     return spec.startswith(("http://", "https://"))
 
@@ -39,27 +47,45 @@ class Teacher:
             self._engine = open_backend(self.spec, self.backend)
 
     def ask(self, prompt: str) -> str:
+        return self.ask_many([prompt])[0]
+
+    def ask_many(self, prompts: list[str]) -> list[str]:
+        """Answers in order. A URL gets the prompts at once (concurrent requests, as a serving
+        engine batches them); a local model answers one after another."""
         if self._client is None and self._engine is None:
             self._open()
-        messages = [{"role": "user", "content": prompt}]
         if self._client is not None:
-            body = {"model": self.model_name, "messages": messages, "max_tokens": self.max_tokens, "temperature": 0}
             from slimlm.serve.upstream import UpstreamUnavailable
 
-            try:
-                answer = self._loop.run_until_complete(self._client.chat(body))
-            except UpstreamUnavailable as exc:
-                last = str(exc).rpartition("(last: ")[2].partition(")")[0] or "no answer"
-                raise SlimlmError(f"the teacher {self.spec} did not answer after {self.retries + 1} tries "
-                                  f"(last: {last}); what it answered before is kept") from None
-            try:
-                return answer["choices"][0]["message"]["content"] or ""
-            except (KeyError, IndexError, TypeError):
-                raise SlimlmError(f"teacher {self.spec} answered without choices[0].message.content: is it an "
-                                  "OpenAI-compatible chat API?") from None
+            async def all_of():
+                return await asyncio.gather(*(self._client.chat(self._body(p)) for p in prompts),
+                                            return_exceptions=True)
+
+            answers = self._loop.run_until_complete(all_of())
+            failed = next((a for a in answers if isinstance(a, BaseException)), None)
+            if failed is None:
+                return [self._content(a) for a in answers]
+            if not isinstance(failed, UpstreamUnavailable):
+                raise failed
+            last = str(failed).rpartition("(last: ")[2].partition(")")[0] or "no answer"
+            raise TeacherStopped(f"the teacher {self.spec} did not answer after {self.retries + 1} tries "
+                                 f"(last: {last}); what it answered before is kept",
+                                 [None if isinstance(a, BaseException) else self._content(a) for a in answers])
         from slimlm.models.backends import GenerationParams
 
-        return self._engine.generate(messages, GenerationParams(max_tokens=self.max_tokens, temperature=0.0)).text
+        params = GenerationParams(max_tokens=self.max_tokens, temperature=0.0)
+        return [self._engine.generate([{"role": "user", "content": p}], params).text for p in prompts]
+
+    def _body(self, prompt: str) -> dict:
+        return {"model": self.model_name, "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": self.max_tokens, "temperature": 0}
+
+    def _content(self, answer: dict) -> str:
+        try:
+            return answer["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise SlimlmError(f"teacher {self.spec} answered without choices[0].message.content: is it an "
+                              "OpenAI-compatible chat API?") from None
 
     def close(self) -> None:
         if self._client is not None:

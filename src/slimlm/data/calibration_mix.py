@@ -19,8 +19,8 @@ prose: science     paper abstracts in lm-eval's task READMEs (lm_eval/tasks)    
 prose: manual      IDLE's user manual (idlelib/help.html) and the module           67  120,000   29,369
                    docstrings of pure-Python stdlib modules
 prose: news        IDLE's release notes (idlelib/NEWS.txt, first 42,000 chars)      1   42,000   12,787
-prose: legal       Python's LICENSE and the distinct licence files in              28   80,000   19,244
-                   site-packages' *.dist-info folders
+prose: legal       Python's LICENSE and the distinct licence files of slimlm's     21   80,000   19,417
+                   core dependencies (LICENCE_DISTRIBUTIONS, a fixed list)
 code               stdlib Python source (every 9th module, 8,000 chars each)      68  159,316   48,080
                    and HumanEval prompts with their canonical solutions
 chat               ChatML conversations, two question/answer turns each (some      90  194,903   49,761
@@ -30,7 +30,7 @@ chat               ChatML conversations, two question/answer turns each (some   
 other languages    lm-eval's Korean (KMMLU) and Turkish (TurkishMMLU) chain-of-     21   24,000   38,831
                    thought few-shot examples and MMLU-ProX's prompt phrases in
                    29 languages (Czech, German, Arabic, Swahili, Yoruba, ...)
-total                                                                            392  836,759  248,312
+total                                                                            385  836,759  248,485
 =================  ============================================================  ====  =======  =======
 
 Held out (never in `mix`): prose 28 abstracts, 19,765 chars, 4,092 tokens; chat 32 conversations,
@@ -205,10 +205,32 @@ def _humaneval() -> tuple[tuple[str, str], ...]:
     return tuple((r["prompt"], r["canonical_solution"]) for r in rows)
 
 
+# The distributions whose licence files join `prose: legal`: slimlm's own core dependencies, a
+# fixed list, so the mix does not change with whatever else is installed beside slimlm (reading
+# every *.dist-info folder made the calibration set, and so GPTQ's result, differ between a fresh
+# install and a machine with more packages).
+LICENCE_DISTRIBUTIONS = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "huggingface-hub",
+                         "numpy", "scikit-learn", "scipy", "matplotlib", "Jinja2", "PyYAML", "protobuf", "peft",
+                         "fastapi", "uvicorn", "httpx", "SQLAlchemy", "gguf", "sentencepiece", "rich", "typer",
+                         "psutil", "platformdirs")
+
+
+def _licence_files() -> list[Path]:
+    from importlib import metadata
+
+    found = []
+    for name in LICENCE_DISTRIBUTIONS:
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found += [Path(dist.locate_file(f)) for f in dist.files or ()
+                  if ".dist-info/" in str(f) and re.match(r"(LICEN[CS]E|COPYING|NOTICE)", Path(str(f)).name, re.I)]
+    return sorted(found)
+
+
 def _licences() -> list[str]:
-    paths = [_stdlib() / "LICENSE.txt"] + sorted(
-        p for p in _site_packages().glob("*.dist-info/**/*") if p.is_file()
-        and re.match(r"(LICEN[CS]E|COPYING|NOTICE)", p.name, flags=re.I))
+    paths = [_stdlib() / "LICENSE.txt"] + [p for p in _licence_files() if p.is_file()]
     docs, seen = [], set()
     for path in paths:
         if not path.exists():

@@ -196,7 +196,7 @@ def test_q4_k_m_file_is_rtns_bytes_of_the_rescaled_model(wide_llama, tmp_path, m
         return report
 
     monkeypatch.setattr(awq, "apply_awq", keep)
-    common = dict(format="gguf:Q4_K_M", calib_samples=16, calib_seq_len=128, record=False)
+    common = dict(format="gguf:Q4_K_M", calib="python-docs", calib_samples=16, calib_seq_len=128, record=False)
     ours = quantize(wide_llama, tmp_path / "awq.gguf", method="awq", **common)
     assert fmts == ["Q4_0"] and ours.format == "gguf:Q4_K_M" and ours.method == "awq"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".awq.gguf.awq-")]  # the rewrite is removed

@@ -138,9 +138,7 @@ def _run(model, ids):
 def test_gptq_beats_rtn_on_a_tiny_llama(tiny_models):
     import torch
 
-    from slimlm.data import held_out_docs
-
-    from slimlm.data import calibration_docs
+    from slimlm.data import calibration_docs, held_out_docs
 
     folder = tiny_models("llama")
     # calibrated on python-docs, the domain of the held-out text below (the default `mix` is

@@ -80,7 +80,7 @@ def chat_messages(text: str) -> list[dict]:
     return [{"role": role, "content": content.strip("\n")} for role, content in zip(parts[1::2], parts[2::2])]
 
 
-def _records(path: Path, text_field: str) -> Iterator[tuple[int, dict | str]]:
+def file_records(path: Path, text_field: str) -> Iterator[tuple[int, dict | str]]:
     """(line, {"text", "chat"?}) or (line, problem) for each record of one file; line 0: the file."""
     try:
         yield from _file_records(path, text_field)
@@ -144,6 +144,13 @@ def _parquet(path: Path, text_field: str) -> Iterator[tuple[int, dict | str]]:
             yield row, {"text": value} if isinstance(value, str) else f"{text_field} is not a string"
 
 
+def read_shards(folder: Path) -> Iterator[dict]:
+    """The records of a folder of gzip JSONL shards (what the pipeline's stages write), shard by shard."""
+    for shard in sorted(Path(folder).glob("*.jsonl.gz")):
+        with gzip.open(shard, "rt", encoding="utf-8") as f:
+            yield from (json.loads(line) for line in f)
+
+
 class ShardWriter:
     """Round-robin JSONL.gz shards in `folder`, written to temporary names and renamed on close."""
 
@@ -182,7 +189,7 @@ def ingest(inputs: list[str | Path], out: Path, shards: int, counter, text_field
 
     try:
         for path in files:
-            for line, record in _records(path, text_field):
+            for line, record in file_records(path, text_field):
                 if isinstance(record, str):
                     where = f"{path}:{line}: {record}" if line else f"{path}: {record}"
                     if on_error == "fail":

@@ -5,12 +5,12 @@ removed), and an offline HTML report with the funnel as a picture."""
 from __future__ import annotations
 
 import base64
-import gzip
 import html
 import json
 from collections import Counter
 from pathlib import Path
 
+from slimlm.curate.ingest import read_shards
 from slimlm.errors import SlimlmError
 
 
@@ -83,18 +83,15 @@ def removed_samples(folder: str | Path, per_reason: int = 3, chars: int = 300) -
     out: dict[str, dict[str, list[dict]]] = {}
     for step_dir in sorted((Path(folder) / "removed").glob("*")):
         reasons: dict[str, list[dict]] = {}
-        for shard in sorted(step_dir.glob("*.jsonl.gz")):
-            with gzip.open(shard, "rt", encoding="utf-8") as f:
-                for line in f:
-                    record = json.loads(line)
-                    meta = record.get("metadata", {})
-                    reason = meta.get("filter_reason") or step_dir.name.split("-", 1)[1]
-                    bucket = reasons.setdefault(reason, [])
-                    if len(bucket) < per_reason:
-                        text = record.get("text", "")
-                        bucket.append({"id": record.get("id"), "source": meta.get("source"),
-                                       "text": text[:chars] + ("…" if len(text) > chars else ""),
-                                       **({"task": meta["contaminated_by"]} if "contaminated_by" in meta else {})})
+        for record in read_shards(step_dir):
+            meta = record.get("metadata", {})
+            reason = meta.get("filter_reason") or step_dir.name.split("-", 1)[1]
+            bucket = reasons.setdefault(reason, [])
+            if len(bucket) < per_reason:
+                text = record.get("text", "")
+                bucket.append({"id": record.get("id"), "source": meta.get("source"),
+                               "text": text[:chars] + ("…" if len(text) > chars else ""),
+                               **({"task": meta["contaminated_by"]} if "contaminated_by" in meta else {})})
         out[step_dir.name] = reasons
     return out
 

@@ -93,14 +93,14 @@ def plan_jobs(options: SynthOptions) -> list[dict]:
         jobs = [{"prompt": template.format(topic=t, audience=a, format=f),
                  "meta": {"mode": "textbook", "topic": t, "audience": a, "format": f}} for t, a, f in grid[:options.n]]
     else:
-        from slimlm.curate.ingest import _records, input_files
+        from slimlm.curate.ingest import file_records, input_files
 
         template = template or (PROMPTS / "synth_qa.txt").read_text()
         if not options.docs:
             raise SlimlmError("qa mode needs --docs: the files or folders to ask questions about")
         passages = []
         for path in input_files(options.docs):
-            for line, record in _records(path, "text"):
+            for line, record in file_records(path, "text"):
                 if isinstance(record, dict):
                     passages += [(f"{path}:{line}", chunk) for chunk in _chunks(record["text"], options.max_chars)]
         rng.shuffle(passages)
@@ -210,13 +210,10 @@ def synth(teacher: str, out: str | Path, options: SynthOptions | None = None, fo
 
 
 def _chat_records(folder: Path) -> list[dict]:
-    import gzip
+    from slimlm.curate.ingest import read_shards
 
     rows = []
-    for shard in sorted(folder.glob("*.jsonl.gz")):
-        with gzip.open(shard, "rt", encoding="utf-8") as f:
-            for line in f:
-                r = json.loads(line)
-                meta = {k: v for k, v in r["metadata"].items() if k not in ("chat", "line", "source", "token_count")}
-                rows.append({"messages": r["messages"], "metadata": meta})
+    for r in read_shards(folder):
+        meta = {k: v for k, v in r["metadata"].items() if k not in ("chat", "line", "source", "token_count")}
+        rows.append({"messages": r["messages"], "metadata": meta})
     return rows

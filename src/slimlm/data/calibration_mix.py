@@ -75,6 +75,7 @@ import sysconfig
 from pathlib import Path
 
 from slimlm.data.corpora import register_corpus
+from slimlm.data.jsonl import json_strings
 from slimlm.data.splits import calibration_docs, held_out_docs
 
 __all__ = ["mix_docs", "held_out_prose", "held_out_chat", "held_out_corpora", "ngram_overlap", "ngrams",
@@ -248,16 +249,6 @@ def _news() -> list[str]:
     return [_clean(path.read_text(encoding="utf-8", errors="replace"))[:CAP["prose: news"]]] if path.exists() else []
 
 
-def _strings(node) -> list[str]:
-    if isinstance(node, str):
-        return [node]
-    if isinstance(node, dict):
-        return [s for v in node.values() for s in _strings(v)]
-    if isinstance(node, list):
-        return [s for v in node for s in _strings(v)]
-    return []
-
-
 def _other_languages() -> list[str]:
     """Korean and Turkish few-shot chain-of-thought examples, MMLU-ProX's prompt phrases in 29
     languages and MGSM's native-language prompts, from lm-eval's task configs (templating removed)."""
@@ -274,7 +265,7 @@ def _other_languages() -> list[str]:
                 data = yaml.safe_load(path.read_text(encoding="utf-8"))
             except yaml.YAMLError:
                 continue
-            text = "\n".join(s for s in _strings(data) if len(s) > 20 and sum(c.isalpha() for c in s) > 10)
+            text = "\n".join(s for s in json_strings(data) if len(s) > 20 and sum(c.isalpha() for c in s) > 10)
             text = _clean(re.sub(r"\{[{%].*?[%}]\}", "", text))
             if len(text) > 200:
                 docs.append(text[:2000])
@@ -289,7 +280,7 @@ def _other_languages() -> list[str]:
                 except ValueError:
                     continue
                 for lang in sorted(value):
-                    text = "\n".join(s for s in _strings(value[lang]) if len(s) > 3)
+                    text = "\n".join(s for s in json_strings(value[lang]) if len(s) > 3)
                     if len(text) > 100:
                         docs.append(re.sub(r"\{[^}]*\}", "", text))
         groups.append(docs)

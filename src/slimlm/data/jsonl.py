@@ -64,3 +64,14 @@ def parse_line(line: str, required: tuple[str, ...], check: Callable[[dict], str
         return f"missing field '{missing[0]}'"
     problem = check(record) if check is not None else None
     return problem if problem else record
+
+
+def json_strings(value) -> list[str]:
+    """Every string inside a parsed JSON value (nested dicts and lists), in order."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in json_strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in json_strings(v)]
+    return []

@@ -38,6 +38,7 @@ def task_texts(task: str) -> list[str]:
     """The texts of a task's items: every string field of every item, each on its own (a question,
     a choice, a solution), so an n-gram never spans two fields that no document would join."""
     from slimlm.data import read_jsonl
+    from slimlm.data.jsonl import json_strings
     from slimlm.eval.tasks import TaskSpec, parse_task
 
     kind, argument = parse_task(task)
@@ -50,17 +51,7 @@ def task_texts(task: str) -> list[str]:
     else:
         raise SlimlmError(f"task {task}: a {kind} task has no items to decontaminate against: give a task with "
                           "questions (a task file, KIND:FILE.jsonl, humaneval or a built-in task)")
-    return [text for row in rows for text in _strings(row)]
-
-
-def _strings(value) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for v in value.values() for s in _strings(v)]
-    if isinstance(value, list):
-        return [s for v in value for s in _strings(v)]
-    return []
+    return [text for row in rows for text in json_strings(row)]
 
 
 class NgramIndex:

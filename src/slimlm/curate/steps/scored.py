@@ -10,7 +10,6 @@ filter then reads the scored shards. Ties at the cut are all kept.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from pathlib import Path
@@ -37,10 +36,9 @@ class FindCut(PipelineStep):
         self.keep, self.threshold, self.lower = keep, threshold, lower_is_better
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        scores = []
-        for shard in sorted(Path(self.scored).glob("*.jsonl.gz")):
-            with gzip.open(shard, "rt", encoding="utf-8") as f:
-                scores += [json.loads(line)["metadata"][self.key] for line in f]
+        from slimlm.curate.ingest import read_shards
+
+        scores = [record["metadata"][self.key] for record in read_shards(self.scored)]
         values = np.sort(np.asarray(scores, dtype=np.float64))
         if self.lower:
             values = values[::-1]  # best last either way

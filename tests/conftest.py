@@ -101,6 +101,14 @@ def tiny_models(tiny_tokenizer_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf(tiny_models, tmp_path_factory) -> Path:
+    """The tiny random llama as an f32 GGUF file, for llama.cpp."""
+    from slimlm.compress.gguf_export import export_gguf
+
+    return export_gguf(tiny_models("llama"), tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", dtype="f32")
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     from slimlm.models.reference import resolve
 

@@ -19,13 +19,6 @@ def _log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tiny_models, tmp_path_factory):
-    from slimlm.compress.gguf_export import export_gguf
-
-    return export_gguf(tiny_models("llama"), tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", dtype="f32")
-
-
 def test_interface_matches_llama_cpp(tiny_gguf, tiny_models):
     from transformers import AutoConfig
 

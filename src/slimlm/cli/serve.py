@@ -31,6 +31,12 @@ def serve(
                                        "(more is a 400)."),
     queue_size: int = typer.Option(16, "--queue-size", help="Requests that may wait for the model; more get a "
                                    "429 with Retry-After."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", "-np", help="Sequences decoded together "
+                                           "(continuous batching: a request joins the running batch at the next "
+                                           "step). Default: 8 on llama.cpp (measured, see bench/RESULTS.md), 1 on "
+                                           "torch. Each slot holds its own --n-ctx of KV cache."),
+    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Most tokens one batched step reads "
+                                               "(decoding tokens first, then prompt chunks). Default: 512."),
     api_key_env: Optional[str] = typer.Option(None, "--api-key-env", metavar="NAME",
                                               help="Require 'Authorization: Bearer KEY' with one of the keys in "
                                                    "the environment variable NAME (comma separated)."),
@@ -109,6 +115,7 @@ def serve(
     if sends_to_large(policy) and not large:
         raise SlimlmError(f"--policy {policy} sends requests to a large model: name one with --large MODEL_OR_URL")
     config = ServeConfig(host=host, port=port, max_tokens_cap=max_tokens_cap, queue_size=queue_size,
+                         parallel=parallel, batch_tokens=batch_tokens,
                          api_keys=keys_from_env(api_key_env) if api_key_env else [],
                          adapters=parse_adapters(adapter), n_ctx=n_ctx,
                          policy=policy or ("cascade" if large else "local"), router_path=router,
@@ -119,7 +126,7 @@ def serve(
     engine = big = None
     try:
         engine = Engine.open(model, backend, queue_size=config.queue_size, n_ctx=config.n_ctx,
-                             adapters=config.adapters)
+                             adapters=config.adapters, parallel=config.parallel, batch_tokens=config.batch_tokens)
         if large:
             big = open_large(large, api_key_env=large_api_key_env, timeout_s=large_timeout, n_ctx=n_ctx,
                              queue_size=config.queue_size)

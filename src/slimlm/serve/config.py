@@ -70,7 +70,9 @@ class ServeConfig:
     max_tokens_cap: int = 2048  # a request asking for more gets a 400
     default_max_tokens: int = 512  # when a request does not say (clipped to the cap)
     max_prompt_tokens: int | None = None  # None: the model's context
-    queue_size: int = 16  # requests waiting per model, besides the one running; more get a 429
+    queue_size: int = 16  # requests waiting per model, besides the running ones; more get a 429
+    parallel: int | None = None  # sequences decoded together (continuous batching); None: measured default
+    batch_tokens: int | None = None  # tokens one batched step reads at most; None: measured default
     max_body_bytes: int = 2 * 2**20  # larger request bodies get a 413 before they are parsed
     api_keys: list[str] = field(default_factory=list)  # Bearer keys; empty: no auth (loopback only)
     adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT adapter folder, served as MODEL:NAME
@@ -92,6 +94,11 @@ class ServeConfig:
         for name in ("max_tokens_cap", "default_max_tokens", "queue_size", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise SlimlmError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.parallel is not None and self.parallel < 1:
+            raise SlimlmError(f"--parallel must be at least 1 (got {self.parallel})")
+        if self.batch_tokens is not None and self.batch_tokens < (self.parallel or 1):
+            raise SlimlmError(f"--batch-tokens ({self.batch_tokens}) must be at least --parallel ({self.parallel or 1}): "
+                              "each running sequence reads one token per step")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise SlimlmError(f"max_prompt_tokens must be at least 1 (got {self.max_prompt_tokens})")
         if self.n_ctx is not None and self.n_ctx < 16:

@@ -1,5 +1,9 @@
 """One loaded model behind the server: a FIFO queue, one worker, and token-level results.
 
+With `parallel` > 1 on a backend that can batch (llama.cpp), the worker is batching.Batcher:
+up to `parallel` sequences decode together, each joining and leaving the running batch on its
+own (continuous batching), fed from the same bounded FIFO queue. Otherwise, as below.
+
 A backend holds one KV cache and is not thread-safe, so each model gets exactly one worker that
 takes requests in arrival order (fair: nobody overtakes) and runs each in a thread, so the event
 loop keeps accepting requests, answering 429s and streaming tokens while the model computes. The
@@ -25,6 +29,10 @@ from slimlm.errors import SlimlmError
 from slimlm.models.backends.base import Backend, GenerationParams
 from slimlm.serve.adapters import AdapterSet
 from slimlm.serve.scoring import Scoring, TokenLogprob
+
+
+DEFAULT_BATCH_TOKENS = 512  # tokens read per step at most; see bench/serve.py for how it was chosen
+DEFAULT_PARALLEL = 8  # slots when the backend batches and none were asked for; see bench/serve.py
 
 
 class QueueFull(SlimlmError):
@@ -59,6 +67,7 @@ class Job:
 
     def __init__(self, tasks: list[Task], adapter: str | None, loop: asyncio.AbstractEventLoop) -> None:
         self.tasks, self.adapter, self._loop = tasks, adapter, loop
+        self._remaining = len(tasks)
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.submitted = time.perf_counter()
@@ -75,6 +84,36 @@ class Job:
         try:
             self._loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
         except RuntimeError:  # the loop is gone (server shut down): nobody is listening
+            self.cancelled.set()
+
+    # -- for the batcher, which finishes tasks one by one from its thread -----------------------
+    def task_done(self, result: Result) -> None:
+        self.prompt_tokens += result.prompt_tokens
+        self.completion_tokens += result.completion_tokens
+        self.emit("result", result)
+        self._remaining -= 1
+        if self._remaining == 0:
+            self._close("cancelled" if self.cancelled.is_set() else "ok")
+
+    def fail(self, exc: BaseException) -> None:
+        self.emit("error", exc)
+        self._remaining = -1
+        self._close("error")
+
+    def _close(self, status: str) -> None:
+        def close() -> None:  # on the event loop, where the ledger and metrics hooks run
+            self.status, self.finished_at = status, time.perf_counter()
+            self.events.put_nowait(("done", None))
+            for callback in self.on_done:
+                try:
+                    callback(self)
+                except Exception:  # noqa: BLE001 - a broken hook must not stop the others
+                    import logging
+
+                    logging.getLogger("slimlm.serve").exception("on_done callback failed")
+        try:
+            self._loop.call_soon_threadsafe(close)
+        except RuntimeError:
             self.cancelled.set()
 
     async def __aiter__(self):
@@ -99,7 +138,8 @@ class Engine:
     """A backend, its queue and its worker. Use `Engine.open(model)` or wrap a loaded backend."""
 
     def __init__(self, backend: Backend, name: str | None = None, *, queue_size: int = 16,
-                 n_ctx: int | None = None, adapters: dict[str, str] | None = None) -> None:
+                 n_ctx: int | None = None, adapters: dict[str, str] | None = None, parallel: int | None = 1,
+                 batch_tokens: int | None = None) -> None:
         self.backend = backend
         self.name = name or (model_name(backend.ref) if backend.ref is not None else backend.label)
         self.queue_size = queue_size
@@ -113,17 +153,31 @@ class Engine:
         self._worker: asyncio.Task | None = None
         self._active: Job | None = None
         self.scoring = Scoring(backend, self.context)
+        if parallel is None:  # the default: batch where the backend can, as many as measured best
+            parallel = DEFAULT_PARALLEL if backend.supports("continuous") and not adapters else 1
+        self.parallel = parallel
+        self.batcher = self._batcher(parallel, batch_tokens) if parallel > 1 else None
+
+    def _batcher(self, parallel: int, batch_tokens: int | None):
+        from slimlm.serve.batching import Batcher
+
+        if not self.backend.supports("continuous"):
+            raise SlimlmError(f"--parallel {parallel} needs a backend that batches sequences (llamacpp); the "
+                              f"{self.backend.label} backend runs one at a time: use --parallel 1")
+        decoder = self.backend.decoder(parallel, batch_tokens or DEFAULT_BATCH_TOKENS, self.context)
+        return Batcher(decoder, self.backend.token_bytes, self._run_inline, self._finish_batched, self.name)
 
     @classmethod
     def open(cls, model, backend: str = "auto", *, name: str | None = None, queue_size: int = 16,
-             n_ctx: int | None = None, adapters: dict[str, str] | None = None) -> "Engine":
+             n_ctx: int | None = None, adapters: dict[str, str] | None = None, parallel: int | None = 1,
+             batch_tokens: int | None = None) -> "Engine":
         """`model`: a ModelRef, or what the user typed (resolved here, once). n_ctx: llama.cpp
         allocates that context at start; torch takes it as a cap on the model's own."""
         from slimlm.models.backends import open_backend
 
         kwargs = {"n_ctx": n_ctx} if n_ctx else {}
         return cls(open_backend(model, backend, **kwargs), name, queue_size=queue_size, n_ctx=n_ctx,
-                   adapters=adapters)
+                   adapters=adapters, parallel=parallel, batch_tokens=batch_tokens)
 
     # -- names and prompts (called on the event loop; tokenizers are safe to share for reading) --
     @property
@@ -136,6 +190,8 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
+        if self.batcher is not None:
+            return self.batcher.depth
         waiting = self._queue.qsize() if self._queue is not None else 0
         return waiting + (1 if self._active is not None else 0)
 
@@ -165,6 +221,8 @@ class Engine:
     def submit(self, tasks: list[Task], adapter: str | None = None) -> Job:
         """Queue a job (FIFO) or raise QueueFull at once."""
         loop = asyncio.get_running_loop()
+        if self.batcher is not None:
+            return self._submit_batched(tasks, adapter, loop)
         if self._loop is not loop or self._worker is None or self._worker.done():
             # A new event loop (a second test client, a restarted server) gets a fresh queue.
             self._loop, self._queue = loop, asyncio.Queue(maxsize=self.queue_size)
@@ -197,6 +255,39 @@ class Engine:
 
                         logging.getLogger("slimlm.serve").exception("on_done callback failed")
 
+    # -- continuous batching (batching.py's thread calls these) ---------------------------------
+    def _submit_batched(self, tasks: list[Task], adapter: str | None, loop) -> Job:
+        from slimlm.serve.batching import Sequence
+
+        if self.batcher.depth + len(tasks) > self.parallel + self.queue_size:  # the slots, then the queue
+            raise QueueFull(f"{self.name} has {self.queue_size} requests waiting: retry in a moment")
+        job = Job(tasks, adapter, loop)
+        if not tasks:
+            job._close("ok")
+            return job
+        # Scoring a prompt, or an adapter, runs on the one-at-a-time path between two steps.
+        inline = [bool(task.echo_logprobs or adapter or task.params.max_tokens < 1) for task in tasks]
+        for task, alone in zip(tasks, inline):
+            if not alone:
+                task.params.validate()
+        self.batcher.submit([Sequence(job, task, inline=alone) for task, alone in zip(tasks, inline)])
+        return job
+
+    def _run_inline(self, job: Job, task: Task) -> Result:
+        self.adapters.use(job.adapter)
+        try:
+            return self._run_task(job, task)
+        finally:
+            self.adapters.use(None)
+
+    def _finish_batched(self, seq, text: str, reason: str) -> Result:
+        task = seq.task
+        res = Result(task.index, text=text, finish_reason=reason, prompt_tokens=len(task.ids),
+                     completion_tokens=len(seq.tokens))
+        if task.logprobs is not None and text and reason != "cancelled":
+            res.logprobs = self.scoring.continuation(task.ids, text, task.logprobs)
+        return res
+
     def _run(self, job: Job) -> None:
         job.status = "running"
         try:
@@ -205,7 +296,10 @@ class Engine:
                 for task in job.tasks:
                     if job.cancelled.is_set():
                         break
-                    job.emit("result", self._run_task(job, task))
+                    res = self._run_task(job, task)
+                    job.prompt_tokens += res.prompt_tokens
+                    job.completion_tokens += res.completion_tokens
+                    job.emit("result", res)
             job.status = "cancelled" if job.cancelled.is_set() else "ok"
         except BaseException as exc:  # noqa: BLE001 - handed to the request, which maps it to an HTTP error
             job.status = "error"
@@ -215,7 +309,6 @@ class Engine:
 
     def _run_task(self, job: Job, task: Task) -> Result:
         res = Result(task.index, prompt_tokens=len(task.ids))
-        job.prompt_tokens += len(task.ids)
         params = task.params
         if task.echo_logprobs:
             # max_tokens 1 at temperature 0 (how lm-evaluation-harness scores) reads the next token
@@ -226,7 +319,6 @@ class Engine:
                 job.first_token_at = job.first_token_at or time.perf_counter()
                 res.text, res.logprobs, res.completion_tokens = following.token, [following], 1
                 job.emit("token", (task.index, res.text))
-                job.completion_tokens += 1
                 return res
         if params.max_tokens >= 1:
             pieces = []
@@ -239,7 +331,6 @@ class Engine:
             res.finish_reason = "cancelled" if job.cancelled.is_set() else timings.finish_reason
             if task.logprobs is not None and res.text and not job.cancelled.is_set():
                 res.logprobs = self.scoring.continuation(task.ids, res.text, task.logprobs)
-        job.completion_tokens += res.completion_tokens
         return res
 
     def _generate(self, ids: list[int], params: GenerationParams, cancelled: threading.Event):
@@ -256,6 +347,8 @@ class Engine:
             stream.close()
 
     def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
         if self._worker is not None and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._worker.cancel)
         self.scoring.close()

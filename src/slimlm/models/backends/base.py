@@ -32,7 +32,8 @@ Messages = list[dict]
 #   adapters  LoRA adapters on the loaded weights (`apply_adapters()`, `use_adapter()`)
 #   batch     several prompts generated in one batch (`generate_batch()`)
 #   dtype     a chosen compute precision (the `dtype=` of the constructor)
-CAPABILITIES = ("score", "adapters", "batch", "dtype")
+#   continuous  continuous batching: sequences join and leave a running batch (`decoder()`)
+CAPABILITIES = ("score", "adapters", "batch", "dtype", "continuous")
 
 
 @dataclass
@@ -77,6 +78,33 @@ class Timings:
 class Completion:
     text: str
     timings: Timings
+
+
+class StopText:
+    """A completion's text as it streams, cut at the first stop string: `push` returns what is
+    safe to show (text that might be the start of a stop string is held back until it cannot
+    be), `stopped` turns true at a stop string, and `flush` gives what was held at the end."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.held, self.stopped = "", False
+
+    def push(self, piece: str) -> str:
+        self.held += piece
+        cut = min((self.held.find(s) for s in self.stops if s in self.held), default=-1)
+        if cut >= 0:
+            out, self.held, self.stopped = self.held[:cut], "", True
+            return out
+        safe = len(self.held) - max(self.longest - 1, 0)
+        if safe <= 0:
+            return ""
+        out, self.held = self.held[:safe], self.held[safe:]
+        return out
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
 
 
 class Backend(ABC):
@@ -174,6 +202,11 @@ class Backend(ABC):
         """Continue several prompts (token ids) at once: (text, stopped) per prompt."""
         raise BackendUnavailable(f"the {self.label} backend generates one prompt at a time")
 
+    def decoder(self, slots: int, batch_tokens: int, context: int | None = None):
+        """A SequenceDecoder (decoder.py) running `slots` sequences of up to `context` tokens each
+        in shared forward passes of at most `batch_tokens` tokens."""
+        raise BackendUnavailable(f"the {self.label} backend decodes one sequence at a time")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
@@ -209,28 +242,22 @@ class Backend(ABC):
         timings = Timings(prompt_tokens=len(ids))
         self.last_timings = timings
         self._finish, self._generated = "length", 0
-        held = ""  # text that might be the start of a stop string
-        longest = max((len(s) for s in params.stop), default=0)
+        text = StopText(params.stop)
         for piece in self._stream_tokens(ids, params):
             now = time.perf_counter() - start
             if timings.generated_tokens == 0:
                 timings.ttft_s = now
             timings.generated_tokens = self._generated
             timings.total_s = now
-            held += piece
-            cut = min((held.find(s) for s in params.stop if s in held), default=-1)
-            if cut >= 0:
-                if held[:cut]:
-                    yield held[:cut]
+            out = text.push(piece)
+            if out:
+                yield out
+            if text.stopped:
                 self._finish = "stop"
                 break
-            safe = len(held) - max(longest - 1, 0)
-            if safe > 0:
-                yield held[:safe]
-                held = held[safe:]
         else:
-            if held:
-                yield held
+            if rest := text.flush():
+                yield rest
         timings.total_s = time.perf_counter() - start
         timings.finish_reason = self._finish
 

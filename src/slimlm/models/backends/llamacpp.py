@@ -24,7 +24,7 @@ def llama_kwargs(n_ctx: int | None = None, n_threads: int | None = None, n_batch
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
-    capabilities = frozenset({"score"})
+    capabilities = frozenset({"score", "continuous"})
 
     @classmethod
     def prefers(cls, ref: ModelRef) -> bool:
@@ -136,6 +136,13 @@ class LlamaCppBackend(Backend):
         # per handle, so serving several adapters would mean several handles: not done yet.
         raise SlimlmError(f"adapters need the torch backend ({self.label} opens LoRA files per model): serve "
                           "a Hugging Face folder with --backend torch, or merge the adapter into the model")
+
+    def decoder(self, slots: int, batch_tokens: int, context: int | None = None):
+        """Continuous batching on llama.cpp's multi-sequence context (llamacpp_decoder.py); each
+        slot gets `context` tokens (default: this handle's context)."""
+        from slimlm.models.backends.llamacpp_decoder import LlamaCppDecoder
+
+        return LlamaCppDecoder(self.llm, slots, batch_tokens, context or self.llm.n_ctx())
 
     def _stream_tokens(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[str]:
         room = self.llm.n_ctx() - len(prompt_ids)

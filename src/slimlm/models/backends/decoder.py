@@ -1,0 +1,187 @@
+"""Continuous batching: several sequences decoded in the same forward passes, each joining and
+leaving on its own.
+
+Why: one request at a time leaves a CPU idle between matrix-vector products; decoding sixteen
+sequences together turns them into matrix-matrix products that cost little more than one
+(bench/serve.py measures it). This module is the backend-independent half: the slots, which
+tokens go into the next forward pass, prompt-prefix reuse, and sampling. A backend supplies
+`_forward` (run the tokens, return the logits asked for) and `_truncate` (drop a slot's cached
+positions from p on); `LlamaCppBackend.decoder()` does it with one llama.cpp context holding one
+KV cache shared by all slots, as llama-server does.
+
+The schedule, per step (one forward pass of at most `batch_tokens` tokens):
+1. every slot that is decoding contributes its one newest token (decode first, so a long prompt
+   arriving never stalls the streams already running);
+2. the remaining room goes to slots still reading their prompt, a chunk of at most `chunk`
+   tokens each in arrival order (chunked prefill: a 2,000-token prompt takes several steps, and
+   the others keep decoding);
+3. logits come back for each slot whose pending tokens all went in; those are sampled.
+
+Prefix reuse: a released slot keeps its tokens in the cache. A new sequence takes the free slot
+whose cached tokens share the longest prefix with its prompt, cuts the cache there and reads
+only the rest (a shared system prompt, few-shot examples, lm-eval's shared contexts). At least
+the prompt's last token is always read again, since its logits are what the first sample needs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from slimlm.errors import SlimlmError
+
+__all__ = ["SequenceDecoder", "Slot", "Sampler", "common_prefix"]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Sampler:
+    """Next-token choice for one sequence: greedy at temperature 0, else temperature then top-p
+    (nucleus) sampling with its own seeded generator, so a request's draw does not depend on what
+    else shares the batch."""
+
+    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> None:
+        self.temperature, self.top_p = float(temperature), float(top_p)
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.temperature <= 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / self.temperature
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        if self.top_p < 1.0:
+            order = np.argsort(-p)
+            keep = int(np.searchsorted(np.cumsum(p[order]), self.top_p)) + 1
+            kept = order[:keep]
+            return int(kept[self.rng.choice(keep, p=p[kept] / p[kept].sum())])
+        return int(self.rng.choice(p.size, p=p))
+
+
+@dataclass
+class Slot:
+    """One sequence's place in the shared cache: `cached` tokens are in the KV cache at positions
+    0..len-1; `pending` are to be read next (the prompt's rest, then each sampled token)."""
+
+    index: int
+    cached: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+    busy: bool = False
+    order: int = 0  # arrival order, for fair prefill
+
+
+@dataclass
+class StepStats:
+    """What the last forward pass held (for /metrics)."""
+
+    tokens: int = 0
+    decoding: int = 0
+    prefilling: int = 0
+
+
+class SequenceDecoder(ABC):
+    """`slots` sequences sharing one model; see the module docstring for the schedule."""
+
+    def __init__(self, slots: int, batch_tokens: int, context: int) -> None:
+        if slots < 1:
+            raise SlimlmError(f"--parallel must be at least 1 (got {slots})")
+        if batch_tokens < slots:
+            raise SlimlmError(f"--batch-tokens ({batch_tokens}) must be at least --parallel ({slots}): each running "
+                              "sequence needs one token per step")
+        self.slots = [Slot(i) for i in range(slots)]
+        self.batch_tokens, self.context = batch_tokens, context
+        self.chunk = batch_tokens  # a backend may read prompts in smaller pieces
+        self.last = StepStats()
+        self.reused_tokens = self.prompt_tokens = 0  # prefix-cache hit rate = reused / prompt
+        self._arrivals = 0
+
+    # -- what a backend provides -------------------------------------------------------------
+    @abstractmethod
+    def _forward(self, entries: list[tuple[int, list[int], int, bool]]) -> dict[int, np.ndarray]:
+        """Run one forward pass over entries (slot, tokens, first position, want logits of the
+        last token) and return {slot: logits} for those that want them."""
+
+    @abstractmethod
+    def _truncate(self, slot: int, keep: int) -> int:
+        """Drop the slot's cached positions from `keep` on; return how many positions it kept
+        (0 where a cache can only be cleared whole)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    # -- the schedule -----------------------------------------------------------------------
+    @property
+    def free(self) -> int:
+        return sum(not s.busy for s in self.slots)
+
+    @property
+    def running(self) -> int:
+        return sum(s.busy for s in self.slots)
+
+    def admit(self, prompt: list[int]) -> int:
+        """Give `prompt` a free slot (the one whose cache shares the longest prefix with it) and
+        return the slot's index. Raises if none is free or the prompt cannot fit."""
+        if not prompt:
+            raise SlimlmError("the prompt is empty: give at least one token")
+        if len(prompt) >= self.context:
+            raise SlimlmError(f"the prompt ({len(prompt)} tokens) fills a slot's context ({self.context}): shorten it "
+                              "or serve with fewer --parallel slots")
+        free = [s for s in self.slots if not s.busy]
+        if not free:
+            raise SlimlmError("no free slot")
+        slot = max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.index))
+        keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1)
+        if keep < len(slot.cached):
+            keep = self._truncate(slot.index, keep)
+            del slot.cached[keep:]
+        self._arrivals += 1
+        slot.busy, slot.order, slot.pending = True, self._arrivals, list(prompt[keep:])
+        self.reused_tokens += keep
+        self.prompt_tokens += len(prompt)
+        return slot.index
+
+    def feed(self, slot: int, token: int) -> None:
+        """Queue a sampled token to be read at the next step."""
+        self.slots[slot].pending = [token]
+
+    def room(self, slot: int) -> int:
+        """Tokens the slot can still take before its context is full."""
+        s = self.slots[slot]
+        return self.context - len(s.cached) - len(s.pending)
+
+    def release(self, slot: int) -> None:
+        """The sequence is done; its cached tokens stay for prefix reuse."""
+        s = self.slots[slot]
+        s.busy, s.pending = False, []
+
+    def step(self) -> dict[int, np.ndarray]:
+        """One forward pass; returns {slot: next-token logits} for the slots ready to sample."""
+        decoding = [s for s in self.slots if s.busy and len(s.pending) == 1 and s.cached]
+        reading = sorted((s for s in self.slots if s.busy and s.pending and s not in decoding), key=lambda s: s.order)
+        budget = self.batch_tokens - len(decoding)
+        entries = [(s.index, s.pending, len(s.cached), True) for s in decoding]
+        taken = {s.index: 1 for s in decoding}
+        for s in reading:
+            if budget <= 0:
+                break
+            n = min(budget, len(s.pending), self.chunk)
+            entries.append((s.index, s.pending[:n], len(s.cached), n == len(s.pending)))
+            taken[s.index] = n
+            budget -= n
+        self.last = StepStats(sum(taken.values()), len(decoding), len(taken) - len(decoding))
+        if not entries:
+            return {}
+        logits = self._forward(entries)
+        for index, n in taken.items():
+            s = self.slots[index]
+            s.cached.extend(s.pending[:n])
+            del s.pending[:n]
+        return logits

@@ -1,0 +1,104 @@
+"""llama.cpp's own multi-sequence batching for slimlm's continuous batching (decoder.py).
+
+One llama.cpp context with `slots` sequence ids, each with its own KV stream (as `llama-server
+--parallel N` runs without --kv-unified), fed through the bindings' low-level API: a step's
+decoding tokens go to one `llama_decode` whose tokens carry their own sequence id and position,
+and `llama_get_logits_ith` reads each one's logits by its index in that batch.
+
+Same tokens as one request at a time, measured: llama.cpp's results depend on the shapes it
+computes (its CPU matmuls quantize activations to 8 bits, so a different summation order can
+move a logit by ~0.5 and flip a greedy choice). Three choices keep every shape what the
+single-request path computes, and the tests hold greedy tokens equal: per-sequence KV streams
+(in one unified cache a sequence's cells interleave with the others' and its attention sums in
+another order: logits moved by up to 1.3 on SmolLM2); each prompt chunk read in its own
+`llama_decode` (mixed into one batch, llama.cpp splits the batch into equal-length sequence
+pieces, so a prompt is read in other pieces than alone); and prompt chunks of the backend's own
+`n_ubatch`. A batch of single decode tokens from several streams computes each row as alone.
+
+Why the low-level API: llama-cpp-python's `Llama` only ever uses sequence 0, and its
+`LlamaBatch.add_sequence` helper indexes logits wrongly for every sequence after the first, so
+neither can batch. Running `llama-server` as a child process would batch too, but then logprobs,
+the scorer and adapters would live in another process; bench/serve.py measures both.
+
+The context copies the backend's own settings (threads, flash attention, KV types), so one
+sequence here runs the kernels the single-request path runs; the tests hold greedy tokens from
+here against the single-request stream.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from slimlm.errors import SlimlmError
+from slimlm.models.backends.decoder import SequenceDecoder
+
+
+class LlamaCppDecoder(SequenceDecoder):
+    def __init__(self, llm, slots: int, batch_tokens: int, context: int) -> None:
+        import llama_cpp
+
+        super().__init__(slots, batch_tokens, context)
+        self._lib, self._llm = llama_cpp, llm
+        params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+        params.n_ctx = context * slots
+        params.n_batch = params.n_ubatch = batch_tokens
+        params.n_seq_max = slots
+        params.kv_unified = False  # TEST
+        self._ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        if not self._ctx:
+            raise SlimlmError(f"llama.cpp could not allocate {slots} slots of {context} tokens: lower --parallel or "
+                              "--n-ctx")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+        self._n_vocab = llm.n_vocab()
+        self.chunk = int(params.n_ubatch)  # the longest prompt piece read at once, as the single path
+        self._batch = llama_cpp.llama_batch_init(max(batch_tokens, self.chunk), 0, 1)
+
+    def is_end(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    def _forward(self, entries):
+        decoding = [e for e in entries if len(e[1]) == 1]
+        out = self._decode(decoding) if decoding else {}
+        for entry in entries:
+            if len(entry[1]) > 1:
+                out.update(self._decode([entry]))
+        return out
+
+    def _decode(self, entries):
+        lib, b = self._lib, self._batch
+        i, wanted = 0, {}
+        for slot, tokens, start, want in entries:
+            for k, tok in enumerate(tokens):
+                b.token[i], b.pos[i], b.n_seq_id[i] = tok, start + k, 1
+                b.seq_id[i][0] = slot
+                b.logits[i] = 0
+                i += 1
+            if want:
+                b.logits[i - 1] = 1
+                wanted[slot] = i - 1
+        b.n_tokens = i
+        rc = lib.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise SlimlmError(f"llama.cpp could not decode a batch of {i} tokens (code {rc}): the shared cache is "
+                              "full; lower --parallel or --batch-tokens")
+        out = {}
+        for slot, row in wanted.items():
+            ptr = lib.llama_get_logits_ith(self._ctx, row)
+            out[slot] = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
+                                              shape=(self._n_vocab,)).copy()
+        return out
+
+    def _truncate(self, slot: int, keep: int) -> int:
+        if self._lib.llama_memory_seq_rm(self._mem, slot, keep, -1):
+            return keep
+        self._lib.llama_memory_seq_rm(self._mem, slot, -1, -1)  # a cache that cannot cut (recurrent models)
+        return 0
+
+    def close(self) -> None:
+        if self._ctx:
+            self._lib.llama_batch_free(self._batch)
+            self._lib.llama_free(self._ctx)
+            self._ctx = None

@@ -1,0 +1,160 @@
+"""The scheduler of continuous batching: requests in, tokens out, one thread driving the decoder.
+
+The engine (engine.py) hands each task of a request to `Batcher.submit`. One thread owns the
+backend's SequenceDecoder (models/backends/decoder.py) and loops: give free slots to waiting
+tasks (arrival order, so nobody is overtaken), run one step, sample each ready slot with that
+task's own sampler, turn the token into text (UTF-8 pieces held until whole, stop strings held
+until they cannot match), stream it to the request, and end the task at its end token, a stop
+string, max_tokens, a full slot, or a cancel. A finished task leaves its slot at once, and the
+next waiting one joins the running batch at the next step.
+
+Tasks the decoder cannot run batched (a prompt to score, a request for an adapter) run here too,
+between two steps, on the backend's one-at-a-time path: one thread does all the computing, so
+nothing competes for the cores or the model.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from slimlm.models.backends.base import StopText
+from slimlm.models.backends.decoder import Sampler, SequenceDecoder
+
+log = logging.getLogger("slimlm.serve")
+
+
+@dataclass
+class Sequence:
+    """One task of one job, as the scheduler tracks it."""
+
+    job: object
+    task: object
+    inline: bool = False  # run on the one-at-a-time path, between steps
+    slot: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """A thread driving `decoder`; `run_inline(job, task) -> Result` runs what cannot batch;
+    `finish(seq, text, reason) -> Result` builds a task's result (and its log-probabilities)."""
+
+    def __init__(self, decoder: SequenceDecoder, token_bytes: Callable[[int], bytes],
+                 run_inline: Callable, finish: Callable, name: str = "model") -> None:
+        self.decoder, self.token_bytes = decoder, token_bytes
+        self.run_inline, self.finish = run_inline, finish
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}
+        self.on_step: list[Callable] = []  # (StepStats, seconds) after each step
+        self.on_admit: list[Callable] = []  # (seconds waited) when a task starts
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name=f"slimlm-batcher-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        with self._wake:
+            self.waiting.extend(seqs)
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+        self.decoder.close()
+
+    # -- the loop (its own thread) ------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and not self.waiting and not self.running:
+                    self._wake.wait()
+                if self._stop:
+                    return
+            try:
+                self._admit()
+                if self.running:
+                    self._step()
+            except BaseException as exc:  # noqa: BLE001 - every running request gets the error, the loop goes on
+                log.exception("batched decoding failed")
+                for seq in list(self.running.values()):
+                    self._drop(seq)
+                    seq.job.fail(exc)
+
+    def _admit(self) -> None:
+        while self.decoder.free:
+            with self._wake:
+                if not self.waiting:
+                    return
+                seq = self.waiting.popleft()
+            if seq.job.cancelled.is_set():
+                seq.job.task_done(self.finish(seq, "", "cancelled"))
+                continue
+            for hook in self.on_admit:
+                hook(time.perf_counter() - seq.queued_at)
+            seq.job.status = "running"
+            if seq.inline:
+                seq.job.task_done(self.run_inline(seq.job, seq.task))
+                continue
+            seq.slot = self.decoder.admit(seq.task.ids)
+            seq.sampler = Sampler(seq.task.params.temperature, seq.task.params.top_p, seq.task.params.seed)
+            seq.text = StopText(seq.task.params.stop)
+            seq.utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")  # as the one-at-a-time path
+            self.running[seq.slot] = seq
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        logits = self.decoder.step()
+        elapsed = time.perf_counter() - start
+        for hook in self.on_step:
+            hook(self.decoder.last, elapsed)
+        for slot, seq in list(self.running.items()):
+            if seq.job.cancelled.is_set():
+                self._end(seq, "cancelled")
+            elif slot in logits:
+                self._advance(seq, logits[slot])
+
+    def _advance(self, seq: Sequence, logits) -> None:
+        token = seq.sampler(logits)
+        if self.decoder.is_end(token):
+            self._end(seq, "stop")
+            return
+        seq.tokens.append(token)
+        piece = seq.text.push(seq.utf8.decode(self.token_bytes(token)))
+        job = seq.job
+        job.first_token_at = job.first_token_at or time.perf_counter()
+        if piece:
+            seq.pieces.append(piece)
+            job.emit("token", (seq.task.index, piece))
+        if seq.text.stopped:
+            self._end(seq, "stop")
+        elif len(seq.tokens) >= seq.task.params.max_tokens or self.decoder.room(seq.slot) < 1:
+            self._end(seq, "length")
+        else:
+            self.decoder.feed(seq.slot, token)
+
+    def _end(self, seq: Sequence, reason: str) -> None:
+        if not seq.text.stopped:
+            rest = seq.text.push(seq.utf8.decode(b"", final=True)) + seq.text.flush()
+            if rest and reason != "cancelled":
+                seq.pieces.append(rest)
+                seq.job.emit("token", (seq.task.index, rest))
+        self._drop(seq)
+        seq.job.task_done(self.finish(seq, "".join(seq.pieces), reason))
+
+    def _drop(self, seq: Sequence) -> None:
+        if seq.slot is not None and self.running.get(seq.slot) is seq:
+            del self.running[seq.slot]
+            self.decoder.release(seq.slot)

@@ -1,0 +1,163 @@
+"""Continuous batching in llama.cpp (models/backends/decoder.py, llamacpp_decoder.py): several
+sequences in shared forward passes give each the tokens it gets alone, sequences join and leave
+a running batch, and a reused prompt prefix gives the logits a fresh read gives."""
+
+from __future__ import annotations
+
+import llama_cpp  # (a required dependency: its absence fails these tests, never skips them)
+import numpy as np
+import pytest
+
+from slimlm.errors import SlimlmError
+from slimlm.models.backends import open_backend
+from slimlm.models.backends.decoder import Sampler, common_prefix
+
+pytestmark = [pytest.mark.llamacpp]
+PROMPTS = ["def add(a, b):\n    return", "The quick brown fox", "Once upon a time there was a small model that",
+           "1, 2, 3, 4,"]
+
+
+def _single(backend, ids, n):
+    """Greedy token ids of one prompt on the one-at-a-time path (llama-cpp-python's own loop,
+    which the backend's stream runs), from a cleared cache."""
+    backend.llm.reset()
+    out = []
+    for tok in backend.llm.generate(ids, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+        if llama_cpp.llama_vocab_is_eog(backend.llm._model.vocab, tok) or len(out) == n:
+            break
+        out.append(tok)
+    return out
+
+
+def _run(decoder, backend, prompts, n, join_at=None, late=None):
+    """Drive the decoder greedily; `late` joins at step `join_at`. Returns token ids per prompt."""
+    order = list(prompts) + ([late] if late is not None else [])
+    slots = {decoder.admit(p): i for i, p in enumerate(prompts)}
+    tokens = {i: [] for i in range(len(order))}
+    step = 0
+    while slots or (late is not None and step <= join_at):
+        if late is not None and step == join_at:
+            slots[decoder.admit(late)] = len(order) - 1
+        for slot, logits in decoder.step().items():
+            i = slots[slot]
+            tok = Sampler()(logits)
+            if decoder.is_end(tok):
+                decoder.release(slot)
+                del slots[slot]
+                continue
+            tokens[i].append(tok)
+            if len(tokens[i]) >= n:
+                decoder.release(slot)
+                del slots[slot]
+            else:
+                decoder.feed(slot, tok)
+        step += 1
+    return [tokens[i] for i in range(len(order))]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_gguf):
+    backend = open_backend(str(tiny_gguf), "llamacpp", n_ctx=256)
+    yield backend
+    backend.close()
+
+
+def test_batched_greedy_tokens_equal_one_at_a_time(tiny):
+    ids = [tiny.tokenize(p) for p in PROMPTS]
+    alone = [_single(tiny, x, 12) for x in ids]
+    decoder = tiny.decoder(4, 64, 128)
+    try:
+        assert _run(decoder, tiny, ids, 12) == alone
+        assert decoder.last.tokens >= 1
+    finally:
+        decoder.close()
+
+
+def test_a_sequence_joins_a_running_batch_and_others_leave(tiny):
+    ids = [tiny.tokenize(p) for p in PROMPTS]
+    alone = [_single(tiny, x, 10) for x in ids]
+    decoder = tiny.decoder(3, 64, 128)  # three slots: the fourth prompt waits for one to leave
+    try:
+        got = _run(decoder, tiny, ids[:2], 10, join_at=4, late=ids[2])
+        assert got == alone[:3]
+        got = _run(decoder, tiny, ids[1:3], 10, join_at=2, late=ids[3])
+        assert got == alone[1:]
+    finally:
+        decoder.close()
+
+
+def test_prompt_chunks_share_steps_with_decoding(tiny):
+    """A prompt longer than the step's room is read over several steps while another decodes."""
+    short, long = tiny.tokenize(PROMPTS[1]), tiny.tokenize(PROMPTS[2] * 6)
+    alone = [_single(tiny, x, 6) for x in (short, long)]
+    decoder = tiny.decoder(2, 8, 200)
+    try:
+        decoder.chunk = 8
+        assert _run(decoder, tiny, [short], 6, join_at=1, late=long) == alone
+    finally:
+        decoder.close()
+
+
+def test_prefix_reuse_gives_the_logits_of_a_fresh_read(tiny):
+    system = tiny.tokenize("You answer in one short sentence. " * 3)
+    first, second = system + tiny.tokenize(" What is two plus two?"), system + tiny.tokenize(" Name a colour.")
+    decoder, fresh = tiny.decoder(2, 128, 128), tiny.decoder(1, 128, 128)
+    try:
+        slot = decoder.admit(first)
+        decoder.step()
+        decoder.release(slot)
+        slot = decoder.admit(second)
+        assert slot == 0 and decoder.reused_tokens == common_prefix(first, second) >= len(system) - 1
+        reused = decoder.step()[slot]
+        fresh_slot = fresh.admit(second)
+        np.testing.assert_array_equal(reused, fresh.step()[fresh_slot])
+        # the same prompt again reuses all but its last token, which must be read for its logits
+        decoder.release(slot)
+        before = decoder.reused_tokens
+        decoder.admit(second)
+        assert decoder.reused_tokens - before == len(second) - 1
+    finally:
+        decoder.close()
+        fresh.close()
+
+
+def test_bad_slot_settings_are_refused(tiny):
+    with pytest.raises(SlimlmError, match="--batch-tokens"):
+        tiny.decoder(4, 2, 64)
+    decoder = tiny.decoder(1, 16, 32)
+    try:
+        with pytest.raises(SlimlmError, match="fills a slot's context"):
+            decoder.admit(list(range(1, 40)))
+        decoder.admit([1, 2, 3])
+        with pytest.raises(SlimlmError, match="no free slot"):
+            decoder.admit([1, 2])
+    finally:
+        decoder.close()
+
+
+def test_sampler_is_seeded_per_sequence():
+    logits = np.log(np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32))
+    draws = [Sampler(1.0, 1.0, seed=7)(logits) for _ in range(3)]
+    assert len(set(draws)) == 1  # the same seed draws the same token, whatever else runs
+    many = Sampler(1.0, 1.0, seed=1)
+    counts = np.bincount([many(logits) for _ in range(4000)], minlength=4) / 4000
+    np.testing.assert_allclose(counts, [0.1, 0.2, 0.3, 0.4], atol=0.03)
+    nucleus = Sampler(1.0, 0.5, seed=1)  # top-p 0.5 keeps the two likeliest (0.4 + 0.3 >= 0.5)
+    assert {nucleus(logits) for _ in range(200)} == {2, 3}
+    assert Sampler()(logits) == 3
+
+
+@pytest.mark.real_model
+def test_batched_greedy_on_smollm2_equals_one_at_a_time(smollm2_gguf):
+    """The real model, whose near-ties expose any difference in the shapes llama.cpp computes."""
+    backend = open_backend(str(smollm2_gguf), "llamacpp", n_ctx=1024)
+    try:
+        ids = [backend.tokenize(backend.prompt_text(p)) for p in PROMPTS]
+        alone = [_single(backend, x, 40) for x in ids]
+        decoder = backend.decoder(4, 512, 512)
+        try:
+            assert _run(decoder, backend, ids, 40) == alone
+        finally:
+            decoder.close()
+    finally:
+        backend.close()

@@ -1,0 +1,144 @@
+"""The engine with continuous batching (serve/batching.py) on llama.cpp: requests decoded
+together get what each gets alone, a cancel inside a batch stops only that request, the queue
+stays bounded, and prompt scoring still runs (between steps).
+
+"Alone" is llama-cpp-python's own greedy loop from a cleared cache, its tokens' bytes decoded
+whole: on the tiny random model's byte soup the one-at-a-time stream (create_completion) drops
+characters split across tokens, so its text is not the yardstick there; on the real model the
+texts are compared directly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import llama_cpp
+import pytest
+
+from slimlm.models.backends.base import GenerationParams
+from slimlm.serve.engine import Engine, QueueFull, Task
+
+pytestmark = [pytest.mark.llamacpp]
+PROMPTS = ["def add(a, b):\n    return", "The quick brown fox", "Once upon a time there was a small model that",
+           "1, 2, 3, 4,"]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_gguf):
+    batched = Engine.open(str(tiny_gguf), "llamacpp", n_ctx=256, parallel=3, batch_tokens=64)
+    alone = Engine.open(str(tiny_gguf), "llamacpp", n_ctx=256, parallel=1)
+    yield batched, alone
+    batched.close()
+    alone.close()
+
+
+def _alone(engine, ids, n):
+    """(text, tokens) of greedy decoding on llama-cpp-python's own loop, bytes decoded whole."""
+    llm = engine.backend.llm
+    llm.reset()
+    out = []
+    for tok in llm.generate(ids, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok) or len(out) == n:
+            break
+        out.append(tok)
+    return b"".join(engine.backend.token_bytes(t) for t in out).decode("utf-8", "ignore"), len(out)
+
+
+def _tasks(engine, n=12, stop=()):
+    return [Task(engine.text_ids(p), GenerationParams(max_tokens=n, temperature=0, stop=list(stop)))
+            for p in PROMPTS]
+
+
+async def _all(engine, tasks):
+    jobs = [engine.submit([t]) for t in tasks]
+    return [(await job.results())[0] for job in jobs], jobs
+
+
+def test_batched_requests_get_what_each_gets_alone(engines):
+    batched, alone = engines
+    assert batched.batcher is not None and alone.batcher is None
+    steps = []
+    batched.batcher.on_step.append(lambda stats, s: steps.append(stats))
+    got, jobs = asyncio.run(_all(batched, _tasks(batched)))
+    want = [_alone(alone, t.ids, 12) for t in _tasks(alone)]
+    assert [(r.text, r.completion_tokens) for r in got] == want
+    assert all(j.status == "ok" and j.prompt_tokens == len(t.ids) for j, t in zip(jobs, _tasks(batched)))
+    assert max(s.decoding for s in steps) == 3  # three slots for four requests: they really shared steps
+    assert batched.queue_depth == 0
+
+
+def test_stop_strings_cut_batched_text_as_alone(engines):
+    batched, alone = engines
+    whole = [_alone(alone, t.ids, 16)[0] for t in _tasks(alone)]
+    stop = next(text[3:5] for text in whole if len(text) > 6)  # a stop string that occurs in one of them
+    got = asyncio.run(_all(batched, _tasks(batched, 16, [stop])))[0]
+    assert [r.text for r in got] == [text.split(stop)[0] for text in whole]
+    assert [r.finish_reason == "stop" for r in got] == [stop in text for text in whole]
+
+
+def test_cancel_inside_a_batch_stops_only_that_request(engines):
+    batched, alone = engines
+
+    async def main():
+        tasks = _tasks(batched, 40)
+        jobs = [batched.submit([t]) for t in tasks[:3]]
+        seen = 0
+        async for kind, _ in jobs[1]:
+            seen += kind == "token"
+            if seen == 2:
+                jobs[1].cancel()
+        return [(await j.results()) for j in (jobs[0], jobs[2])], jobs
+
+    (first, third), jobs = asyncio.run(main())
+    want = [_alone(alone, t.ids, 40)[0] for t in _tasks(alone, 40)]
+    assert jobs[1].status == "cancelled" and jobs[1].completion_tokens <= 10  # of 40; pieces lag tokens a little
+    assert first[0].text == want[0] and third[0].text == want[2]
+
+
+def test_the_queue_beyond_the_slots_is_bounded(tiny_gguf):
+    engine = Engine.open(str(tiny_gguf), "llamacpp", n_ctx=256, parallel=2, queue_size=1)
+
+    async def main():
+        long = [Task(engine.text_ids(p), GenerationParams(max_tokens=200, temperature=0)) for p in PROMPTS]
+        running = [engine.submit([long[0]]), engine.submit([long[1]])]
+        while len(engine.batcher.running) < 2:
+            await asyncio.sleep(0.005)
+        waiting = engine.submit([long[2]])
+        assert engine.queue_depth == 3
+        with pytest.raises(QueueFull, match="retry"):
+            engine.submit([long[3]])
+        for job in (*running, waiting):
+            job.cancel()
+        return [await j.results() for j in (*running, waiting)]
+
+    try:
+        results = asyncio.run(main())
+        assert all(len(r) == 1 for r in results)
+    finally:
+        engine.close()
+
+
+def test_prompt_scoring_runs_between_steps(engines):
+    batched, alone = engines
+    ids = batched.text_ids("Question: What is the capital of France?\nAnswer: Paris")
+
+    async def main(engine):
+        gen = [engine.submit([t]) for t in _tasks(engine, 8)[:2]]
+        score = engine.submit([Task(ids, GenerationParams(max_tokens=0), logprobs=1, echo_logprobs=True)])
+        [scored] = await score.results()
+        return scored, [(await j.results())[0].text for j in gen]
+
+    (got, got_texts), (want, want_texts) = asyncio.run(main(batched)), asyncio.run(main(alone))
+    assert [t.logprob for t in got.prompt_logprobs] == [t.logprob for t in want.prompt_logprobs]
+    assert got_texts == want_texts
+
+
+def test_parallel_needs_a_backend_that_batches(tiny_models):
+    from slimlm.errors import SlimlmError
+
+    with pytest.raises(SlimlmError, match="--parallel 4 needs a backend that batches"):
+        Engine.open(str(tiny_models("llama")), "torch", parallel=4)
+    engine = Engine.open(str(tiny_models("llama")), "torch", parallel=None)
+    try:
+        assert engine.parallel == 1 and engine.batcher is None  # the default where batching is not there
+    finally:
+        engine.close()

@@ -142,3 +142,47 @@ def test_parallel_needs_a_backend_that_batches(tiny_models):
         assert engine.parallel == 1 and engine.batcher is None  # the default where batching is not there
     finally:
         engine.close()
+
+
+def test_the_api_streams_from_the_batch_and_metrics_show_it(tiny_gguf):
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from slimlm.serve import ServeConfig, create_app
+
+    engine = Engine.open(str(tiny_gguf), "llamacpp", n_ctx=256, parallel=4)
+    records: list[dict] = []
+    shared = "You are a terse assistant. Answer briefly. " * 3
+
+    def ask(c, i):
+        body = {"model": engine.name, "prompt": shared + PROMPTS[i % 4], "max_tokens": 8, "temperature": 0,
+                "stream": True}
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            return "".join(json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
+                           if line.startswith("data: {"))
+
+    import json
+
+    try:
+        with TestClient(create_app(engine, ServeConfig(on_record=records.append))) as c:
+            with ThreadPoolExecutor(6) as pool:
+                texts = list(pool.map(lambda i: ask(c, i), range(6)))
+            want = [_alone(engine, engine.text_ids(shared + PROMPTS[i % 4]), 8)[0] for i in range(6)]
+            assert texts == want
+            metrics = c.get("/metrics").text
+            assert c.get("/health").json()["models"][engine.name]["parallel"] == 4
+        count = float(re.search(r'slimlm_batch_size_count\{model="[^"]+"\} (\S+)', metrics).group(1))
+        assert count >= 8  # at least one step per generated token
+        assert float(re.search(r'slimlm_queue_wait_seconds_count\{model="[^"]+"\} (\S+)', metrics).group(1)) == 6
+        hit = float(re.search(r'slimlm_prefix_cache_hit_ratio\{model="[^"]+"\} (\S+)', metrics).group(1))
+        # four slots for six prompts sharing a system text: the last two reuse at least it from a released slot
+        prompts = [engine.text_ids(shared + PROMPTS[i % 4]) for i in range(6)]
+        assert hit >= 2 * (len(engine.text_ids(shared)) - 1) / sum(len(p) for p in prompts) > 0.2
+        assert "slimlm_step_tokens_bucket" in metrics
+        assert sorted(r["tokens_out"] for r in records) == sorted(_alone(engine, engine.text_ids(shared + PROMPTS[i % 4]), 8)[1]
+                                                                   for i in range(6))
+    finally:
+        engine.close()

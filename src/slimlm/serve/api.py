@@ -78,6 +78,8 @@ class Server:
         self.metrics = Metrics()
         for engine in [*engines.values(), *([large] if isinstance(large, Engine) else [])]:
             self.metrics.watch_queue(engine.name, lambda e=engine: e.queue_depth)
+            if engine.batcher is not None:
+                self.metrics.watch_batcher(engine.name, engine.batcher)
 
     def error(self, exc: BaseException) -> APIError:
         return _error_of(exc, self.config)
@@ -258,7 +260,8 @@ def create_app(engines: Engine | list[Engine] | dict[str, Engine], config: Serve
     @app.get("/health")
     async def health():
         return {"status": "ok", "models": {e.name: {"backend": e.backend.label, "context": e.context,
-                                                    "queue_depth": e.queue_depth, "queue_size": e.queue_size}
+                                                    "queue_depth": e.queue_depth, "queue_size": e.queue_size,
+                                                    "parallel": e.parallel}
                                            for e in server.engines.values()}}
 
     @app.get("/metrics")

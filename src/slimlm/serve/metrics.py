@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+_STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -30,10 +32,33 @@ class Metrics:
                                    ["reason"], registry=r)
         self.queue_depth = Gauge("slimlm_queue_depth", "Requests waiting or running, per model", ["model"],
                                  registry=r)
+        # continuous batching (batching.py): what each step held, and how long requests waited for a slot
+        self.batch_size = Histogram("slimlm_batch_size", "Sequences in one batched step", ["model"],
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.step_tokens = Histogram("slimlm_step_tokens", "Tokens read in one batched step (decode + prompt)",
+                                     ["model"], buckets=_STEP_TOKEN_BUCKETS, registry=r)
+        self.queue_wait = Histogram("slimlm_queue_wait_seconds", "Arrival to getting a slot", ["model"],
+                                    buckets=_TTFT_BUCKETS, registry=r)
+        self.prefix_hit = Gauge("slimlm_prefix_cache_hit_ratio", "Prompt tokens served from a cached prefix / all "
+                                "prompt tokens, since start", ["model"], registry=r)
 
     def watch_queue(self, model: str, depth) -> None:
         """Read the queue depth from `depth()` at each scrape (always current, nothing to update)."""
         self.queue_depth.labels(model=model).set_function(depth)
+
+    def watch_batcher(self, model: str, batcher) -> None:
+        """Observe each step and each admission of a batching.Batcher; read the prefix-cache hit
+        rate from its decoder at each scrape."""
+        decoder = batcher.decoder
+
+        def on_step(stats, seconds) -> None:
+            self.batch_size.labels(model=model).observe(stats.decoding + stats.prefilling)
+            self.step_tokens.labels(model=model).observe(stats.tokens)
+
+        batcher.on_step.append(on_step)
+        batcher.on_admit.append(lambda waited: self.queue_wait.labels(model=model).observe(waited))
+        self.prefix_hit.labels(model=model).set_function(
+            lambda: decoder.reused_tokens / decoder.prompt_tokens if decoder.prompt_tokens else 0.0)
 
     def count_request(self, path: str, status: int) -> None:
         self.requests.labels(endpoint=path if path in ENDPOINTS else "other", status=str(status)).inc()

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Build llama.cpp's own command-line tools (llama-quantize, llama-imatrix, llama-perplexity) for
-the benchmarks, from the llama.cpp that llama-cpp-python's source distribution vendors.
+"""Build llama.cpp's own command-line tools (llama-quantize, llama-imatrix, llama-perplexity, and
+on request llama-server) for the benchmarks, from the llama.cpp that llama-cpp-python's source
+distribution vendors.
 
 Why build them: the bindings expose the quantizer but not the importance-matrix tool nor
 `llama-perplexity`, and those are the peer's yardsticks (issue 5 compares slimlm's KL and
@@ -9,9 +10,11 @@ the same llama.cpp version slimlm runs and with the same CMake flags as the bind
 scripts/install_llama_cpp.py installed on this CPU (its record names them), so both sides of a
 comparison run the same kernels: two builds with different SIMD paths round quantized dot
 products differently, which shows in KL divergences of a few thousandths of a nat. The build goes
-into a cache folder outside the repository keyed by version, flags and CPU.
+into a cache folder outside the repository keyed by version, flags and CPU. llama-server (the
+peer of `slimlm serve` under load, bench/serve_load.py) is built on request, into the same folder.
 
     python bench/llama_tools.py            # build (several minutes on 2 cores) and print the folder
+    python bench/llama_tools.py --server   # also llama-server
     python bench/llama_tools.py --check    # print the folder if built, exit 1 if not
 """
 
@@ -34,6 +37,7 @@ from install_llama_cpp import VERSION, build_plan, first_variant  # noqa: E402
 from slimlm.hardware import cpu_info, cpu_signature, llama_cpp_build  # noqa: E402
 
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
+SERVER = "llama-server"
 
 
 def cmake_flags() -> list[str]:
@@ -51,9 +55,9 @@ def tools_dir() -> Path:
     return root / "slimlm" / "llama-tools" / f"{VERSION}-{cpu_signature()}-{key}"
 
 
-def built() -> Path | None:
+def built(tools=TOOLS) -> Path | None:
     folder = tools_dir()
-    return folder if all((folder / t).exists() for t in TOOLS) else None
+    return folder if all((folder / t).exists() for t in tools) else None
 
 
 def _sdist(work: Path) -> Path:
@@ -66,25 +70,33 @@ def _sdist(work: Path) -> Path:
     return next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
 
 
-def build() -> Path:
-    if (folder := built()) is not None:
+def build(tools=TOOLS) -> Path:
+    """The folder holding `tools`, building the missing ones."""
+    folder = tools_dir()
+    missing = [t for t in tools if not (folder / t).exists()]
+    if not missing:
         return folder
     work = Path(tempfile.mkdtemp(prefix="llama-tools-"))
     src = _sdist(work)
     args = cmake_flags()
     build_dir = work / "build"
-    print(f"[llama-tools] building {', '.join(TOOLS)} {VERSION} with {' '.join(args)}", flush=True)
+    print(f"[llama-tools] building {', '.join(missing)} {VERSION} with {' '.join(args)}", flush=True)
+    server = "ON" if SERVER in missing else "OFF"
     subprocess.run(["cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", f"-DLLAMA_BUILD_SERVER={server}",
                     "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF", *args], check=True,
                    stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 2), "--target", *TOOLS],
+    subprocess.run(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 2), "--target", *missing],
                    check=True, stdout=subprocess.DEVNULL)
-    folder = tools_dir()
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    for tool in TOOLS:
-        os.replace(build_dir / "bin" / tool, tmp / tool)
+    for tool in tools:  # the ones already built come along, so the folder appears whole, by one rename
+        old = folder / tool
+        os.replace(build_dir / "bin" / tool if tool in missing else old, tmp / tool)
+    if folder.exists():
+        for leftover in folder.iterdir():
+            os.replace(leftover, tmp / leftover.name)
+        folder.rmdir()
     os.replace(tmp, folder)
     return folder
 
@@ -92,8 +104,10 @@ def build() -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only report whether the tools are built")
+    parser.add_argument("--server", action="store_true", help="llama-server too")
     args = parser.parse_args()
-    folder = built() if args.check else build()
+    tools = (*TOOLS, SERVER) if args.server else TOOLS
+    folder = built(tools) if args.check else build(tools)
     if folder is None:
         print("not built: run python bench/llama_tools.py", file=sys.stderr)
         return 1

@@ -114,8 +114,13 @@ def test_prefix_reuse_gives_the_logits_of_a_fresh_read(tiny):
         # the same prompt again reuses all but its last token, which must be read for its logits
         decoder.release(slot)
         before = decoder.reused_tokens
+        slot = decoder.admit(second)
+        assert decoder.reused_tokens - before == len(second) - 1
+        decoder.release(slot)
+        decoder.reuse_prefixes = False  # --no-prefix-cache: read whole, the same logits
         decoder.admit(second)
         assert decoder.reused_tokens - before == len(second) - 1
+        np.testing.assert_array_equal(decoder.step()[slot], reused)
     finally:
         decoder.close()
         fresh.close()

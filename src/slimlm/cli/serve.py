@@ -37,6 +37,9 @@ def serve(
                                            "torch. Each slot holds its own --n-ctx of KV cache."),
     batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Most tokens one batched step reads "
                                                "(decoding tokens first, then prompt chunks). Default: 512."),
+    prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="Reuse the cached KV of a "
+                                      "prompt prefix (a system prompt, few-shot examples) that a finished request "
+                                      "left in a slot."),
     api_key_env: Optional[str] = typer.Option(None, "--api-key-env", metavar="NAME",
                                               help="Require 'Authorization: Bearer KEY' with one of the keys in "
                                                    "the environment variable NAME (comma separated)."),
@@ -115,7 +118,7 @@ def serve(
     if sends_to_large(policy) and not large:
         raise SlimlmError(f"--policy {policy} sends requests to a large model: name one with --large MODEL_OR_URL")
     config = ServeConfig(host=host, port=port, max_tokens_cap=max_tokens_cap, queue_size=queue_size,
-                         parallel=parallel, batch_tokens=batch_tokens,
+                         parallel=parallel, batch_tokens=batch_tokens, prefix_cache=prefix_cache,
                          api_keys=keys_from_env(api_key_env) if api_key_env else [],
                          adapters=parse_adapters(adapter), n_ctx=n_ctx,
                          policy=policy or ("cascade" if large else "local"), router_path=router,
@@ -126,7 +129,8 @@ def serve(
     engine = big = None
     try:
         engine = Engine.open(model, backend, queue_size=config.queue_size, n_ctx=config.n_ctx,
-                             adapters=config.adapters, parallel=config.parallel, batch_tokens=config.batch_tokens)
+                             adapters=config.adapters, parallel=config.parallel, batch_tokens=config.batch_tokens,
+                             prefix_cache=config.prefix_cache)
         if large:
             big = open_large(large, api_key_env=large_api_key_env, timeout_s=large_timeout, n_ctx=n_ctx,
                              queue_size=config.queue_size)

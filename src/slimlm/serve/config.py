@@ -73,6 +73,7 @@ class ServeConfig:
     queue_size: int = 16  # requests waiting per model, besides the running ones; more get a 429
     parallel: int | None = None  # sequences decoded together (continuous batching); None: measured default
     batch_tokens: int | None = None  # tokens one batched step reads at most; None: measured default
+    prefix_cache: bool = True  # a prompt reuses the cached prefix a released slot holds
     max_body_bytes: int = 2 * 2**20  # larger request bodies get a 413 before they are parsed
     api_keys: list[str] = field(default_factory=list)  # Bearer keys; empty: no auth (loopback only)
     adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT adapter folder, served as MODEL:NAME

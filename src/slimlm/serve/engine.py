@@ -138,7 +138,7 @@ class Engine:
 
     def __init__(self, backend: Backend, name: str | None = None, *, queue_size: int = 16,
                  n_ctx: int | None = None, adapters: dict[str, str] | None = None, parallel: int | None = 1,
-                 batch_tokens: int | None = None) -> None:
+                 batch_tokens: int | None = None, prefix_cache: bool = True) -> None:
         self.backend = backend
         self.name = name or (model_name(backend.ref) if backend.ref is not None else backend.label)
         self.queue_size = queue_size
@@ -156,6 +156,8 @@ class Engine:
             parallel = DEFAULT_PARALLEL if backend.supports("continuous") and not adapters else 1
         self.parallel = parallel
         self.batcher = self._batcher(parallel, batch_tokens) if parallel > 1 else None
+        if self.batcher is not None:
+            self.batcher.decoder.reuse_prefixes = prefix_cache
 
     def _batcher(self, parallel: int, batch_tokens: int | None):
         from slimlm.serve.batching import Batcher
@@ -169,14 +171,14 @@ class Engine:
     @classmethod
     def open(cls, model, backend: str = "auto", *, name: str | None = None, queue_size: int = 16,
              n_ctx: int | None = None, adapters: dict[str, str] | None = None, parallel: int | None = 1,
-             batch_tokens: int | None = None) -> "Engine":
+             batch_tokens: int | None = None, prefix_cache: bool = True) -> "Engine":
         """`model`: a ModelRef, or what the user typed (resolved here, once). n_ctx: llama.cpp
         allocates that context at start; torch takes it as a cap on the model's own."""
         from slimlm.models.backends import open_backend
 
         kwargs = {"n_ctx": n_ctx} if n_ctx else {}
         return cls(open_backend(model, backend, **kwargs), name, queue_size=queue_size, n_ctx=n_ctx,
-                   adapters=adapters, parallel=parallel, batch_tokens=batch_tokens)
+                   adapters=adapters, parallel=parallel, batch_tokens=batch_tokens, prefix_cache=prefix_cache)
 
     # -- names and prompts (called on the event loop; tokenizers are safe to share for reading) --
     @property

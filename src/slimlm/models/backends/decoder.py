@@ -99,6 +99,7 @@ class SequenceDecoder(ABC):
         self.slots = [Slot(i) for i in range(slots)]
         self.batch_tokens, self.context = batch_tokens, context
         self.chunk = batch_tokens  # a backend may read prompts in smaller pieces
+        self.reuse_prefixes = True  # False: every prompt is read whole (to measure what reuse buys)
         self.last = StepStats()
         self.reused_tokens = self.prompt_tokens = 0  # prefix-cache hit rate = reused / prompt
         self._arrivals = 0
@@ -138,7 +139,7 @@ class SequenceDecoder(ABC):
         if not free:
             raise SlimlmError("no free slot")
         slot = max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.index))
-        keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1)
+        keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1) if self.reuse_prefixes else 0
         if keep < len(slot.cached):
             keep = self._truncate(slot.index, keep)
             del slot.cached[keep:]

@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""Serving under load: `slimlm serve` with continuous batching against `llama-server` and
+`python -m llama_cpp.server`, same model file, same prompts, same machine, one run.
+
+For each server and each number of concurrent streaming clients (default 1, 4, 16, 64), the
+clients ask one chat request after another for --duration seconds (requests in flight when
+time is up finish and count): aggregate completion tokens/s (content chunks: each server sends
+one per token), requests/s, time to first token and latency p50/p99, failures, and 429s (a
+client that gets one waits its Retry-After and asks again; they are counted apart, and are only
+allowed above --parallel + --queue-size clients).
+
+The peer, llama-server, is built from the same vendored llama.cpp with the same CMake flags as
+slimlm's bindings (bench/llama_tools.py --server) and runs with the same threads, batch and
+flash-attention setting, `--parallel N` slots of the same context each and continuous batching
+(its default). llama_cpp.server serializes requests (its issues #771, #1329); it is measured at
+the lower levels only when --peer-levels says so, since at 64 clients it would only queue.
+
+`--choose` first measures slimlm alone at 16 clients with --parallel 4, 8 and 16 and
+--batch-tokens 256 and 512, to pick the defaults (serve/engine.py DEFAULT_PARALLEL).
+
+    python bench/llama_tools.py --server     # once: builds llama-server (minutes)
+    python bench/serve_load.py [--duration 30] [--clients 1,4,16,64] [--choose]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from llama_tools import SERVER, TOOLS, build
+from results import append_section
+from serve import MODEL, PROMPTS, free_port, start
+
+import slimlm  # noqa: F401  (switches hub access off before transformers is imported)
+from slimlm.hardware import cpu_info, default_threads
+from slimlm.models.reference import resolve
+
+CTX = 1024  # per slot: prompts here are < 100 tokens and answers --tokens
+
+
+def slimlm_cmd(port: int, tmp: Path, parallel: int, batch_tokens: int, queue: int) -> list[str]:
+    return [sys.executable, "-c", "from slimlm.cli import main; main()", "serve", MODEL, "--port", str(port),
+            "--n-ctx", str(CTX), "--parallel", str(parallel), "--batch-tokens", str(batch_tokens),
+            "--queue-size", str(queue), "--ledger", str(tmp / f"ledger-{port}.db")]
+
+
+def llama_server_cmd(port: int, path: Path, parallel: int, batch_tokens: int) -> list[str]:
+    t = str(default_threads())
+    return [str(build((*TOOLS, SERVER)) / SERVER), "-m", str(path), "--port", str(port), "--host", "127.0.0.1",
+            "-c", str(CTX * parallel), "-np", str(parallel), "-t", t, "-tb", t, "-b", str(batch_tokens),
+            "-ub", "512", "-fa", "off", "--alias", MODEL, "--no-webui"]
+
+
+def peer_cmd(port: int, path: Path) -> list[str]:
+    t = str(default_threads())
+    return [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", MODEL, "--port", str(port),
+            "--n_ctx", str(CTX), "--n_threads", t, "--n_threads_batch", t, "--n_batch", "512", "--n_ubatch", "512",
+            "--logits_all", "False", "--verbose", "False"]
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def load(port: int, clients: int, duration: float, tokens: int) -> dict:
+    """`clients` threads streaming chat requests one after another for `duration` seconds."""
+    import json
+
+    ttfts, latencies, chunks, failures, rejected, lock = [], [], [0], [0], [0], threading.Lock()
+    stop_at = time.perf_counter() + duration
+
+    def worker(seed: int) -> None:
+        i = seed
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=600) as http:
+            while time.perf_counter() < stop_at:
+                body = {"model": MODEL, "max_tokens": tokens, "temperature": 0, "stream": True,
+                        "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + f" (request {i})"}]}
+                i += clients
+                t0, first, n = time.perf_counter(), None, 0
+                try:
+                    with http.stream("POST", "/chat/completions", json=body) as r:
+                        if r.status_code == 429:
+                            with lock:
+                                rejected[0] += 1
+                            time.sleep(float(r.headers.get("retry-after", 1)))
+                            continue
+                        r.raise_for_status()
+                        for line in r.iter_lines():
+                            if not line.startswith("data: {"):
+                                continue
+                            delta = json.loads(line[6:])["choices"]
+                            if delta and delta[0].get("delta", {}).get("content"):
+                                first = first or time.perf_counter()
+                                n += 1
+                    with lock:
+                        latencies.append(time.perf_counter() - t0)
+                        ttfts.append((first or time.perf_counter()) - t0)
+                        chunks[0] += n
+                except Exception as exc:  # noqa: BLE001 - counted: the target is zero
+                    with lock:
+                        failures[0] += 1
+                    print(f"    failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+    return {"clients": clients, "requests": len(latencies), "failed": failures[0], "rejected": rejected[0],
+            "tok_s": chunks[0] / elapsed, "req_s": len(latencies) / elapsed,
+            "ttft_p50": pct(ttfts, 0.5) * 1e3, "ttft_p99": pct(ttfts, 0.99) * 1e3,
+            "lat_p50": pct(latencies, 0.5) * 1e3, "lat_p99": pct(latencies, 0.99) * 1e3}
+
+
+def run_levels(name: str, cmd: list[str], port: int, levels: list[int], duration: float, tokens: int) -> list[dict]:
+    proc = start(cmd, f"http://127.0.0.1:{port}/v1/models", {"SLIMLM_LOG": "warning"})
+    try:
+        load(port, 2, 3, 8)  # warm-up: first allocations, page cache
+        rows = []
+        for clients in levels:
+            print(f"  {name}: {clients} clients for {duration:.0f}s ...", flush=True)
+            rows.append({"server": name, **load(port, clients, duration, tokens)})
+            r = rows[-1]
+            print(f"    {r['tok_s']:.1f} tok/s, {r['req_s']:.2f} req/s, TTFT p50/p99 {r['ttft_p50']:.0f}/"
+                  f"{r['ttft_p99']:.0f} ms, failed {r['failed']}, 429 {r['rejected']}", flush=True)
+        return rows
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=30, help="seconds per level")
+    ap.add_argument("--tokens", type=int, default=64, help="new tokens per answer")
+    ap.add_argument("--clients", default="1,4,16,64")
+    ap.add_argument("--peer-levels", default="1,4,16", help="levels for llama_cpp.server (it serializes)")
+    ap.add_argument("--parallel", type=int, default=8, help="slots for both slimlm and llama-server")
+    ap.add_argument("--batch-tokens", type=int, default=512)
+    ap.add_argument("--queue-size", type=int, default=64, help="slimlm's queue beyond the slots")
+    ap.add_argument("--choose", action="store_true", help="first measure slimlm's --parallel / --batch-tokens")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    path, cpu = resolve(MODEL).path, cpu_info()
+    levels = [int(c) for c in args.clients.split(",")]
+    peer_levels = [int(c) for c in args.peer_levels.split(",") if c]
+    print(f"{MODEL} ({path.name}) on {cpu.describe()}; {default_threads()} threads; load average "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+    build((*TOOLS, SERVER))
+    rows, choice = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.choose:
+            for parallel in (4, 8, 16):
+                for bt in (256, 512):
+                    port = free_port()
+                    choice += run_levels(f"slimlm -np {parallel} --batch-tokens {bt}",
+                                         slimlm_cmd(port, Path(tmp), parallel, bt, args.queue_size), port, [16],
+                                         args.duration, args.tokens)
+        for name, make, lv in (
+                ("slimlm serve", lambda p: slimlm_cmd(p, Path(tmp), args.parallel, args.batch_tokens, args.queue_size),
+                 levels),
+                ("llama-server", lambda p: llama_server_cmd(p, path, args.parallel, args.batch_tokens), levels),
+                ("llama_cpp.server", lambda p: peer_cmd(p, path), peer_levels)):
+            if lv:
+                port = free_port()
+                rows += run_levels(name, make(port), port, lv, args.duration, args.tokens)
+    head = ["| server | clients | requests | failed | 429s | completion tok/s | requests/s | TTFT p50 ms | "
+            "TTFT p99 ms | latency p50 ms | latency p99 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def line(r):
+        return (f"| {r['server']} | {r['clients']} | {r['requests']} | {r['failed']} | {r['rejected']} | "
+                f"{r['tok_s']:.1f} | {r['req_s']:.2f} | {r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | "
+                f"{r['lat_p50']:.0f} | {r['lat_p99']:.0f} |")
+
+    body = head + [line(r) for r in choice] + ([""] if choice else [])
+    body += head + [line(r) for r in rows]
+    ours = {r["clients"]: r for r in rows if r["server"] == "slimlm serve"}
+    peer = {r["clients"]: r for r in rows if r["server"] == "llama-server"}
+    body.append("")
+    for c in levels:
+        if c in ours and c in peer:
+            o, p = ours[c], peer[c]
+            body.append(f"- {c} clients: throughput {o['tok_s'] / p['tok_s']:.2f}x llama-server's (target >= 1.0x); "
+                        f"TTFT p99 {o['ttft_p99']:.0f} vs {p['ttft_p99']:.0f} ms; failures {o['failed']} / "
+                        f"{p['failed']}")
+    if choice:
+        best = max(choice, key=lambda r: r["tok_s"])
+        body.append(f"- default chosen by measurement at 16 clients: {best['server']} "
+                    f"({best['tok_s']:.1f} tok/s, TTFT p99 {best['ttft_p99']:.0f} ms)")
+    body.append(f"- load average at the end {os.getloadavg()[0]:.1f} on {cpu.physical_cores} cores")
+    print("\n" + "\n".join(body), flush=True)
+    if not args.no_write:
+        desc = (f"SmolLM2-135M-Instruct ({path.name}), streaming chat, greedy, {args.tokens} new tokens, "
+                f"{args.duration:.0f} s per level; slimlm `--parallel {args.parallel} --batch-tokens "
+                f"{args.batch_tokens} --queue-size {args.queue_size}`, llama-server `-np {args.parallel} -b "
+                f"{args.batch_tokens} -fa off` with {CTX} tokens per slot (built by bench/llama_tools.py from the "
+                f"same vendored llama.cpp and flags), llama_cpp.server as in bench/serve.py; {default_threads()} "
+                f"threads each. Tokens/s counts content chunks (one per token). Command: `python "
+                f"bench/serve_load.py {' '.join(sys.argv[1:])}`.")
+        print(f"appended to {append_section('serve, under load', desc, body)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -40,7 +40,7 @@ def _alone(engine, ids, n):
         if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok) or len(out) == n:
             break
         out.append(tok)
-    return b"".join(engine.backend.token_bytes(t) for t in out).decode("utf-8", "ignore"), len(out)
+    return b"".join(llm.detokenize([t]) for t in out).decode("utf-8", "ignore"), len(out)
 
 
 def _tasks(engine, n=12, stop=()):

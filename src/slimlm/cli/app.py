@@ -15,7 +15,8 @@ from rich.console import Console
 from slimlm.models.backends import backend_help
 
 VERBS = ["generate", "chat", "info", "convert", "eval", "bench", "compare", "report", "quantize", "export", "serve",
-         "router", "ledger", "curate", "synth", "finetune", "distill", "prune", "shrink", "runs", "lineage", "quickstart"]
+         "batch", "router", "ledger", "curate", "synth", "finetune", "distill", "prune", "shrink", "runs", "lineage",
+         "quickstart"]
 
 app = typer.Typer(
     name="slimlm", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,

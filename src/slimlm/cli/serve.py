@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -151,3 +152,70 @@ def serve(
                 opened.close()
         if writer is not None:
             writer.close()
+
+
+@app.command()
+def batch(
+    model: str = ModelArg,
+    requests: Path = typer.Argument(..., metavar="IN.jsonl", help="OpenAI batch file: one request per line "
+                                    '({"custom_id", "method": "POST", "url": "/v1/chat/completions", "body"}).'),
+    out: Path = typer.Option(..., "--out", "-o", metavar="OUT.jsonl", help="Answers in OpenAI's batch output "
+                             "format, in input order."),
+    backend: str = BackendOpt,
+    parallel: Optional[int] = typer.Option(None, "--parallel", "-np", help="Sequences decoded together (default: "
+                                           "as `slimlm serve`)."),
+    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Most tokens one step reads."),
+    n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="Context per sequence."),
+    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed lines (each reported) "
+                                        "instead of stopping before any work."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+):
+    """Answer a file of requests with the serving engine (continuous batching), resumably.
+
+    \b
+    Each line goes through the same routes as `slimlm serve` (chat templates, stop strings,
+    logprobs), in-process. Answers are saved as they come; a killed run continues where it
+    stopped when rerun with the same arguments, and OUT appears, whole, at the end.
+    \b
+    Example:
+      slimlm batch smollm2-135m-instruct tickets.jsonl --out answers.jsonl
+    """
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from slimlm.serve import Engine
+    from slimlm.serve.batch_job import read_requests, run_batch
+
+    if out.exists() and not force:
+        raise SlimlmError(f"{out} exists: pass --force to replace it, or choose another --out")
+    read_requests(requests, skip_bad_lines)  # a bad file fails before the model loads
+    engine = Engine.open(model, backend, n_ctx=n_ctx, parallel=parallel, batch_tokens=batch_tokens, queue_size=16)
+    bar = Progress(TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                   TimeRemainingColumn(), console=err, transient=True)
+    state = {"task": None, "start": time.perf_counter(), "tokens0": 0, "progress": None}
+
+    def started(progress) -> None:
+        for line in progress.skipped_lines:
+            err.print(f"[yellow]skipped {line}[/yellow]")
+        state["progress"], state["tokens0"] = progress, progress.completion_tokens
+        state["task"] = bar.add_task("batch", total=progress.total, completed=progress.done, rate="")
+        if progress.done:
+            err.print(f"[dim]resuming: {progress.done} of {progress.total} already answered[/dim]")
+
+    def answered(row) -> None:
+        p = state["progress"]
+        rate = (p.completion_tokens - state["tokens0"]) / max(time.perf_counter() - state["start"], 1e-9)
+        bar.update(state["task"], completed=p.done, rate=f"{rate:.0f} tok/s")
+
+    try:
+        with bar:
+            result = run_batch(engine, requests, out, skip_bad_lines=skip_bad_lines, force=force, on_start=started,
+                               on_answer=answered)
+    finally:
+        engine.close()
+    seconds = time.perf_counter() - state["start"]
+    new_tokens = result.completion_tokens - state["tokens0"]
+    err.print(f"{result.total} requests answered into {out} ({result.failed} with an error); "
+              f"{new_tokens} new completion tokens in {seconds:.1f} s = {new_tokens / max(seconds, 1e-9):.1f} tok/s "
+              f"on {engine.backend.label} with {engine.parallel} slots")

@@ -46,9 +46,8 @@ class Batcher:
     """A thread driving `decoder`; `run_inline(job, task) -> Result` runs what cannot batch;
     `finish(seq, text, reason) -> Result` builds a task's result (and its log-probabilities)."""
 
-    def __init__(self, decoder: SequenceDecoder, token_bytes: Callable[[int], bytes],
-                 run_inline: Callable, finish: Callable, name: str = "model") -> None:
-        self.decoder, self.token_bytes = decoder, token_bytes
+    def __init__(self, decoder: SequenceDecoder, run_inline: Callable, finish: Callable, name: str = "model") -> None:
+        self.decoder = decoder
         self.run_inline, self.finish = run_inline, finish
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
@@ -132,7 +131,7 @@ class Batcher:
             self._end(seq, "stop")
             return
         seq.tokens.append(token)
-        piece = seq.text.push(seq.utf8.decode(self.token_bytes(token)))
+        piece = seq.text.push(seq.utf8.decode(self.decoder.text_bytes(token)))
         job = seq.job
         job.first_token_at = job.first_token_at or time.perf_counter()
         if piece:

@@ -166,7 +166,7 @@ class Engine:
             raise SlimlmError(f"--parallel {parallel} needs a backend that batches sequences (llamacpp); the "
                               f"{self.backend.label} backend runs one at a time: use --parallel 1")
         decoder = self.backend.decoder(parallel, batch_tokens or DEFAULT_BATCH_TOKENS, self.context)
-        return Batcher(decoder, self.backend.token_bytes, self._run_inline, self._finish_batched, self.name)
+        return Batcher(decoder, self._run_inline, self._finish_batched, self.name)
 
     @classmethod
     def open(cls, model, backend: str = "auto", *, name: str | None = None, queue_size: int = 16,

@@ -115,6 +115,15 @@ class SequenceDecoder(ABC):
         """Drop the slot's cached positions from `keep` on; return how many positions it kept
         (0 where a cache can only be cleared whole)."""
 
+    @abstractmethod
+    def is_end(self, token: int) -> bool:
+        """Whether the token ends the text (end of sequence, end of turn)."""
+
+    @abstractmethod
+    def text_bytes(self, token: int) -> bytes:
+        """The bytes a generated token adds to the answer's text, as the backend's one-at-a-time
+        stream writes them (special tokens as it shows them)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 

@@ -59,6 +59,9 @@ class LlamaCppDecoder(SequenceDecoder):
     def is_end(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
 
+    def text_bytes(self, token: int) -> bytes:
+        return self._llm.detokenize([token], special=False)  # what create_completion's stream writes
+
     def _forward(self, entries):
         decoding = [e for e in entries if len(e[1]) == 1]
         out = self._decode(decoding) if decoding else {}

@@ -143,3 +143,37 @@ def test_cli_default_is_under_the_data_folder(capsys):
     code, stdout, stderr = run_cli(capsys, "ledger", "--json")
     assert code == 0, stderr
     assert json.loads(stdout)["by_route"]["large"] >= 1
+
+
+def test_list_and_privacy_counts_show_what_left_the_machine(tmp_path, capsys):
+    """Rows as hybrid routing records them: the guard's verdict in `privacy`, its reason when it
+    kept a request local."""
+    import slimlm.cli  # noqa: F401 - registers every verb
+
+    db = tmp_path / "ledger.db"
+    book = Ledger(db)
+    now = time.time()
+    book.record(time=now - 50, route="local", reason="policy: confident", tokens_in=5, tokens_out=3)
+    book.record(time=now - 40, route="local", reason="privacy: an email address stays here",
+                privacy="local: email", tokens_in=5, tokens_out=3)
+    book.record(time=now - 30, route="large", reason="cascade: unsure", privacy="redact: email, phone",
+                model_large="gpt-4o-mini", tokens_in=5, tokens_out=3)
+    book.record(time=now - 20, route="large", reason="cascade: unsure", privacy="redact: nothing found",
+                model_large="gpt-4o-mini", tokens_in=5, tokens_out=3)
+    book.record(time=now - 7200, route="large", reason="old", privacy="redact: nothing found", tokens_in=1,
+                tokens_out=1)
+    book.close()
+    code, stdout, stderr = run_cli(capsys, "ledger", "--db", db, "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["privacy"] == {"kept local": 1, "redacted": 1, "allowed": 2}
+    code, stdout, stderr = run_cli(capsys, "ledger", "list", "--db", db, "--route", "large", "--since", "1h", "--json")
+    assert code == 0, stderr
+    rows = json.loads(stdout)
+    assert [(r["reason"], r["privacy_outcome"]) for r in rows] == [("cascade: unsure", "redacted"),
+                                                                   ("cascade: unsure", "allowed")]
+    code, stdout, _ = run_cli(capsys, "ledger", "list", "--db", db)
+    assert code == 0 and "kept local" in stdout and "5 requests" in stdout
+    code, stdout, _ = run_cli(capsys, "ledger", "--db", db)
+    assert code == 0 and "privacy guard" in stdout and "kept local 1" in stdout
+    code, _, stderr = run_cli(capsys, "ledger", "list", "--db", db, "--route", "cloud")
+    assert code == 1 and "--route 'cloud'" in stderr

@@ -10,9 +10,27 @@ parser checks the name against it: an unknown name fails with the library's own 
 
 from __future__ import annotations
 
+from typer.core import TyperGroup
 from typer.models import OptionInfo
 
-__all__ = ["live_help_option", "registry_option"]
+__all__ = ["default_command_group", "live_help_option", "registry_option"]
+
+
+def default_command_group(default: str) -> type[TyperGroup]:
+    """A typer group class whose first argument, when it is not one of its subcommands, starts
+    `default` (so `slimlm curate RECIPE ...` runs `curate run`, and `slimlm ledger --since 1h`
+    runs `ledger summary`). With no arguments it runs `default` too, unless the group shows its
+    help then (no_args_is_help)."""
+
+    class DefaultCommandGroup(TyperGroup):
+        def parse_args(self, ctx, args):
+            if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+                args = [default, *args]
+            elif not args and not self.no_args_is_help:
+                args = [default]
+            return super().parse_args(ctx, args)
+
+    return DefaultCommandGroup
 
 
 class _RegistryOptionInfo(OptionInfo):

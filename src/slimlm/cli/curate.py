@@ -12,23 +12,13 @@ from typing import Optional
 
 import typer
 from rich.table import Table
-from typer.core import TyperGroup
 
 from slimlm.cli.app import app, out
+from slimlm.cli.choices import default_command_group
 from slimlm.curate import CURATE_STEPS, EXECUTORS, preset_names
 
-
-class _RunByDefault(TyperGroup):
-    """A group whose first argument, when it is not a subcommand, starts `run`."""
-
-    def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
-            args = ["run", *args]
-        return super().parse_args(ctx, args)
-
-
 curate_app = typer.Typer(
-    cls=_RunByDefault, no_args_is_help=True,
+    cls=default_command_group("run"), no_args_is_help=True,
     help="Curate a corpus: keep the best documents, remove duplicates, personal data and eval questions.\n\n"
          "slimlm curate [RECIPE] IN... --out DIR    run a recipe (or --preset web|code|chat|docs)\n\n"
          "slimlm curate inspect DIR                 what each step removed, and why\n\n"

@@ -149,13 +149,18 @@ class Ledger:
         status...) are left out, so it can be plugged in as ServeConfig.on_record as is."""
         self.record(**{k: v for k, v in rec.items() if k in COLUMNS})
 
-    def rows(self, since: str | float | datetime | None = None) -> list[dict]:
+    def rows(self, since: str | float | datetime | None = None, route: str | None = None) -> list[dict]:
+        """Recorded requests, oldest first; `since` as parse_since takes it, `route` one of ROUTES."""
         import sqlalchemy as sa
 
         query = sa.select(self.table).order_by(self.table.c.time)
         start = parse_since(since)
         if start is not None:
             query = query.where(self.table.c.time >= start)
+        if route is not None:
+            if route not in ROUTES:
+                raise SlimlmError(f"--route {route!r}: choose one of {', '.join(ROUTES)}")
+            query = query.where(self.table.c.route == route)
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
@@ -189,11 +194,32 @@ class Ledger:
             "energy_saved_j": sum(r["large_energy_j"] - r["energy_j"] for r in energies) if energies else None,
             "latency_p50_s": pct("latency_s", 50), "latency_p95_s": pct("latency_s", 95),
             "latency_p99_s": pct("latency_s", 99), "ttft_p50_s": pct("ttft_s", 50),
+            "privacy": privacy_counts(rows),
             "since": parse_since(since), "prices_as_of": self.prices["as_of"], "url": safe_url(self.url),
         }
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def privacy_outcome(row: dict) -> str | None:
+    """What the privacy guard did to one recorded request: 'kept local' (personal data found, the
+    request was answered here instead of by the large model), 'redacted' (sent with placeholders),
+    'allowed' (sent to the large model with nothing found, or with the guard off), or None (the
+    request was never going to leave: answered locally with no guard verdict)."""
+    privacy = row.get("privacy") or ""
+    found = bool(privacy) and not privacy.endswith("nothing found")
+    if row["route"] == "large":
+        return "redacted" if found else "allowed"
+    if found and (row.get("reason") or "").startswith("privacy:"):
+        return "kept local"
+    return None
+
+
+def privacy_counts(rows: list[dict]) -> dict[str, int]:
+    """How many requests the privacy guard kept local, redacted, or allowed to leave."""
+    outcomes = [privacy_outcome(r) for r in rows]
+    return {kind: outcomes.count(kind) for kind in ("kept local", "redacted", "allowed")}
 
 
 def safe_url(url: str) -> str:
@@ -207,4 +233,5 @@ def since_label(since: float | None) -> str:
     return f"since {datetime.fromtimestamp(since).isoformat(timespec='minutes')}"
 
 
-__all__ = ["COLUMNS", "Ledger", "ROUTES", "default_ledger_path", "large_cost_usd", "parse_since", "to_url"]
+__all__ = ["COLUMNS", "Ledger", "ROUTES", "default_ledger_path", "large_cost_usd", "parse_since", "privacy_counts",
+           "privacy_outcome", "to_url"]

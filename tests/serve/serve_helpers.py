@@ -93,11 +93,16 @@ class FakeUpstream:
     message (a careless upstream echoing the key must not get it into slimlm's logs).
     """
 
-    def __init__(self, mode: str = "ok", delay: float = 0.0, status: int = 500) -> None:
-        self.mode, self.delay, self.status, self.seen = mode, delay, status, []
+    def __init__(self, mode: str = "ok", delay: float = 0.0, status: int = 500,
+                 models: tuple[str, ...] = ("big-model",)) -> None:
+        self.mode, self.delay, self.status, self.seen, self.models = mode, delay, status, [], models
 
     def app(self) -> FastAPI:
         app = FastAPI()
+
+        @app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fake"} for m in self.models]}
 
         async def answer(request: Request, chat: bool):
             body = await request.json()

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from serve_helpers import FakeUpstream, closed_port_url, serving, wait_for
 
+from slimlm.errors import SlimlmError
 from slimlm.routing import LearnedRouter
 from slimlm.serve import Engine, ServeConfig, create_app
 from slimlm.serve.hybrid import LedgerWriter
@@ -277,3 +278,21 @@ def test_serve_routing_options_and_refusals(capsys):
                            (["--large-price-model", "gpt-99"], "gpt-4o-mini")]:
         code, _, err = run_cli(capsys, "serve", "smollm2-135m-instruct", *args)
         assert code == 1 and err.count("\n") == 1 and expected in err, (args, err)
+
+
+def test_large_url_without_a_name_uses_the_one_model_it_serves(tiny_engine, capsys):
+    """A second slimlm server as the large model: asking for the local model's name there used
+    to fail every escalation (404 model_not_found); now the name comes from its /v1/models."""
+    from slimlm.serve.upstream import served_models, the_one_model
+    from tests.conftest import run_cli
+
+    with serving(create_app(tiny_engine)) as url:
+        assert the_one_model(url + "/v1") == tiny_engine.name
+    with serving(FakeUpstream(models=("a", "b")).app()) as url:
+        assert served_models(url + "/v1") == ["a", "b"]
+        with pytest.raises(SlimlmError, match=r"serves 2 models \(a, b\): choose one with --large-name"):
+            the_one_model(url + "/v1")
+        code, _, err = run_cli(capsys, "serve", "smollm2-135m-instruct", "--large", url + "/v1", "--no-ledger")
+        assert code == 1 and "choose one with --large-name" in err and err.count("\n") == 1
+    with pytest.raises(SlimlmError, match="could not ask .* for its models .*--large-name"):
+        the_one_model(closed_port_url())

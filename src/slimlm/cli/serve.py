@@ -56,7 +56,8 @@ def serve(
                                                     help="Environment variable holding the --large URL's API key "
                                                          "(sent as Authorization: Bearer; never logged)."),
     large_name: Optional[str] = typer.Option(None, "--large-name", rich_help_panel="Routing",
-                                             help="Model name to ask a --large URL for (default: the request's)."),
+                                             help="Model name to ask a --large URL for (default: the one model "
+                                                  "its /v1/models lists; with several, this is required)."),
     large_timeout: float = typer.Option(30.0, "--large-timeout", rich_help_panel="Routing",
                                         help="Seconds to wait for a --large URL per try (2 retries with backoff)."),
     policy: Optional[str] = live_help_option(_policy_help, None, "--policy", rich_help_panel="Routing"),
@@ -125,6 +126,10 @@ def serve(
                          policy=policy or ("cascade" if large else "local"), router_path=router,
                          cascade_threshold=cascade_threshold, cascade_metric=cascade_metric,
                          cascade_first_n=cascade_tokens, privacy=privacy, large_name=large_name)
+    if large and is_url(large) and not large_name:  # ask it which model it serves, once, now
+        from slimlm.serve.upstream import the_one_model
+
+        config.large_name = the_one_model(large, large_api_key_env, timeout_s=large_timeout)
     writer = None if no_ledger else LedgerWriter(Ledger(ledger), large_price_model)
     config.on_record = writer
     engine = big = None

@@ -218,3 +218,37 @@ def _describe(exc: BaseException) -> str:
 
 def without_userinfo(url: str | None) -> str:
     return re.sub(r"://[^/@]*@", "://", url or "")
+
+
+def served_models(base_url: str, api_key_env: str | None = None, timeout_s: float = 10.0) -> list[str]:
+    """The model ids an OpenAI-compatible API lists at GET {base_url}/models (at start-up, so
+    `--large URL` can name the model the upstream serves instead of forwarding the client's)."""
+    import httpx
+
+    where = without_userinfo(base_url)
+    key = os.environ.get(api_key_env) if api_key_env else None
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        response = httpx.get(base_url.rstrip("/") + "/models", headers=headers, timeout=timeout_s)
+    except httpx.TransportError as exc:
+        raise UpstreamUnavailable(f"could not ask {where} for its models ({_describe(exc)}): start it, fix the "
+                                  "URL, or name the model with --large-name") from None
+    if response.status_code != 200:
+        raise UpstreamError(f"{where}/models answered HTTP {response.status_code}: name the model with --large-name",
+                            response.status_code)
+    try:
+        data = response.json()["data"]
+        return [m["id"] for m in data]
+    except (ValueError, KeyError, TypeError):
+        raise UpstreamError(f"{where}/models did not answer OpenAI's model list: is it an OpenAI-compatible API "
+                            "root (ending in /v1)?") from None
+
+
+def the_one_model(base_url: str, api_key_env: str | None = None, timeout_s: float = 10.0) -> str:
+    """The upstream's model when it serves exactly one; else a SlimlmError listing them."""
+    models = served_models(base_url, api_key_env, timeout_s)
+    if len(models) != 1:
+        listed = ", ".join(models[:10]) + (" ..." if len(models) > 10 else "") if models else "none"
+        raise SlimlmError(f"{without_userinfo(base_url)} serves {len(models)} models ({listed}): choose one with "
+                          "--large-name")
+    return models[0]

@@ -23,7 +23,8 @@ def _policy_help() -> str:
 
 @app.command()
 def serve(
-    model: str = ModelArg,
+    model: Optional[str] = typer.Argument(None, help="Model folder, .gguf file, or built-in name "
+                                          "(smollm2-135m-instruct, gemma3-270m); or leave it out and give --engine."),
     backend: str = BackendOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Anything but loopback needs "
                              "--api-key-env."),
@@ -48,6 +49,19 @@ def serve(
                                       help="Serve a PEFT LoRA folder as MODEL:NAME (torch backend; repeatable)."),
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="Context length (llama.cpp: allocated at start; "
                                         "torch: a cap on the model's own)."),
+    engine_url: Optional[str] = typer.Option(None, "--engine", metavar="URL", rich_help_panel="External engine",
+                                             help="Serve an OpenAI-compatible engine (vLLM, llama-server, TGI, "
+                                                  "Ollama; http(s)://.../v1) instead of a model in this process: "
+                                                  "slimlm's API, routing, privacy guard, ledger and metrics in "
+                                                  "front of it."),
+    engine_name: Optional[str] = typer.Option(None, "--engine-name", rich_help_panel="External engine",
+                                              help="The engine's model (default: the one its /v1/models lists)."),
+    engine_api_key_env: Optional[str] = typer.Option(None, "--engine-api-key-env", metavar="NAME",
+                                                     rich_help_panel="External engine",
+                                                     help="Environment variable holding the engine's API key."),
+    engine_remote: bool = typer.Option(False, "--engine-remote", rich_help_panel="External engine",
+                                       help="The engine runs on another machine: the privacy guard (--privacy) "
+                                            "checks every request sent to it."),
     large: Optional[str] = typer.Option(None, "--large", metavar="MODEL_OR_URL", rich_help_panel="Routing",
                                         help="The larger model hard requests go to: an OpenAI-compatible API root "
                                              "(http(s)://.../v1) or a model on this machine (loaded in-process)."),
@@ -115,6 +129,10 @@ def serve(
     from slimlm.serve.ledger import Ledger, safe_url
     from slimlm.serve.upstream import without_userinfo
 
+    if bool(model) == bool(engine_url):
+        raise SlimlmError("give a MODEL to serve, or --engine URL to serve an external engine (not both)")
+    if (engine_name or engine_api_key_env or engine_remote) and not engine_url:
+        raise SlimlmError("--engine-name, --engine-api-key-env and --engine-remote are for --engine URL: give it too")
     if large_api_key_env and not large:
         raise SlimlmError("--large-api-key-env is the key for --large URL: give --large too, or leave it out")
     if sends_to_large(policy) and not large:
@@ -134,9 +152,17 @@ def serve(
     config.on_record = writer
     engine = big = None
     try:
-        engine = Engine.open(model, backend, queue_size=config.queue_size, n_ctx=config.n_ctx,
-                             adapters=config.adapters, parallel=config.parallel, batch_tokens=config.batch_tokens,
-                             prefix_cache=config.prefix_cache)
+        if engine_url:
+            from slimlm.serve.external import ExternalEngine, check_policy
+
+            check_policy(config.policy)
+            engine = ExternalEngine.open(engine_url, name=engine_name, api_key_env=engine_api_key_env,
+                                         timeout_s=600.0, queue_size=config.queue_size,
+                                         remote=engine_remote, privacy=config.privacy)
+        else:
+            engine = Engine.open(model, backend, queue_size=config.queue_size, n_ctx=config.n_ctx,
+                                 adapters=config.adapters, parallel=config.parallel, batch_tokens=config.batch_tokens,
+                                 prefix_cache=config.prefix_cache)
         if large:
             big = open_large(large, api_key_env=large_api_key_env, timeout_s=large_timeout, n_ctx=n_ctx,
                              queue_size=config.queue_size)
@@ -202,7 +228,7 @@ def batch(
 
     def started(progress) -> None:
         for line in progress.skipped_lines:
-            err.print(f"[yellow]skipped {line}[/yellow]")
+            err.print(f"[yellow]skipped {line}[/yellow]", soft_wrap=True)  # paths stay whole
         state["progress"], state["tokens0"] = progress, progress.completion_tokens
         state["task"] = bar.add_task("batch", total=progress.total, completed=progress.done, rate="")
         if progress.done:
@@ -223,4 +249,4 @@ def batch(
     new_tokens = result.completion_tokens - state["tokens0"]
     err.print(f"{result.total} requests answered into {out} ({result.failed} with an error); "
               f"{new_tokens} new completion tokens in {seconds:.1f} s = {new_tokens / max(seconds, 1e-9):.1f} tok/s "
-              f"on {engine.backend.label} with {engine.parallel} slots")
+              f"on {engine.backend.label} with {engine.parallel} slots", soft_wrap=True)

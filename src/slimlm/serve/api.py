@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
@@ -78,7 +78,7 @@ class Server:
         self.metrics = Metrics()
         for engine in [*engines.values(), *([large] if isinstance(large, Engine) else [])]:
             self.metrics.watch_queue(engine.name, lambda e=engine: e.queue_depth)
-            if engine.batcher is not None:
+            if getattr(engine, "batcher", None) is not None:
                 self.metrics.watch_batcher(engine.name, engine.batcher)
 
     def error(self, exc: BaseException) -> APIError:
@@ -208,8 +208,12 @@ def create_app(engines: Engine | list[Engine] | dict[str, Engine], config: Serve
     from slimlm.serve import routes
 
     config = config or ServeConfig()
-    if isinstance(engines, Engine):
+    if isinstance(engines, Engine) or getattr(engines, "external", False):
         engines = [engines]
+    if any(getattr(e, "external", False) for e in (engines.values() if isinstance(engines, dict) else engines)):
+        from slimlm.serve.external import check_policy
+
+        check_policy(config.policy)
     server = Server({e.name: e for e in (engines.values() if isinstance(engines, dict) else engines)}, config,
                     router_hook, large)
     # strict_content_type off: `curl -d` sends JSON as form-encoded, and the body is JSON either way.
@@ -259,10 +263,16 @@ def create_app(engines: Engine | list[Engine] | dict[str, Engine], config: Serve
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": {e.name: {"backend": e.backend.label, "context": e.context,
-                                                    "queue_depth": e.queue_depth, "queue_size": e.queue_size,
-                                                    "parallel": e.parallel}
-                                           for e in server.engines.values()}}
+        models, down = {}, []
+        for e in server.engines.values():
+            models[e.name] = {"backend": e.backend.label, "context": e.context, "queue_depth": e.queue_depth,
+                              "queue_size": e.queue_size, "parallel": e.parallel}
+            if getattr(e, "external", False):
+                models[e.name]["reachable"] = await e.reachable()
+                if not models[e.name]["reachable"]:
+                    down.append(e.url)
+        body = {"status": "engine unreachable" if down else "ok", "models": models}
+        return JSONResponse(body, status_code=503 if down else 200)
 
     @app.get("/metrics")
     async def prometheus():

@@ -136,6 +136,8 @@ def model_name(ref) -> str:
 class Engine:
     """A backend, its queue and its worker. Use `Engine.open(model)` or wrap a loaded backend."""
 
+    external = False  # external.ExternalEngine: an OpenAI-compatible URL serving as the small model
+
     def __init__(self, backend: Backend, name: str | None = None, *, queue_size: int = 16,
                  n_ctx: int | None = None, adapters: dict[str, str] | None = None, parallel: int | None = 1,
                  batch_tokens: int | None = None, prefix_cache: bool = True) -> None:

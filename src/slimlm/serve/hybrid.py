@@ -133,6 +133,8 @@ class Hybrid:
 
     # -- answering ---------------------------------------------------------------------------
     async def answer(self, server, call: Call):
+        if getattr(call.engine, "external", False):
+            return await self._answer_by_engine(server, call)
         tasks = call.tasks(call.engine)  # a bad request fails here, whatever the route
         decision = await self.choose(call)
         if decision.route == DEFERRED:
@@ -145,6 +147,16 @@ class Hybrid:
         job = server.submit(call.engine, tasks, call.adapter, endpoint=call.endpoint, model=call.model,
                             decision=decision, started=call.started, model_large=self.large_name)
         return await call.respond(job, call.model, headers(decision))
+
+    async def _answer_by_engine(self, server, call: Call):
+        """The small model is an external engine (external.py): route, then relay to it."""
+        decision = await self.choose(call)
+        if decision.route == "large":
+            answered = await self.escalate(server, call, decision)
+            if not isinstance(answered, str):
+                return answered
+            decision = Decision("local-fallback", answered, privacy=decision.privacy)
+        return await call.engine.answer(server, call, decision)
 
     async def escalate(self, server, call: Call, decision: Decision):
         """The large model's answer as a response, or, if it failed before answering, a string

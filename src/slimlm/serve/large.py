@@ -182,9 +182,10 @@ def outgoing(call, decision, guard, large_name: str | None) -> tuple[dict, dict[
     return body, mapping
 
 
-async def ask_remote(server, call, decision, remote: Remote, guard, large_name: str | None):
+async def ask_remote(server, call, decision, remote: Remote, guard, large_name: str | None, large: bool = True):
     """The remote model's answer as a response, or, if it failed before answering, a string
-    saying why (the caller then answers locally). Streams are relayed chunk by chunk."""
+    saying why (the caller then answers locally). Streams are relayed chunk by chunk. `large`:
+    the remote is the large model (False: an external engine serving as the small one)."""
     client = remote.client(call.endpoint)
     if client is None:
         return f"{decision.reason}; the large model answers chat only, answered locally"
@@ -205,13 +206,14 @@ async def ask_remote(server, call, decision, remote: Remote, guard, large_name: 
         use = answer.get("usage") or {}
         server.record(endpoint=call.endpoint, model=call.model, decision=decision, started=call.started,
                       tokens=(use.get("prompt_tokens", 0), use.get("completion_tokens", 0)),
-                      model_large=answer.get("model") or large_name)
+                      model_large=(answer.get("model") or large_name) if large else None)
         return JSONResponse(answer, headers=headers(decision))
-    return server.stream(_relay(server, call, decision, first, chunks, mapping, large_name),
+    return server.stream(_relay(server, call, decision, first, chunks, mapping, large_name, large),
                          headers=headers(decision))
 
 
-async def _relay(server, call, decision, first: dict, chunks, mapping: dict, large_name: str | None):
+async def _relay(server, call, decision, first: dict, chunks, mapping: dict, large_name: str | None,
+                 large: bool = True):
     wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
     restorer = Restorer(mapping, call.endpoint)
     use, status, first_at, chunk = {}, "cancelled", time.perf_counter(), first
@@ -236,4 +238,4 @@ async def _relay(server, call, decision, first: dict, chunks, mapping: dict, lar
     finally:
         server.record(endpoint=call.endpoint, model=call.model, decision=decision, started=call.started,
                       tokens=(use.get("prompt_tokens", 0), use.get("completion_tokens", 0)), status=status,
-                      model_large=first.get("model") or large_name, first_token_at=first_at)
+                      model_large=(first.get("model") or large_name) if large else None, first_token_at=first_at)

@@ -116,8 +116,9 @@ async def complete(server, body: S.CompletionRequest, request: Request):
             out.append(Task(ids, params, logprobs=body.logprobs, echo_logprobs=echo_scoring, index=i))
         return out
 
-    small = tasks(engine)  # checked (token ids in range) before the ids are decoded for echo
-    texts = [p if isinstance(p, str) else engine.decode(list(p)) for p in prompts]
+    external = getattr(engine, "external", False)  # an --engine URL: it checks and reads the prompts itself
+    small = [] if external else tasks(engine)  # checked (token ids in range) before the ids are decoded for echo
+    texts = [p if isinstance(p, str) else ("" if external else engine.decode(list(p))) for p in prompts]
 
     async def respond(job, model: str, headers: dict):
         if body.stream:

@@ -41,7 +41,7 @@ lint: setup
 # llama-server (the external-engine tests run one on loopback) is built once per llama.cpp version
 # and CPU from the same vendored source and flags as the bindings; a no-op when it is there.
 test: lint
-	$(BIN)/python bench/llama_tools.py --server > build/llama-tools.log 2>&1 || (tail -30 build/llama-tools.log; exit 1)
+	mkdir -p build && $(BIN)/python bench/llama_tools.py --server > build/llama-tools.log 2>&1 || (tail -30 build/llama-tools.log; exit 1)
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 bench: setup

@@ -186,3 +186,28 @@ def test_the_api_streams_from_the_batch_and_metrics_show_it(tiny_gguf):
                                                                    for i in range(6))
     finally:
         engine.close()
+
+
+def test_scoring_with_and_without_prefix_reuse_gives_the_same_numbers(tiny_gguf):
+    """lm-eval's multiple-choice requests: one context, several continuations, one after another."""
+    context = "Question: which of these is a prime number?\nAnswer:"
+    choices = [" four", " seven", " nine"]
+
+    async def score(engine):
+        out = []
+        for choice in choices:
+            ids = engine.text_ids(context + choice)
+            job = engine.submit([Task(ids, GenerationParams(max_tokens=0), logprobs=0, echo_logprobs=True)])
+            [res] = await job.results()
+            out.append([t.logprob for t in res.prompt_logprobs])
+        return out
+
+    engines = [Engine.open(str(tiny_gguf), "llamacpp", n_ctx=256, parallel=2, prefix_cache=reuse)
+               for reuse in (True, False)]
+    try:
+        reused, whole = (asyncio.run(score(e)) for e in engines)
+        assert reused == whole and len(reused) == 3
+        assert engines[0].scoring.scorer().reuse_prefix and not engines[1].scoring.scorer().reuse_prefix
+    finally:
+        for e in engines:
+            e.close()

@@ -158,6 +158,7 @@ class Engine:
             parallel = DEFAULT_PARALLEL if backend.supports("continuous") and not adapters else 1
         self.parallel = parallel
         self.batcher = self._batcher(parallel, batch_tokens) if parallel > 1 else None
+        self.scoring.reuse_prefix = prefix_cache
         if self.batcher is not None:
             self.batcher.decoder.reuse_prefixes = prefix_cache
 

@@ -28,7 +28,7 @@ class Scoring:
     def __init__(self, backend, context: int) -> None:
         self.backend, self.context = backend, context
         self._scorer = None
-
+        self.reuse_prefix = True  # the scorer reuses the prefix it shares with the request before
     @property
     def available(self) -> bool:
         return self.backend.supports("score")
@@ -45,6 +45,8 @@ class Scoring:
         llama.cpp that opens a second handle with every position's logits: see its scorer())."""
         if self._scorer is None:
             self._scorer = self.backend.scorer()
+            if hasattr(self._scorer, "reuse_prefix"):
+                self._scorer.reuse_prefix = self.reuse_prefix
         return self._scorer
 
     def _top(self, row, k: int) -> list[tuple[str, float]]:

@@ -14,6 +14,7 @@ class LlamaCppScorer(Scorer):
     before it (the same question with another choice) reuses the cached prefix."""
 
     name = "llamacpp"
+    reuse_prefix = True  # False: every request is evaluated whole (to measure what reuse buys)
 
     def __init__(self, backend, llm=None) -> None:
         self.backend, self.llm = backend, llm if llm is not None else backend.llm
@@ -40,7 +41,7 @@ class LlamaCppScorer(Scorer):
                 if a != b:
                     break
                 common += 1
-            llm.n_tokens = min(common, len(r.ids) - 1)  # always evaluate at least one token
+            llm.n_tokens = min(common, len(r.ids) - 1) if self.reuse_prefix else 0  # at least one token is read
             llm.eval(r.ids[llm.n_tokens:])
             logits = torch.from_numpy(np.array(llm.scores[r.start - 1:len(r.ids) - 1], dtype=np.float32))
             results.append(from_logits(logits, r.ids[r.start:], want_rows))

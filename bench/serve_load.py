@@ -15,6 +15,11 @@ flash-attention setting, `--parallel N` slots of the same context each and conti
 (its default). llama_cpp.server serializes requests (its issues #771, #1329); it is measured at
 the lower levels only when --peer-levels says so, since at 64 clients it would only queue.
 
+`--mc N` adds prefix caching: N questions of the built-in pydoc multiple-choice task sent as
+lm-evaluation-harness sends them (one /v1/completions request per choice: the question, then the
+choice, echo, logprobs, max_tokens 0; one client, in order), through `slimlm serve` with and
+without `--no-prefix-cache`: requests/s, and whether the log-probabilities are the same.
+
 `--choose` first measures slimlm alone at 16 clients with --parallel 4, 8 and 16 and
 --batch-tokens 256 and 512, to pick the defaults (serve/engine.py DEFAULT_PARALLEL).
 
@@ -80,7 +85,9 @@ def load(port: int, clients: int, duration: float, tokens: int) -> dict:
 
     def worker(seed: int) -> None:
         i = seed
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=600) as http:
+        # a fresh connection per request, for every server alike: llama-server closes idle keep-alive
+        # connections, and a client reusing one sees "server disconnected" (a client artefact)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=600, headers={"Connection": "close"}) as http:
             while time.perf_counter() < stop_at:
                 body = {"model": MODEL, "max_tokens": tokens, "temperature": 0, "stream": True,
                         "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + f" (request {i})"}]}
@@ -123,8 +130,33 @@ def load(port: int, clients: int, duration: float, tokens: int) -> dict:
             "lat_p50": pct(latencies, 0.5) * 1e3, "lat_p99": pct(latencies, 0.99) * 1e3}
 
 
+def mc_requests(n: int) -> list[str]:
+    """lm-eval's requests for the first n pydoc questions: context + each choice."""
+    import json
+
+    from slimlm.data.builtin_tasks import BUILTIN_TASKS
+
+    path = Path(slimlm.__file__).parent / "data" / "tasks" / BUILTIN_TASKS["pydoc"].file
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()[:n]]
+    return [f"Question: {r['question']}\nAnswer: {c}" for r in rows for c in r["choices"]]
+
+
+def mc_run(port: int, prompts: list[str]) -> tuple[float, list[list[float]]]:
+    """(requests/s, the token log-probabilities of each) for echo-scoring requests, in order."""
+    out = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=600) as http:
+        t0 = time.perf_counter()
+        for prompt in prompts:
+            r = http.post("/completions", json={"model": MODEL, "prompt": prompt, "echo": True, "logprobs": 1,
+                                                "max_tokens": 0, "temperature": 0})
+            r.raise_for_status()
+            out.append(r.json()["choices"][0]["logprobs"]["token_logprobs"])
+        return len(prompts) / (time.perf_counter() - t0), out
+
+
 def run_levels(name: str, cmd: list[str], port: int, levels: list[int], duration: float, tokens: int) -> list[dict]:
-    proc = start(cmd, f"http://127.0.0.1:{port}/v1/models", {"SLIMLM_LOG": "warning"})
+    ready = "/v1/models" if "llama_cpp.server" in cmd else "/health"  # llama-server's /health: model loaded
+    proc = start(cmd, f"http://127.0.0.1:{port}{ready}", {"SLIMLM_LOG": "warning"})
     try:
         load(port, 2, 3, 8)  # warm-up: first allocations, page cache
         rows = []
@@ -149,6 +181,7 @@ def main() -> int:
     ap.add_argument("--parallel", type=int, default=8, help="slots for both slimlm and llama-server")
     ap.add_argument("--batch-tokens", type=int, default=512)
     ap.add_argument("--queue-size", type=int, default=64, help="slimlm's queue beyond the slots")
+    ap.add_argument("--mc", type=int, default=0, help="multiple-choice questions for the prefix-cache run")
     ap.add_argument("--choose", action="store_true", help="first measure slimlm's --parallel / --batch-tokens")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -167,6 +200,20 @@ def main() -> int:
                     choice += run_levels(f"slimlm -np {parallel} --batch-tokens {bt}",
                                          slimlm_cmd(port, Path(tmp), parallel, bt, args.queue_size), port, [16],
                                          args.duration, args.tokens)
+        mc = {}
+        if args.mc:
+            prompts = mc_requests(args.mc)
+            for label, extra in (("with prefix cache", []), ("--no-prefix-cache", ["--no-prefix-cache"])):
+                port = free_port()
+                proc = start(slimlm_cmd(port, Path(tmp), args.parallel, args.batch_tokens, args.queue_size) + extra,
+                             f"http://127.0.0.1:{port}/health", {"SLIMLM_LOG": "warning"})
+                try:
+                    mc_run(port, prompts[:8])  # warm-up: the scorer's handle opens on the first request
+                    mc[label] = mc_run(port, prompts)
+                    print(f"  MC {label}: {mc[label][0]:.2f} requests/s", flush=True)
+                finally:
+                    proc.terminate()
+                    proc.wait(30)
         for name, make, lv in (
                 ("slimlm serve", lambda p: slimlm_cmd(p, Path(tmp), args.parallel, args.batch_tokens, args.queue_size),
                  levels),
@@ -198,6 +245,12 @@ def main() -> int:
         best = max(choice, key=lambda r: r["tok_s"])
         body.append(f"- default chosen by measurement at 16 clients: {best['server']} "
                     f"({best['tok_s']:.1f} tok/s, TTFT p99 {best['ttft_p99']:.0f} ms)")
+    if mc:
+        (on, lp_on), (off, lp_off) = mc["with prefix cache"], mc["--no-prefix-cache"]
+        body += ["", "| lm-eval multiple-choice requests (echo scoring), one client | requests/s |", "|---|---:|",
+                 f"| slimlm serve, prefix cache on | {on:.2f} |", f"| slimlm serve --no-prefix-cache | {off:.2f} |",
+                 "", f"- prefix cache: {on / off:.2f}x the requests/s on {len(lp_on)} requests ({args.mc} questions); "
+                 f"log-probabilities identical: {lp_on == lp_off}"]
     body.append(f"- load average at the end {os.getloadavg()[0]:.1f} on {cpu.physical_cores} cores")
     print("\n" + "\n".join(body), flush=True)
     if not args.no_write:

@@ -178,7 +178,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per answer")
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--peer-levels", default="1,4,16", help="levels for llama_cpp.server (it serializes)")
-    ap.add_argument("--parallel", type=int, default=8, help="slots for both slimlm and llama-server")
+    ap.add_argument("--parallel", type=int, default=16, help="slots for both slimlm and llama-server")
     ap.add_argument("--batch-tokens", type=int, default=512)
     ap.add_argument("--queue-size", type=int, default=64, help="slimlm's queue beyond the slots")
     ap.add_argument("--mc", type=int, default=0, help="multiple-choice questions for the prefix-cache run")

@@ -35,7 +35,7 @@ def serve(
                                    "429 with Retry-After."),
     parallel: Optional[int] = typer.Option(None, "--parallel", "-np", help="Sequences decoded together "
                                            "(continuous batching: a request joins the running batch at the next "
-                                           "step). Default: 8 on llama.cpp (measured, see bench/RESULTS.md), 1 on "
+                                           "step). Default: 16 on llama.cpp (measured, see bench/RESULTS.md), 1 on "
                                            "torch. Each slot holds its own --n-ctx of KV cache."),
     batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Most tokens one batched step reads "
                                                "(decoding tokens first, then prompt chunks). Default: 512."),

@@ -30,8 +30,8 @@ from slimlm.models.backends.base import Backend, GenerationParams
 from slimlm.serve.adapters import AdapterSet
 from slimlm.serve.scoring import Scoring, TokenLogprob
 
-DEFAULT_BATCH_TOKENS = 512  # tokens read per step at most; see bench/serve.py for how it was chosen
-DEFAULT_PARALLEL = 8  # slots when the backend batches and none were asked for; see bench/serve.py
+DEFAULT_BATCH_TOKENS = 512  # tokens read per step at most; see bench/serve_load.py for how it was chosen
+DEFAULT_PARALLEL = 16  # slots when the backend batches and none were asked for; see bench/serve_load.py
 
 
 class QueueFull(SlimlmError):

@@ -2,9 +2,11 @@
 """Serving under load: `slimlm serve` with continuous batching against `llama-server` and
 `python -m llama_cpp.server`, same model file, same prompts, same machine, one run.
 
-For each server and each number of concurrent streaming clients (default 1, 4, 16, 64), the
-clients ask one chat request after another for --duration seconds (requests in flight when
-time is up finish and count): aggregate completion tokens/s (content chunks: each server sends
+All servers are up at once (an idle one costs nothing) and, at each number of concurrent
+streaming clients (default 1, 4, 16, 64), take turns for --rounds rounds, the order alternating,
+so a slower moment of this shared machine hurts all alike; the rows are the rounds' means. In a
+turn the clients ask one chat request after another for --duration seconds (requests in flight
+when time is up finish and count): aggregate completion tokens/s (content chunks: each server sends
 one per token), requests/s, time to first token and latency p50/p99, failures, and 429s (a
 client that gets one waits its Retry-After and asks again; they are counted apart, and are only
 allowed above --parallel + --queue-size clients).
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -62,7 +65,8 @@ def llama_server_cmd(port: int, path: Path, parallel: int, batch_tokens: int) ->
             "-ub", "512", "-fa", "off", "--alias", MODEL, "--no-webui"]
 
 
-def peer_cmd(port: int, path: Path) -> list[str]:
+def peer_cmd(port: int, path: Path | None = None) -> list[str]:
+    path = path or resolve(MODEL).path
     t = str(default_threads())
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", MODEL, "--port", str(port),
             "--n_ctx", str(CTX), "--n_threads", t, "--n_threads_batch", t, "--n_batch", "512", "--n_ubatch", "512",
@@ -80,14 +84,12 @@ def load(port: int, clients: int, duration: float, tokens: int) -> dict:
     """`clients` threads streaming chat requests one after another for `duration` seconds."""
     import json
 
-    ttfts, latencies, chunks, failures, rejected, lock = [], [], [0], [0], [0], threading.Lock()
+    ttfts, latencies, chunks, failures, rejected, retried, lock = [], [], [0], [0], [0], [0], threading.Lock()
     stop_at = time.perf_counter() + duration
 
     def worker(seed: int) -> None:
         i = seed
-        # a fresh connection per request, for every server alike: llama-server closes idle keep-alive
-        # connections, and a client reusing one sees "server disconnected" (a client artefact)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=600, headers={"Connection": "close"}) as http:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=120) as http:
             while time.perf_counter() < stop_at:
                 body = {"model": MODEL, "max_tokens": tokens, "temperature": 0, "stream": True,
                         "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + f" (request {i})"}]}
@@ -112,6 +114,15 @@ def load(port: int, clients: int, duration: float, tokens: int) -> dict:
                         latencies.append(time.perf_counter() - t0)
                         ttfts.append((first or time.perf_counter()) - t0)
                         chunks[0] += n
+                except httpx.RemoteProtocolError:
+                    # llama-server closes idle keep-alive connections; a client reusing one sees "server
+                    # disconnected" before any byte, and asks again on a new one, as the openai client does
+                    if first is None:
+                        with lock:
+                            retried[0] += 1
+                        continue
+                    with lock:
+                        failures[0] += 1
                 except Exception as exc:  # noqa: BLE001 - counted: the target is zero
                     with lock:
                         failures[0] += 1
@@ -125,6 +136,7 @@ def load(port: int, clients: int, duration: float, tokens: int) -> dict:
         t.join()
     elapsed = time.perf_counter() - began
     return {"clients": clients, "requests": len(latencies), "failed": failures[0], "rejected": rejected[0],
+            "retried": retried[0],
             "tok_s": chunks[0] / elapsed, "req_s": len(latencies) / elapsed,
             "ttft_p50": pct(ttfts, 0.5) * 1e3, "ttft_p99": pct(ttfts, 0.99) * 1e3,
             "lat_p50": pct(latencies, 0.5) * 1e3, "lat_p99": pct(latencies, 0.99) * 1e3}
@@ -154,22 +166,56 @@ def mc_run(port: int, prompts: list[str]) -> tuple[float, list[list[float]]]:
         return len(prompts) / (time.perf_counter() - t0), out
 
 
-def run_levels(name: str, cmd: list[str], port: int, levels: list[int], duration: float, tokens: int) -> list[dict]:
+def serve_up(cmd: list[str], port: int):
     ready = "/v1/models" if "llama_cpp.server" in cmd else "/health"  # llama-server's /health: model loaded
     proc = start(cmd, f"http://127.0.0.1:{port}{ready}", {"SLIMLM_LOG": "warning"})
+    load(port, 2, 3, 8)  # warm-up: first allocations, page cache
+    return proc
+
+
+def measure(name: str, port: int, clients: int, duration: float, tokens: int) -> dict:
+    print(f"  {name}: {clients} clients for {duration:.0f}s ...", flush=True)
+    r = {"server": name, **load(port, clients, duration, tokens)}
+    print(f"    {r['tok_s']:.1f} tok/s, {r['req_s']:.2f} req/s, TTFT p50/p99 {r['ttft_p50']:.0f}/"
+          f"{r['ttft_p99']:.0f} ms, failed {r['failed']}, 429 {r['rejected']}, retried {r['retried']}", flush=True)
+    return r
+
+
+def run_levels(name: str, cmd: list[str], port: int, levels: list[int], duration: float, tokens: int) -> list[dict]:
+    proc = serve_up(cmd, port)
     try:
-        load(port, 2, 3, 8)  # warm-up: first allocations, page cache
-        rows = []
-        for clients in levels:
-            print(f"  {name}: {clients} clients for {duration:.0f}s ...", flush=True)
-            rows.append({"server": name, **load(port, clients, duration, tokens)})
-            r = rows[-1]
-            print(f"    {r['tok_s']:.1f} tok/s, {r['req_s']:.2f} req/s, TTFT p50/p99 {r['ttft_p50']:.0f}/"
-                  f"{r['ttft_p99']:.0f} ms, failed {r['failed']}, 429 {r['rejected']}", flush=True)
-        return rows
+        return [measure(name, port, clients, duration, tokens) for clients in levels]
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def interleaved(servers: dict, levels: dict, rounds: int, duration: float, tokens: int) -> list[dict]:
+    """Every server up at once (an idle one costs nothing); at each level they take turns, the
+    order alternating between rounds, so a slower moment of a shared machine hurts all alike.
+    Rows are the rounds' sums (requests, failures) and means (rates, percentiles)."""
+    procs = {name: (serve_up(cmd, port), port) for name, (cmd, port) in servers.items()}
+    rows = []
+    try:
+        for clients in sorted({c for lv in levels.values() for c in lv}):
+            names = [n for n in servers if clients in levels[n]]
+            runs = {n: [] for n in names}
+            for r in range(rounds):
+                for n in (names if r % 2 == 0 else names[::-1]):
+                    runs[n].append(measure(n, procs[n][1], clients, duration, tokens))
+            for n in names:
+                rs = runs[n]
+                row = {"server": n, "clients": clients}
+                for key in ("requests", "failed", "rejected", "retried"):
+                    row[key] = sum(x[key] for x in rs)
+                for key in ("tok_s", "req_s", "ttft_p50", "ttft_p99", "lat_p50", "lat_p99"):
+                    row[key] = statistics.mean(x[key] for x in rs)
+                rows.append(row)
+    finally:
+        for proc, _ in procs.values():
+            proc.terminate()
+            proc.wait(30)
+    return rows
 
 
 def main() -> int:
@@ -181,6 +227,7 @@ def main() -> int:
     ap.add_argument("--parallel", type=int, default=16, help="slots for both slimlm and llama-server")
     ap.add_argument("--batch-tokens", type=int, default=512)
     ap.add_argument("--queue-size", type=int, default=64, help="slimlm's queue beyond the slots")
+    ap.add_argument("--rounds", type=int, default=2, help="turns per server at each level (order alternates)")
     ap.add_argument("--mc", type=int, default=0, help="multiple-choice questions for the prefix-cache run")
     ap.add_argument("--choose", action="store_true", help="first measure slimlm's --parallel / --batch-tokens")
     ap.add_argument("--no-write", action="store_true")
@@ -214,19 +261,21 @@ def main() -> int:
                 finally:
                     proc.terminate()
                     proc.wait(30)
-        for name, make, lv in (
-                ("slimlm serve", lambda p: slimlm_cmd(p, Path(tmp), args.parallel, args.batch_tokens, args.queue_size),
-                 levels),
-                ("llama-server", lambda p: llama_server_cmd(p, path, args.parallel, args.batch_tokens), levels),
-                ("llama_cpp.server", lambda p: peer_cmd(p, path), peer_levels)):
-            if lv:
-                port = free_port()
-                rows += run_levels(name, make(port), port, lv, args.duration, args.tokens)
-    head = ["| server | clients | requests | failed | 429s | completion tok/s | requests/s | TTFT p50 ms | "
-            "TTFT p99 ms | latency p50 ms | latency p99 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        ports = [free_port() for _ in range(3)]
+        servers = {"slimlm serve": (slimlm_cmd(ports[0], Path(tmp), args.parallel, args.batch_tokens,
+                                               args.queue_size), ports[0]),
+                   "llama-server": (llama_server_cmd(ports[1], path, args.parallel, args.batch_tokens), ports[1])}
+        wanted = {"slimlm serve": levels, "llama-server": levels}
+        if peer_levels:
+            servers["llama_cpp.server"] = (peer_cmd(ports[2]), ports[2])
+            wanted["llama_cpp.server"] = peer_levels
+        rows += interleaved(servers, wanted, args.rounds, args.duration, args.tokens)
+    head = ["| server | clients | requests | failed | 429s | reconnects | completion tok/s | requests/s | TTFT p50 ms | "
+            "TTFT p99 ms | latency p50 ms | latency p99 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def line(r):
         return (f"| {r['server']} | {r['clients']} | {r['requests']} | {r['failed']} | {r['rejected']} | "
+                f"{r.get('retried', 0)} | "
                 f"{r['tok_s']:.1f} | {r['req_s']:.2f} | {r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | "
                 f"{r['lat_p50']:.0f} | {r['lat_p99']:.0f} |")
 
@@ -255,7 +304,8 @@ def main() -> int:
     print("\n" + "\n".join(body), flush=True)
     if not args.no_write:
         desc = (f"SmolLM2-135M-Instruct ({path.name}), streaming chat, greedy, {args.tokens} new tokens, "
-                f"{args.duration:.0f} s per level; slimlm `--parallel {args.parallel} --batch-tokens "
+                f"{args.duration:.0f} s per turn, {args.rounds} alternating rounds per level (means); "
+                f"slimlm `--parallel {args.parallel} --batch-tokens "
                 f"{args.batch_tokens} --queue-size {args.queue_size}`, llama-server `-np {args.parallel} -b "
                 f"{args.batch_tokens} -fa off` with {CTX} tokens per slot (built by bench/llama_tools.py from the "
                 f"same vendored llama.cpp and flags), llama_cpp.server as in bench/serve.py; {default_threads()} "

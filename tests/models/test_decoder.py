@@ -166,3 +166,22 @@ def test_batched_greedy_on_smollm2_equals_one_at_a_time(smollm2_gguf):
             decoder.close()
     finally:
         backend.close()
+
+
+def test_an_unrelated_prompt_leaves_other_slots_prompts_in_place(tiny):
+    """Prompts taking turns (three users, three system prompts) each keep their own slot."""
+    a = tiny.tokenize("Alpha: the first assistant's long instructions, " * 3)
+    b = tiny.tokenize("Beta, a different set of rules for another job. " * 3)
+    decoder = tiny.decoder(3, 128, 128)
+    try:
+        first = decoder.admit(a)
+        decoder.step()
+        decoder.release(first)
+        second = decoder.admit(b)  # shares too little with slot 0: takes the least recently used slot
+        assert second != first
+        decoder.step()
+        decoder.release(second)
+        before = decoder.reused_tokens
+        assert decoder.admit(a) == first and decoder.reused_tokens - before == len(a) - 1
+    finally:
+        decoder.close()

@@ -19,8 +19,11 @@ The schedule, per step (one forward pass of at most `batch_tokens` tokens):
 
 Prefix reuse: a released slot keeps its tokens in the cache. A new sequence takes the free slot
 whose cached tokens share the longest prefix with its prompt, cuts the cache there and reads
-only the rest (a shared system prompt, few-shot examples, lm-eval's shared contexts). At least
-the prompt's last token is always read again, since its logits are what the first sample needs.
+only the rest (a shared system prompt, few-shot examples, lm-eval's shared contexts). When no
+free slot shares at least half of the prompt, it takes the least recently used free slot
+instead, so the prompts other slots hold stay for the requests that will want them (llama-server
+chooses its slots the same way, --slot-prompt-similarity 0.5). At least the prompt's last token
+is always read again, since its logits are what the first sample needs.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import numpy as np
 from slimlm.errors import SlimlmError
 
 __all__ = ["SequenceDecoder", "Slot", "Sampler", "common_prefix"]
+
+SIMILAR = 0.5  # a free slot sharing less than this share of the prompt is not worth evicting another for
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -75,7 +80,7 @@ class Slot:
     cached: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)
     busy: bool = False
-    order: int = 0  # arrival order, for fair prefill
+    order: int = 0  # arrival order, for fair prefill; the last admission, for least-recently-used
 
 
 @dataclass
@@ -148,6 +153,8 @@ class SequenceDecoder(ABC):
         if not free:
             raise SlimlmError("no free slot")
         slot = max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.index))
+        if common_prefix(slot.cached, prompt) < SIMILAR * len(prompt):
+            slot = min(free, key=lambda s: (s.order, s.index))  # least recently used
         keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1) if self.reuse_prefixes else 0
         if keep < len(slot.cached):
             keep = self._truncate(slot.index, keep)

@@ -29,6 +29,11 @@ from slimlm.models.backends.decoder import Sampler, SequenceDecoder
 log = logging.getLogger("slimlm.serve")
 
 
+def _deliver(items) -> None:
+    for job, event in items:
+        job.events.put_nowait(event)
+
+
 @dataclass
 class Sequence:
     """One task of one job, as the scheduler tracks it."""
@@ -53,6 +58,7 @@ class Batcher:
         self.running: dict[int, Sequence] = {}
         self.on_step: list[Callable] = []  # (StepStats, seconds) after each step
         self.on_admit: list[Callable] = []  # (seconds waited) when a task starts
+        self._outbox: list = []  # (job, event) of this step, handed to the event loop at once
         self._wake = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name=f"slimlm-batcher-{name}", daemon=True)
@@ -124,6 +130,21 @@ class Batcher:
                 self._end(seq, "cancelled")
             elif slot in logits:
                 self._advance(seq, logits[slot])
+        self._flush()
+
+    def _flush(self) -> None:
+        """Hand the step's tokens to their event loops, one wake-up per loop per step rather than
+        one per token: the loop shares the cores with llama.cpp's threads."""
+        by_loop: dict = {}
+        for job, event in self._outbox:
+            by_loop.setdefault(job._loop, []).append((job, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is gone (server shut down): nobody is listening
+                for job, _ in items:
+                    job.cancelled.set()
 
     def _advance(self, seq: Sequence, logits) -> None:
         token = seq.sampler(logits)
@@ -136,7 +157,7 @@ class Batcher:
         job.first_token_at = job.first_token_at or time.perf_counter()
         if piece:
             seq.pieces.append(piece)
-            job.emit("token", (seq.task.index, piece))
+            self._outbox.append((job, ("token", (seq.task.index, piece))))
         if seq.text.stopped:
             self._end(seq, "stop")
         elif len(seq.tokens) >= seq.task.params.max_tokens or self.decoder.room(seq.slot) < 1:
@@ -149,7 +170,8 @@ class Batcher:
             rest = seq.text.push(seq.utf8.decode(b"", final=True)) + seq.text.flush()
             if rest and reason != "cancelled":
                 seq.pieces.append(rest)
-                seq.job.emit("token", (seq.task.index, rest))
+                self._outbox.append((seq.job, ("token", (seq.task.index, rest))))
+        self._flush()  # the tokens go before the result
         self._drop(seq)
         seq.job.task_done(self.finish(seq, "".join(seq.pieces), reason))
 

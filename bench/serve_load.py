@@ -15,7 +15,8 @@ The peer, llama-server, is built from the same vendored llama.cpp with the same 
 slimlm's bindings (bench/llama_tools.py --server) and runs with the same threads, batch and
 flash-attention setting, `--parallel N` slots of the same context each and continuous batching
 (its default). llama_cpp.server serializes requests (its issues #771, #1329); it is measured at
-the lower levels only when --peer-levels says so, since at 64 clients it would only queue.
+1 client unless --peer-levels says otherwise. A client still waiting 120 s after its turn ended
+(llama-server stopped answering some streams under concurrent load here) counts as failed.
 
 `--mc N` adds prefix caching: N questions of the built-in pydoc multiple-choice task sent as
 lm-evaluation-harness sends them (one /v1/completions request per choice: the question, then the
@@ -50,6 +51,7 @@ from slimlm.hardware import cpu_info, default_threads
 from slimlm.models.reference import resolve
 
 CTX = 1024  # per slot: prompts here are < 100 tokens and answers --tokens
+STUCK_S = 120.0  # seconds after a turn's end before a client still waiting counts as failed
 
 
 def slimlm_cmd(port: int, tmp: Path, parallel: int, batch_tokens: int, queue: int) -> list[str]:
@@ -129,13 +131,18 @@ def load(port: int, clients: int, duration: float, tokens: int) -> dict:
                     print(f"    failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
 
     began = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(clients)]
+    threads = [threading.Thread(target=worker, args=(s,), daemon=True) for s in range(clients)]
     for t in threads:
         t.start()
+    give_up = stop_at + STUCK_S  # a stream the server stopped answering is counted, not waited for
     for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - began
-    return {"clients": clients, "requests": len(latencies), "failed": failures[0], "rejected": rejected[0],
+        t.join(max(0.0, give_up - time.perf_counter()))
+    stuck = sum(t.is_alive() for t in threads)
+    elapsed = min(time.perf_counter(), give_up) - began
+    if stuck:
+        print(f"    {stuck} clients still waiting for an answer {STUCK_S:.0f} s after the turn: counted as failed",
+              flush=True)
+    return {"clients": clients, "requests": len(latencies), "failed": failures[0] + stuck, "rejected": rejected[0],
             "retried": retried[0],
             "tok_s": chunks[0] / elapsed, "req_s": len(latencies) / elapsed,
             "ttft_p50": pct(ttfts, 0.5) * 1e3, "ttft_p99": pct(ttfts, 0.99) * 1e3,
@@ -223,7 +230,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=30, help="seconds per level")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per answer")
     ap.add_argument("--clients", default="1,4,16,64")
-    ap.add_argument("--peer-levels", default="1,4,16", help="levels for llama_cpp.server (it serializes)")
+    ap.add_argument("--peer-levels", default="1", help="levels for llama_cpp.server: it serializes requests, and "
+                    "at 4 concurrent clients it answered near-empty streams here (bench/RESULTS.md, 2026-12-07)")
     ap.add_argument("--parallel", type=int, default=16, help="slots for both slimlm and llama-server")
     ap.add_argument("--batch-tokens", type=int, default=512)
     ap.add_argument("--queue-size", type=int, default=64, help="slimlm's queue beyond the slots")
@@ -279,7 +287,7 @@ def main() -> int:
                 f"{r['tok_s']:.1f} | {r['req_s']:.2f} | {r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | "
                 f"{r['lat_p50']:.0f} | {r['lat_p99']:.0f} |")
 
-    body = head + [line(r) for r in choice] + ([""] if choice else [])
+    body = (head + [line(r) for r in choice] + [""]) if choice else []
     body += head + [line(r) for r in rows]
     ours = {r["clients"]: r for r in rows if r["server"] == "slimlm serve"}
     peer = {r["clients"]: r for r in rows if r["server"] == "llama-server"}

@@ -85,11 +85,25 @@ class Job:
         except RuntimeError:  # the loop is gone (server shut down): nobody is listening
             self.cancelled.set()
 
-    # -- for the batcher, which finishes tasks one by one from its thread -----------------------
-    def task_done(self, result: Result) -> None:
+    def add_result(self, result: Result) -> None:  # called from the worker thread
         self.prompt_tokens += result.prompt_tokens
         self.completion_tokens += result.completion_tokens
         self.emit("result", result)
+
+    def run_on_done(self) -> None:
+        """Stamp the end and run the on_done hooks (ledger, metrics); a failing one is logged."""
+        self.finished_at = time.perf_counter()
+        for callback in self.on_done:
+            try:
+                callback(self)
+            except Exception:  # noqa: BLE001 - a broken hook must not stop the others or the worker
+                import logging
+
+                logging.getLogger("slimlm.serve").exception("on_done callback failed")
+
+    # -- for the batcher, which finishes tasks one by one from its thread -----------------------
+    def task_done(self, result: Result) -> None:
+        self.add_result(result)
         self._remaining -= 1
         if self._remaining == 0:
             self._close("cancelled" if self.cancelled.is_set() else "ok")
@@ -101,15 +115,9 @@ class Job:
 
     def _close(self, status: str) -> None:
         def close() -> None:  # on the event loop, where the ledger and metrics hooks run
-            self.status, self.finished_at = status, time.perf_counter()
+            self.status = status
             self.events.put_nowait(("done", None))
-            for callback in self.on_done:
-                try:
-                    callback(self)
-                except Exception:  # noqa: BLE001 - a broken hook must not stop the others
-                    import logging
-
-                    logging.getLogger("slimlm.serve").exception("on_done callback failed")
+            self.run_on_done()
         try:
             self._loop.call_soon_threadsafe(close)
         except RuntimeError:
@@ -250,14 +258,7 @@ class Engine:
                     await asyncio.to_thread(self._run, job)
             finally:
                 self._active = None
-                job.finished_at = time.perf_counter()
-                for callback in job.on_done:
-                    try:
-                        callback(job)
-                    except Exception:  # noqa: BLE001 - a broken metrics hook must not stop the worker
-                        import logging
-
-                        logging.getLogger("slimlm.serve").exception("on_done callback failed")
+                job.run_on_done()
 
     # -- continuous batching (batching.py's thread calls these) ---------------------------------
     def _submit_batched(self, tasks: list[Task], adapter: str | None, loop) -> Job:
@@ -300,10 +301,7 @@ class Engine:
                 for task in job.tasks:
                     if job.cancelled.is_set():
                         break
-                    res = self._run_task(job, task)
-                    job.prompt_tokens += res.prompt_tokens
-                    job.completion_tokens += res.completion_tokens
-                    job.emit("result", res)
+                    job.add_result(self._run_task(job, task))
             job.status = "cancelled" if job.cancelled.is_set() else "ok"
         except BaseException as exc:  # noqa: BLE001 - handed to the request, which maps it to an HTTP error
             job.status = "error"

@@ -76,11 +76,7 @@ class ExternalEngine:
         checked, ok = self._health
         if time.monotonic() - checked < ttl_s:
             return ok
-        try:
-            response = await self.remote.chat._client.get("/models", timeout=2.0)
-            ok = response.status_code == 200
-        except Exception:  # noqa: BLE001 - any failure means "not answering"
-            ok = False
+        ok = await self.remote.chat.answers("/models")
         self._health = (time.monotonic(), ok)
         return ok
 

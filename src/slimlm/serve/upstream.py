@@ -57,13 +57,7 @@ class Upstream:
         self.base_url = base_url.rstrip("/")
         self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
         self.api_key_env = api_key_env
-        self._key = None
-        if api_key_env:
-            self._key = os.environ.get(api_key_env)
-            if not self._key:
-                raise SlimlmError(f"the environment variable {api_key_env} is not set: export it with the API key "
-                                  f"for {without_userinfo(self.base_url)}")
-        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        self._key, headers = api_key(api_key_env, self.base_url)
         self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, transport=transport,
                                          timeout=httpx.Timeout(timeout_s))
 
@@ -78,6 +72,13 @@ class Upstream:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    async def answers(self, path: str = "/models", timeout_s: float = 2.0) -> bool:
+        """Whether GET {base_url}{path} answers 200 now (one try: a health check, not a call)."""
+        try:
+            return (await self._client.get(path, timeout=timeout_s)).status_code == 200
+        except Exception:  # noqa: BLE001 - any failure means "not answering"
+            return False
 
     # -- calls -------------------------------------------------------------------------------
     async def chat(self, body: dict) -> dict:
@@ -220,14 +221,25 @@ def without_userinfo(url: str | None) -> str:
     return re.sub(r"://[^/@]*@", "://", url or "")
 
 
+def api_key(api_key_env: str | None, base_url: str) -> tuple[str | None, dict]:
+    """(the key from $api_key_env, the Authorization header carrying it); a named variable that
+    is not set is an error."""
+    if not api_key_env:
+        return None, {}
+    key = os.environ.get(api_key_env)
+    if not key:
+        raise SlimlmError(f"the environment variable {api_key_env} is not set: export it with the API key "
+                          f"for {without_userinfo(base_url.rstrip('/'))}")
+    return key, {"Authorization": f"Bearer {key}"}
+
+
 def served_models(base_url: str, api_key_env: str | None = None, timeout_s: float = 10.0) -> list[str]:
     """The model ids an OpenAI-compatible API lists at GET {base_url}/models (at start-up, so
     `--large URL` can name the model the upstream serves instead of forwarding the client's)."""
     import httpx
 
     where = without_userinfo(base_url)
-    key = os.environ.get(api_key_env) if api_key_env else None
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    _, headers = api_key(api_key_env, base_url)
     try:
         response = httpx.get(base_url.rstrip("/") + "/models", headers=headers, timeout=timeout_s)
     except httpx.TransportError as exc:

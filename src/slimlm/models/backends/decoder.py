@@ -152,10 +152,11 @@ class SequenceDecoder(ABC):
         free = [s for s in self.slots if not s.busy]
         if not free:
             raise SlimlmError("no free slot")
-        slot = max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.index))
-        if common_prefix(slot.cached, prompt) < SIMILAR * len(prompt):
+        shared = {s.index: common_prefix(s.cached, prompt) for s in free}
+        slot = max(free, key=lambda s: (shared[s.index], -s.index))
+        if shared[slot.index] < SIMILAR * len(prompt):
             slot = min(free, key=lambda s: (s.order, s.index))  # least recently used
-        keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1) if self.reuse_prefixes else 0
+        keep = min(shared[slot.index], len(prompt) - 1) if self.reuse_prefixes else 0
         if keep < len(slot.cached):
             keep = self._truncate(slot.index, keep)
             del slot.cached[keep:]

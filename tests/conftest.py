@@ -155,6 +155,21 @@ def smollm2_dense(smollm2_gguf, tmp_path_factory) -> Path:
     return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "dense")
 
 
+def greedy_alone(llm, ids, n: int) -> list[int]:
+    """Greedy token ids (at most n, up to an end token) of one prompt on llama-cpp-python's own
+    one-at-a-time loop (what the llama.cpp backend's stream runs), from a cleared cache: the
+    yardstick of continuous batching's tests."""
+    import llama_cpp
+
+    llm.reset()
+    out = []
+    for tok in llm.generate(ids, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok) or len(out) == n:
+            break
+        out.append(tok)
+    return out
+
+
 def run_cli(capture, *args):
     """Run `slimlm ARGS` in-process through the real entry point (error handling included);
     returns (exit code, stdout, stderr). `capture` is pytest's capsys or capfd."""

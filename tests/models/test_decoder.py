@@ -4,13 +4,14 @@ a running batch, and a reused prompt prefix gives the logits a fresh read gives.
 
 from __future__ import annotations
 
-import llama_cpp  # (a required dependency: its absence fails these tests, never skips them)
+import llama_cpp  # noqa: F401  (a required dependency: its absence fails these tests, never skips them)
 import numpy as np
 import pytest
 
 from slimlm.errors import SlimlmError
 from slimlm.models.backends import open_backend
 from slimlm.models.backends.decoder import Sampler, common_prefix
+from tests.conftest import greedy_alone
 
 pytestmark = [pytest.mark.llamacpp]
 PROMPTS = ["def add(a, b):\n    return", "The quick brown fox", "Once upon a time there was a small model that",
@@ -18,15 +19,8 @@ PROMPTS = ["def add(a, b):\n    return", "The quick brown fox", "Once upon a tim
 
 
 def _single(backend, ids, n):
-    """Greedy token ids of one prompt on the one-at-a-time path (llama-cpp-python's own loop,
-    which the backend's stream runs), from a cleared cache."""
-    backend.llm.reset()
-    out = []
-    for tok in backend.llm.generate(ids, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
-        if llama_cpp.llama_vocab_is_eog(backend.llm._model.vocab, tok) or len(out) == n:
-            break
-        out.append(tok)
-    return out
+    """Greedy token ids of one prompt on the one-at-a-time path, from a cleared cache."""
+    return greedy_alone(backend.llm, ids, n)
 
 
 def _run(decoder, backend, prompts, n, join_at=None, late=None):

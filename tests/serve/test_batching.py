@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 
-import llama_cpp
+import llama_cpp  # noqa: F401  (required: fails, never skips, when missing)
 import pytest
 
 from slimlm.models.backends.base import GenerationParams
 from slimlm.serve.engine import Engine, QueueFull, Task
+from tests.conftest import greedy_alone
 
 pytestmark = [pytest.mark.llamacpp]
 PROMPTS = ["def add(a, b):\n    return", "The quick brown fox", "Once upon a time there was a small model that",
@@ -33,14 +34,8 @@ def engines(tiny_gguf):
 
 def _alone(engine, ids, n):
     """(text, tokens) of greedy decoding on llama-cpp-python's own loop, bytes decoded whole."""
-    llm = engine.backend.llm
-    llm.reset()
-    out = []
-    for tok in llm.generate(ids, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
-        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok) or len(out) == n:
-            break
-        out.append(tok)
-    return b"".join(llm.detokenize([t]) for t in out).decode("utf-8", "ignore"), len(out)
+    out = greedy_alone(engine.backend.llm, ids, n)
+    return b"".join(engine.backend.llm.detokenize([t]) for t in out).decode("utf-8", "ignore"), len(out)
 
 
 def _tasks(engine, n=12, stop=()):

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from slimlm.cli import compress, curate, distill, ledger, models, prune, router, serve, shrink, train  # noqa: F401 - register
+from slimlm.cli import compress, curate, distill, ledger, models, moe, prune, router, serve, shrink, train  # noqa: F401 - register
 from slimlm.cli import eval as eval_verbs  # noqa: F401 - registers eval, bench, compare, report
 from slimlm.cli.app import VERBS, app
 from slimlm.errors import SlimlmError

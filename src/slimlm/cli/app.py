@@ -15,7 +15,7 @@ from rich.console import Console
 from slimlm.models.backends import backend_help
 
 VERBS = ["generate", "chat", "info", "convert", "eval", "bench", "compare", "report", "quantize", "export", "serve",
-         "batch", "router", "ledger", "curate", "synth", "finetune", "distill", "prune", "shrink", "runs", "lineage",
+         "batch", "router", "ledger", "curate", "synth", "finetune", "distill", "prune", "moe", "shrink", "runs", "lineage",
          "quickstart"]
 
 app = typer.Typer(

@@ -29,7 +29,7 @@ from pathlib import Path
 from slimlm.config import make_config
 from slimlm.errors import SlimlmError
 from slimlm.train.configs import MODES, DistillConfig
-from slimlm.train.core import Trainer, TrainResult, process_state, token_count
+from slimlm.train.core import Trainer, TrainResult, causal_lm_loss, process_state, token_count
 from slimlm.train.data import TrainData, load_data
 from slimlm.train.finetune import prepare_out
 
@@ -58,6 +58,20 @@ class DistillResult:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
         return dict(d, out=str(self.out), cache=str(self.cache) if self.cache else None, train=self.train.to_dict())
+
+
+class DistillExtension:
+    """What a verb built on distillation adds to it (`moe train`: which parts of an MoE train, and
+    the router losses). The default changes nothing."""
+
+    settings: dict = {}  # recorded in distill.json (so --resume refuses a change) and the manifest
+
+    def prepare(self, model) -> None:
+        """Called on the student before training: e.g. freeze what must not train."""
+
+    def wrap_loss(self, loss_fn, model):
+        """The training loss to use instead of `loss_fn` (the distillation loss)."""
+        return loss_fn
 
 
 class LogitLoss:
@@ -181,7 +195,7 @@ def _vocab(teacher_tok, student_tok) -> int:
 
 def distill(teacher, student, data, out, config: DistillConfig | str | Path | dict | None = None, *,
             resume: bool = False, force: bool = False, record_run: bool = True, progress: bool = True,
-            **overrides) -> DistillResult:
+            extension: DistillExtension | None = None, **overrides) -> DistillResult:
     """Distill `teacher` into `student` (model references) on `data` (as finetune takes, or a TrainData)
     and write the trained student to `out`.
 
@@ -189,7 +203,8 @@ def distill(teacher, student, data, out, config: DistillConfig | str | Path | di
     DistillConfig fields set on top of it (`loss="jsd"`, `train=TrainConfig(...)`), checked by name
     and type. Its `cache`: the teacher top-k cache folder (logit) or the teacher's answers JSONL
     (sequence) to build or reuse; by default a per-data path in slimlm's cache (logit) or
-    OUT/teacher_answers.jsonl (sequence)."""
+    OUT/teacher_answers.jsonl (sequence). `extension`: what a caller such as `moe train` adds (which
+    parameters train, extra loss terms, its settings for --resume and the manifest)."""
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
@@ -234,6 +249,8 @@ def distill(teacher, student, data, out, config: DistillConfig | str | Path | di
                 "rank": cfg.rank, "lora_alpha": cfg.adapter_alpha, "merged": merge, "teacher": str(t_ref.path),
                 "student": str(s_ref.path), "data": "TrainData" if isinstance(data, TrainData) else str(data),
                 "seq_len": seq_len, "eval_fraction": eval_fraction, "train_on_prompt": train_on_prompt}
+    if extension is not None:
+        settings.update(extension.settings)
     if mode == "sequence":
         settings.update(prompt_tokens=cfg.prompt_tokens, max_new_tokens=cfg.max_new_tokens,
                         gen_temperature=cfg.gen_temperature)
@@ -268,6 +285,9 @@ def distill(teacher, student, data, out, config: DistillConfig | str | Path | di
     targets = [] if method == "full" else resolve_targets(model, cfg.target_modules)
     trained = model if method == "full" else add_adapter(model, method, cfg.rank, cfg.adapter_alpha,
                                                          cfg.lora_dropout, targets)
+    if extension is not None:
+        extension.prepare(trained)
+        loss_fn = extension.wrap_loss(loss_fn or causal_lm_loss, trained)
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     trainer = Trainer(trained, tc, train_data, loss_fn=loss_fn)
     result = trainer.train(resume=resume and bool(trainer.checkpoints()))  # killed before a checkpoint: start

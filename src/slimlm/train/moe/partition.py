@@ -1,0 +1,89 @@
+"""Split one dense MLP into experts by what its neurons do on calibration text (`--split neurons`).
+
+The recipe follows MoEfication and LLaMA-MoE, with the router made from the same clustering:
+
+1. The tokens' MLP inputs (the output of the layer's post-attention norm, which is exactly what a
+   router sees) are clustered into N groups by spherical k-means (scikit-learn's KMeans on unit
+   vectors). Cluster e is "the kind of token expert e is for"; its unit centroid becomes router
+   row e, so the untrained MoE already sends a token to the expert of its nearest centroid.
+2. Each neuron j is scored for each cluster e: its mean contribution on the cluster's tokens,
+   |silu(gate_j x) * up_j x| times the norm of its down-projection column.
+3. Neurons go to experts by a balanced assignment that maximises the total score (scipy's
+   linear_sum_assignment; each expert has I/N slots per round). With `rounds` r > 1 every neuron
+   is placed r times, never twice in one expert, so an expert has r * I / N neurons: with K active
+   experts of I / K neurons each, a token costs what the parent's MLP cost.
+
+Reproducing the parent: if every neuron sits in exactly r experts and each expert's down projection
+is scaled by N / r, then all N experts active with equal router weights 1/N give the parent's MLP
+output exactly (each neuron's contribution is counted r times, scaled by N / r, weighted 1/N).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from slimlm.errors import SlimlmError
+
+
+def check_split(intermediate: int, experts: int, active: int, active_fraction: float) -> int:
+    """The number of times each neuron is placed (rounds), or a one-line error saying what would work."""
+    if intermediate % experts:
+        fits = [n for n in range(max(active, 2), 65) if intermediate % n == 0]
+        raise SlimlmError(f"--experts {experts} does not divide the parent's intermediate size {intermediate} "
+                          f"(--split neurons needs equal experts): use one of {', '.join(map(str, fits))}")
+    rounds = active_fraction * experts / active
+    if abs(rounds - round(rounds)) > 1e-9 or not 1 <= round(rounds) <= experts:
+        fracs = ", ".join(f"{active * r / experts:g}" for r in range(1, experts + 1))
+        raise SlimlmError(f"--active-fraction {active_fraction:g} with {experts} experts and {active} active needs "
+                          f"each neuron in {rounds:g} experts, which must be a whole number from 1 to {experts}: "
+                          f"use one of {fracs}")
+    return int(round(rounds))
+
+
+def mlp_activity(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:
+    """[tokens, neurons]: each neuron's contribution size, |act(gate x) * up x| * ||down column||."""
+    h = act(x @ gate.T) * (x @ up.T)
+    return h.abs() * down.norm(dim=0)
+
+
+def cluster_tokens(x: torch.Tensor, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(labels [tokens], unit centroids [n, hidden]) of spherical k-means on the MLP inputs."""
+    from sklearn.cluster import KMeans
+
+    unit = torch.nn.functional.normalize(x.double(), dim=-1).numpy()
+    km = KMeans(n_clusters=n, n_init=3, random_state=seed).fit(unit)
+    centroids = km.cluster_centers_
+    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    return km.labels_, centroids
+
+
+def cluster_scores(activity: torch.Tensor, labels: np.ndarray, n: int) -> np.ndarray:
+    """[neurons, n]: mean contribution of each neuron on each cluster's tokens (0 for an empty cluster)."""
+    a = activity.double().numpy()
+    scores = np.zeros((a.shape[1], n))
+    for e in range(n):
+        members = labels == e
+        if members.any():
+            scores[:, e] = a[members].mean(axis=0)
+    return scores
+
+
+def assign_neurons(scores: np.ndarray, rounds: int) -> list[np.ndarray]:
+    """Each expert's neuron indices (sorted): `rounds` balanced assignments of maximum total score,
+    no neuron twice in one expert. scores: [neurons, experts]."""
+    from scipy.optimize import linear_sum_assignment
+
+    neurons, n = scores.shape
+    per_round = neurons // n
+    taken = np.zeros((neurons, n), dtype=bool)
+    # A neuron already in an expert may not join it again: a cost above any achievable gain.
+    forbid = (np.abs(scores).max() + 1.0) * neurons
+    for _ in range(rounds):
+        cost = np.where(taken, forbid, -scores)
+        rows, cols = linear_sum_assignment(np.repeat(cost, per_round, axis=1))
+        experts = cols // per_round
+        if taken[rows, experts].any():  # cannot happen (a regular bipartite graph has a perfect matching)
+            raise SlimlmError("neuron assignment failed: a neuron was placed twice in one expert")
+        taken[rows, experts] = True
+    return [np.flatnonzero(taken[:, e]) for e in range(n)]

@@ -143,7 +143,7 @@ def test_unsupported_architecture_is_refused_early(tiny_models, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["model_type"] = "gpt2"
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SlimlmError, match="supported: llama, mistral, qwen2"):
+    with pytest.raises(SlimlmError, match="supported: llama, mistral, mixtral, qwen2"):
         export_gguf(folder, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
     assert list(tmp_path.glob(".x.gguf.tmp-*")) == []

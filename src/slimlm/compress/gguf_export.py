@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class ArchSpec:
 ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec("llama", rope_permute=True),
     "mistral": ArchSpec("llama", rope_permute=True),
+    "mixtral": ArchSpec("llama", rope_permute=True),  # llama.cpp's llama with ffn_*_exps expert tensors
     "qwen2": ArchSpec("qwen2"),
     "gemma2": ArchSpec("gemma2", norm_offset=1.0, fold_query_scale="self_attn.q_proj.weight",
                        big_model_layers=46, swa="layers"),
@@ -135,6 +137,9 @@ def _add_hparams(writer, config: dict, spec: ArchSpec, dtype: str,
     writer.add_key_length(hd)
     writer.add_value_length(hd)
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    if config.get("num_local_experts"):  # Mixtral: intermediate_size above is one expert's
+        writer.add_expert_count(config["num_local_experts"])
+        writer.add_expert_used_count(config["num_experts_per_tok"])
     writer.add_vocab_size(config["vocab_size"])
     rope, rope_swa = _rope(config)
     writer.add_rope_dimension_count(int(hd * rope.get("partial_rotary_factor", 1.0)))
@@ -184,6 +189,31 @@ def _weights(folder: Path):
         with safe_open(file, framework="pt") as handle:
             for key in handle.keys():
                 yield key, handle.get_tensor(key)
+
+
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(w[123]\.weight)$")
+
+
+def _stack_experts(weights, n_experts: int):
+    """Mixtral checkpoints store each expert's w1/w2/w3 apart; llama.cpp wants one [E, ...] tensor
+    per kind and layer (`...experts.w1.weight`, which gguf's name map knows). Yields every other
+    tensor as it is and each stack once its last expert has been read."""
+    import torch
+
+    pending: dict[tuple[str, str], dict[int, object]] = {}
+    for name, tensor in weights:
+        match = _EXPERT.match(name)
+        if match is None:
+            yield name, tensor
+            continue
+        prefix, index, kind = match.groups()
+        got = pending.setdefault((prefix, kind), {})
+        got[int(index)] = tensor
+        if len(got) == n_experts:
+            yield f"{prefix}.{kind}", torch.stack([got[i] for i in range(n_experts)])
+            del pending[(prefix, kind)]
+    if pending:
+        raise SlimlmError(f"incomplete experts in the checkpoint: {sorted(pending)[:2]}")
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -259,7 +289,7 @@ def export_gguf(model: str | Path, out: Path, dtype: str = "f16", force: bool = 
         for key, value in (metadata or {}).items():
             writer.add_string(key, value)
         seen = set()
-        for name, tensor in _weights(folder):
+        for name, tensor in _stack_experts(_weights(folder), config.get("num_local_experts") or 0):
             if any(s in name for s in _SKIP) or (tie and name == "lm_head.weight"):
                 continue
             gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from slimlm.train.moe.partition import assign_neurons, check_split
 from slimlm.train.moe.splits import SplitSettings
-from slimlm.train.moe.upcycle import upcycle_model
+from slimlm.train.moe.upcycle import upcycle, upcycle_model
 from tests.conftest import run_cli
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 64, 128, 3, 77, 200, 11, 9, 300]]) % 256
@@ -148,3 +148,38 @@ def test_a_family_without_moe_counterpart_is_named(tiny_models, tmp_path, capsys
     code, _, err = run_cli(capsys, "moe", "upcycle", tiny_models("gemma2"), "--out", tmp_path / "moe")
     assert code != 0
     assert "gemma2 has no MoE counterpart" in err and "llama, mistral" in err
+
+
+@pytest.mark.real_model
+@pytest.mark.llamacpp
+def test_upcycled_smollm2_runs_in_llamacpp_with_transformers_top1(smollm2_dense, tmp_path):
+    """The built-in SmolLM2 as 8 experts with 2 active: as many active parameters as the parent
+    plus its routers, and llama.cpp (an independent build) running slimlm's GGUF of it picks
+    transformers' next token at every position."""
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    from slimlm.compress.gguf_export import export_gguf
+
+    result = upcycle(smollm2_dense, tmp_path / "moe", 8, 2, "neurons", calib_samples=8, calib_seq_len=128,
+                     record=False, progress=False)
+    parent = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(smollm2_dense).parameters())
+    routers = 30 * 8 * 576
+    assert result.params_active == parent + routers  # within 0.1% of the parent
+    tok = AutoTokenizer.from_pretrained(tmp_path / "moe")
+    ids = tok("Lists are mutable sequences, typically used to store collections of homogeneous items. "
+              "The for statement iterates over", return_tensors="pt").input_ids
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = moe(ids).logits[0].numpy()
+    del moe
+    path = export_gguf(tmp_path / "moe", tmp_path / "moe.gguf", dtype="f32")
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, verbose=False, n_gpu_layers=0,
+                          type_k=0, type_v=0)
+    try:
+        llm.eval(ids[0].tolist())
+        got = np.array(llm.scores[: ids.shape[1]], dtype=np.float32)
+    finally:
+        llm.close()
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()

@@ -78,6 +78,6 @@ class RouterLosses:
         top_k = self.layers[0].block.gate.top_k
         aux = torch.stack([load_balancing_loss(lg, top_k, mask) for lg in self.captured]).mean()
         z = torch.stack([router_z_loss(lg, mask) for lg in self.captured]).mean()
-        self.last = {"balance": float(aux), "z": float(z)}
+        self.last = {"balance": float(aux.detach()), "z": float(z.detach())}
         self.captured.clear()
         return loss + self.aux_weight * aux + self.z_weight * z, tokens

@@ -52,7 +52,7 @@ def cluster_tokens(x: torch.Tensor, n: int, seed: int = 0) -> tuple[np.ndarray, 
     from sklearn.cluster import KMeans
 
     unit = torch.nn.functional.normalize(x.double(), dim=-1).numpy()
-    km = KMeans(n_clusters=n, n_init=3, random_state=seed).fit(unit)
+    km = KMeans(n_clusters=n, n_init=1, random_state=seed).fit(unit)  # one k-means++ start: a third of the time of three
     centroids = km.cluster_centers_
     centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
     return km.labels_, centroids

@@ -91,12 +91,14 @@ def info(model: str = ModelArg, as_json: bool = typer.Option(False, "--json", he
     table = Table(show_header=False, box=None)
     d = result.to_dict()
     for key in ("model", "format", "architecture", "family", "params_total", "params_active", "dtype",
-                "size_bytes", "context_length", "chat_template", "experts", "experts_per_token"):
+                "size_bytes", "context_length", "chat_template", "experts", "experts_per_token", "flops_per_token"):
         value = d[key]
         if value is None:
             continue
         if key.startswith("params"):
             value = f"{value:,} ({value / 1e6:.1f}M)"
+        elif key == "flops_per_token":
+            value = f"{value / 1e9:.2f} GFLOP (zero context)"
         elif key == "size_bytes":
             value = f"{value / 2**20:.1f} MiB"
         table.add_row(key.replace("_", " "), str(value))

@@ -43,6 +43,7 @@ ARCHS: dict[str, ArchSpec] = {
     "mistral": ArchSpec("llama", rope_permute=True),
     "mixtral": ArchSpec("llama", rope_permute=True),  # llama.cpp's llama with ffn_*_exps expert tensors
     "qwen2": ArchSpec("qwen2"),
+    "qwen2_moe": ArchSpec("qwen2moe"),  # routed experts stacked as Mixtral's, plus the shared expert and its gate
     "gemma2": ArchSpec("gemma2", norm_offset=1.0, fold_query_scale="self_attn.q_proj.weight",
                        big_model_layers=46, swa="layers"),
     "gemma3_text": ArchSpec("gemma3", norm_offset=1.0, fold_query_scale="self_attn.q_norm.weight",
@@ -137,9 +138,13 @@ def _add_hparams(writer, config: dict, spec: ArchSpec, dtype: str,
     writer.add_key_length(hd)
     writer.add_value_length(hd)
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
-    if config.get("num_local_experts"):  # Mixtral: intermediate_size above is one expert's
-        writer.add_expert_count(config["num_local_experts"])
+    if _experts(config):  # Mixtral: intermediate_size above is one expert's
+        writer.add_expert_count(_experts(config))
         writer.add_expert_used_count(config["num_experts_per_tok"])
+    if config.get("moe_intermediate_size"):  # Qwen-MoE: the routed and the shared experts' widths
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    if config.get("shared_expert_intermediate_size"):
+        writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
     writer.add_vocab_size(config["vocab_size"])
     rope, rope_swa = _rope(config)
     writer.add_rope_dimension_count(int(hd * rope.get("partial_rotary_factor", 1.0)))
@@ -191,12 +196,18 @@ def _weights(folder: Path):
                 yield key, handle.get_tensor(key)
 
 
-_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(w[123]\.weight)$")
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.((?:w[123]|gate_proj|up_proj|down_proj)\.weight)$")
+
+
+def _experts(config: dict) -> int:
+    """Routed experts per layer (Mixtral's and Qwen-MoE's key), 0 for a dense model."""
+    return config.get("num_local_experts") or config.get("num_experts") or 0
 
 
 def _stack_experts(weights, n_experts: int):
-    """Mixtral checkpoints store each expert's w1/w2/w3 apart; llama.cpp wants one [E, ...] tensor
-    per kind and layer (`...experts.w1.weight`, which gguf's name map knows). Yields every other
+    """Mixtral and Qwen-MoE checkpoints store each expert's projections apart; llama.cpp wants one
+    [E, ...] tensor per kind and layer (`...experts.w1.weight`, `...experts.gate_proj.weight`, which
+    gguf's name map knows). Yields every other
     tensor as it is and each stack once its last expert has been read."""
     import torch
 
@@ -289,7 +300,7 @@ def export_gguf(model: str | Path, out: Path, dtype: str = "f16", force: bool = 
         for key, value in (metadata or {}).items():
             writer.add_string(key, value)
         seen = set()
-        for name, tensor in _stack_experts(_weights(folder), config.get("num_local_experts") or 0):
+        for name, tensor in _stack_experts(_weights(folder), _experts(config)):
             if any(s in name for s in _SKIP) or (tie and name == "lm_head.weight"):
                 continue
             gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))

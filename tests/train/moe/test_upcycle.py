@@ -104,7 +104,8 @@ def test_assignment_is_balanced_and_prefers_high_scores():
     assert a.tolist() == [0, 1, 2, 3] and b.tolist() == [4, 5, 6, 7]
     both = assign_neurons(scores, rounds=2)
     assert [e.tolist() for e in both] == [list(range(8))] * 2
-    assert check_split(1536, 8, 2, 1.0) == 4
+    assert check_split(1536, 8, 2, 1.0) == (768, 4)  # SmolLM2: 8 x 768 neurons, each neuron in 4 experts
+    assert check_split(96, 4, 2, 1.0, shared=1) == (32, 2)
 
 
 def test_upcycle_writes_a_loadable_mixtral_with_manifest(tiny_models, tmp_path, capsys):
@@ -183,3 +184,53 @@ def test_upcycled_smollm2_runs_in_llamacpp_with_transformers_top1(smollm2_dense,
         llm.close()
     assert (got.argmax(-1) == want.argmax(-1)).all()
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
+
+
+@pytest.fixture(scope="module")
+def qwen_parent(tiny_tokenizer_dir, tmp_path_factory):
+    from tests.conftest import build_tiny_model
+
+    # 96 neurons: 1 shared + 2 routed active experts of 32 cost the parent's MLP (4 experts, rounds 2)
+    return build_tiny_model("qwen2", tiny_tokenizer_dir, tmp_path_factory.mktemp("qwen") / "m", intermediate_size=96)
+
+
+def test_qwen_parent_becomes_qwen_moe_with_a_shared_expert(qwen_parent, windows, tmp_path):
+    import llama_cpp
+
+    from slimlm.compress.gguf_export import export_gguf
+
+    parent = AutoModelForCausalLM.from_pretrained(qwen_parent, dtype=torch.float32).eval()
+    moe, neurons = upcycle_model(parent, "neurons", SplitSettings(4, 2, shared=1), windows)
+    assert moe.config.model_type == "qwen2_moe"
+    assert (moe.config.moe_intermediate_size, moe.config.shared_expert_intermediate_size) == (32, 32)
+    shared = set(range(96)) - {n for e in neurons[0] for n in e}
+    assert len(shared) == 32  # the shared expert's neurons are in no routed expert
+    with torch.no_grad():
+        want = parent(IDS).logits
+        copied, _ = upcycle_model(parent, "copy", SplitSettings(4, 2, shared=1))
+        # exact as upcycled, but for the shared gate's 1e-6 offset from sigmoid(0) (llama.cpp's 0/0 at zero)
+        torch.testing.assert_close(copied(IDS).logits, want, atol=1e-4, rtol=1e-3)
+        moe.save_pretrained(tmp_path / "moe")
+        sparse = moe(IDS).logits[0].numpy()
+        got = _all_experts_equal_weight(moe)(IDS).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+    assert np.abs(sparse - want[0].numpy()).max() > 1e-3  # (top-2 of 4 differs: the check can fail)
+    # llama.cpp runs the upcycled Qwen-MoE as transformers does
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(qwen_parent).save_pretrained(tmp_path / "moe")
+    path = export_gguf(tmp_path / "moe", tmp_path / "moe.gguf", dtype="f32")
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, verbose=False, n_gpu_layers=0,
+                          type_k=0, type_v=0)
+    try:
+        llm.eval(IDS[0].tolist())
+        from_llama = np.array(llm.scores[: IDS.shape[1]], dtype=np.float32)
+    finally:
+        llm.close()
+    assert np.abs(from_llama - sparse).max() < 1e-3 * max(np.abs(sparse).max(), 1.0)
+
+
+def test_qwen_moe_needs_a_shared_expert(qwen_parent, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "moe", "upcycle", qwen_parent, "--out", tmp_path / "moe", "--experts", "4")
+    assert code != 0 and "qwen2_moe always has a shared expert" in err
+    assert not (tmp_path / "moe").exists()

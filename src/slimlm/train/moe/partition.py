@@ -12,10 +12,13 @@ The recipe follows MoEfication and LLaMA-MoE, with the router made from the same
    linear_sum_assignment; each expert has I/N slots per round). With `rounds` r > 1 every neuron
    is placed r times, never twice in one expert, so an expert has r * I / N neurons: with K active
    experts of I / K neurons each, a token costs what the parent's MLP cost.
+4. Shared experts (always on, as in DeepSeekMoE and Qwen-MoE) take the neurons with the highest
+   mean contribution over all tokens first; the routed experts share out the rest.
 
-Reproducing the parent: if every neuron sits in exactly r experts and each expert's down projection
-is scaled by N / r, then all N experts active with equal router weights 1/N give the parent's MLP
-output exactly (each neuron's contribution is counted r times, scaled by N / r, weighted 1/N).
+Reproducing the parent: if every routed neuron sits in exactly r experts and each expert's down
+projection is scaled by N / r, then all N experts active with equal router weights 1/N give the
+parent's MLP output over those neurons exactly (each neuron's contribution is counted r times,
+scaled by N / r, weighted 1/N); the shared experts add the rest (scaled by their gate's 1/sigmoid(0)).
 """
 
 from __future__ import annotations
@@ -26,19 +29,39 @@ import torch
 from slimlm.errors import SlimlmError
 
 
-def check_split(intermediate: int, experts: int, active: int, active_fraction: float) -> int:
-    """The number of times each neuron is placed (rounds), or a one-line error saying what would work."""
-    if intermediate % experts:
+def check_split(intermediate: int, experts: int, active: int, active_fraction: float,
+                shared: int = 0) -> tuple[int, int]:
+    """(neurons per expert, times each routed neuron is placed), or a one-line error saying what would work.
+
+    K routed experts and S shared ones, all of `width` neurons, cost `active_fraction` of the parent's
+    MLP: width = fraction * I / (S + K). The S * width most active neurons form the shared experts; the
+    other R = I - S * width are placed `rounds` = N * width / R times over the N routed experts."""
+    if not shared and intermediate % experts:
         fits = [n for n in range(max(active, 2), 65) if intermediate % n == 0]
         raise SlimlmError(f"--experts {experts} does not divide the parent's intermediate size {intermediate} "
                           f"(--split neurons needs equal experts): use one of {', '.join(map(str, fits))}")
-    rounds = active_fraction * experts / active
-    if abs(rounds - round(rounds)) > 1e-9 or not 1 <= round(rounds) <= experts:
-        fracs = ", ".join(f"{active * r / experts:g}" for r in range(1, experts + 1))
-        raise SlimlmError(f"--active-fraction {active_fraction:g} with {experts} experts and {active} active needs "
-                          f"each neuron in {rounds:g} experts, which must be a whole number from 1 to {experts}: "
-                          f"use one of {fracs}")
-    return int(round(rounds))
+    width = active_fraction * intermediate / (shared + active)
+    routed = intermediate - shared * round(width)
+    ok = abs(width - round(width)) < 1e-9 and routed > 0 and routed % experts == 0
+    rounds = experts * round(width) / routed if ok else 0
+    if not ok or abs(rounds - round(rounds)) > 1e-9 or not 1 <= round(rounds) <= experts:
+        fracs = [f"{(shared + active) * u / intermediate:g}" for r in range(1, experts + 1)
+                 for u in [_unit(intermediate, experts, shared, r)] if u]
+        hint = f"use one of {', '.join(fracs)}" if fracs else "change --experts, --active or --shared-experts"
+        raise SlimlmError(f"--active-fraction {active_fraction:g} with {experts} experts, {active} active"
+                          + (f" and {shared} shared" if shared else "") + " does not split the parent's "
+                          f"{intermediate} neurons into equal experts placing each neuron a whole number of times: "
+                          + hint)
+    return round(width), round(rounds)
+
+
+def _unit(intermediate: int, experts: int, shared: int, rounds: int) -> int | None:
+    """The expert width that places each routed neuron `rounds` times, if one exists."""
+    # width * experts = rounds * (intermediate - shared * width)  ->  width = rounds * I / (N + rounds * S)
+    width, rest = divmod(rounds * intermediate, experts + rounds * shared)
+    if rest or not width or (intermediate - shared * width) % experts:
+        return None
+    return width
 
 
 def mlp_activity(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:

@@ -32,18 +32,24 @@ class Experts:
     down: torch.Tensor  # [N, hidden, width]
     router: torch.Tensor  # [N, hidden]
     neurons: list | None = None  # each expert's parent neurons (neurons split), for the manifest
+    # The always-on shared experts as one MLP (gate, up [S * width, hidden]; down [hidden, S * width]), if any.
+    # Families with shared experts gate them by sigmoid(w . x) with w = 0 at upcycling: half their output,
+    # which the down projection here already doubles.
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
 class SplitSettings:
     experts: int
     active: int
+    shared: int = 0  # always-on shared experts
     active_fraction: float = 1.0  # neurons: a token's MLP cost, as a fraction of the parent's
     drop: float = 0.0  # copy: fraction of each expert's neurons re-initialised (Drop-Upcycling)
     noise: float = 0.0  # copy: Gaussian noise, relative to each matrix's standard deviation
     router_sharpness: float = 10.0  # neurons: logit gap of a unit cosine difference
     init_std: float = 0.02  # copy: the router's initial standard deviation
     seed: int = 0
+    renormalized: bool = True  # the family rescales the K chosen weights to sum to 1 (set by the upcycler)
 
 
 class UpcycleSplit:
@@ -64,7 +70,8 @@ UPCYCLE_SPLITS: Registry[UpcycleSplit] = Registry("upcycle split", UpcycleSplit,
 @UPCYCLE_SPLITS.register("copy")
 class CopySplit(UpcycleSplit):
     help = ("every expert is the parent's MLP (sparse upcycling); K active experts cost K times the parent's "
-            "MLP. The untrained MoE computes exactly the parent unless --drop/--noise make experts differ")
+            "MLP. The untrained MoE computes exactly the parent unless --drop/--noise make experts differ "
+            "(for a family that does not rescale the chosen experts' weights, the router starts at zero)")
 
     def width(self, intermediate: int, s: SplitSettings) -> int:
         return intermediate
@@ -83,7 +90,15 @@ class CopySplit(UpcycleSplit):
                 up[e, idx] = torch.randn(k, h, generator=gen) * mlp.up.std()
                 down[e][:, idx] = torch.randn(h, k, generator=gen) * mlp.down.std()
         router = torch.randn(n, h, generator=gen) * s.init_std
-        return Experts(gate, up, down, router)
+        if not s.renormalized:  # weights are softmax probabilities: a zero router gives K of 1/N each
+            router.zero_()
+            down = down * (n / s.active)
+        if not s.shared:
+            return Experts(gate, up, down, router)
+        # S shared copies and the routed mixture each give 1/(S + 1) of the parent (0.5 from the shared gate).
+        share = 1.0 / (s.shared + 1)
+        shared = (mlp.gate.repeat(s.shared, 1), mlp.up.repeat(s.shared, 1), mlp.down.repeat(1, s.shared) * 2 * share)
+        return Experts(gate, up, down * share, router, shared=shared)
 
 
 @UPCYCLE_SPLITS.register("neurons")
@@ -94,16 +109,18 @@ class NeuronSplit(UpcycleSplit):
     needs_activations = True
 
     def width(self, intermediate: int, s: SplitSettings) -> int:
-        rounds = check_split(intermediate, s.experts, s.active, s.active_fraction)
-        return rounds * intermediate // s.experts
+        return check_split(intermediate, s.experts, s.active, s.active_fraction, s.shared)[0]
 
     def split(self, mlp: DenseMLP, s: SplitSettings, inputs, gen) -> Experts:
         n = s.experts
-        rounds = check_split(mlp.gate.shape[0], n, s.active, s.active_fraction)
+        width, rounds = check_split(mlp.gate.shape[0], n, s.active, s.active_fraction, s.shared)
         x = inputs.float()
         labels, centroids = cluster_tokens(x, n, seed=s.seed)
-        scores = cluster_scores(mlp_activity(x, mlp.gate, mlp.up, mlp.down, mlp.act), labels, n)
-        neurons = assign_neurons(scores, rounds)
+        activity = mlp_activity(x, mlp.gate, mlp.up, mlp.down, mlp.act)
+        order = activity.mean(0).argsort(descending=True)
+        common, pool = order[:s.shared * width].sort().values, order[s.shared * width:].sort().values
+        scores = cluster_scores(activity[:, pool], labels, n)
+        neurons = [pool[torch.as_tensor(e)].numpy() for e in assign_neurons(scores, rounds)]
         idx = torch.as_tensor(np.stack(neurons))  # [N, width]
         scale = n / rounds  # all experts at weight 1/N then sum to the parent's MLP (see partition.py)
         gate, up = mlp.gate[idx], mlp.up[idx]
@@ -112,5 +129,6 @@ class NeuronSplit(UpcycleSplit):
         # logits for a typical (median-norm) token.
         typical = x.norm(dim=-1).median().clamp_min(1e-6)
         router = torch.as_tensor(centroids, dtype=torch.float32) * (s.router_sharpness / typical)
+        shared = (mlp.gate[common], mlp.up[common], mlp.down[:, common] * 2) if s.shared else None
         return Experts(gate.contiguous(), up.contiguous(), down.contiguous(), router,
-                       neurons=[v.tolist() for v in neurons])
+                       neurons=[v.tolist() for v in neurons], shared=shared)

@@ -2,8 +2,9 @@
 transformers and llama.cpp already run.
 
 The output family is chosen by the parent's (`MOE_TARGETS`, data): Llama and Mistral parents
-become Mixtral, whose attention, norms and rotary embedding are the same maths, so every tensor
-but the MLP is copied unchanged; each MLP becomes N experts and a router by the chosen split
+become Mixtral, Qwen 2 parents Qwen-MoE (which has always-on shared experts, `--shared-experts`);
+their attention, norms and rotary embedding are the parent's maths, so every tensor but the MLP is
+copied unchanged; each MLP becomes N experts and a router by the chosen split
 (splits.py). Every backend, `info`, `eval`, `export`, `serve` and the run registry then work on the
 result as on any Mixtral checkpoint. A manifest (slimlm.json) records N, K, the split and the parent.
 
@@ -14,7 +15,7 @@ The copied experts of `--split copy` are identical, so the MoE needs training be
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,20 +28,31 @@ from slimlm.train.moe.splits import UPCYCLE_SPLITS, DenseMLP, SplitSettings
 @dataclass(frozen=True)
 class MoeTarget:
     model_type: str  # the MoE family written
-    shared_experts: bool  # whether it has always-on shared experts
     carried: tuple[str, ...]  # parent config keys copied as they are
+    width_key: str  # config key: neurons of one routed expert
+    shared_key: str | None = None  # config key: neurons of the shared experts together (None: it has none)
+    fixed: dict = field(default_factory=dict)  # settings the upcycled model needs whatever the parent
+    refuse: dict = field(default_factory=dict)  # parent settings the family cannot hold
+    renormalized: bool = True  # the K chosen experts' weights are rescaled to sum to 1
+
+    @property
+    def shared_experts(self) -> bool:
+        return self.shared_key is not None
 
 
 _ATTENTION_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                    "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
                    "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout",
                    "initializer_range", "sliding_window")
-MOE_TARGETS: dict[str, MoeTarget] = {
-    "llama": MoeTarget("mixtral", False, _ATTENTION_KEYS),
-    "mistral": MoeTarget("mixtral", False, _ATTENTION_KEYS),
-}
-# Parent settings the target family cannot express: upcycling would silently change the model.
-_UNSUPPORTED = {"attention_bias": True, "mlp_bias": True}
+_MIXTRAL = MoeTarget("mixtral", _ATTENTION_KEYS, "intermediate_size",
+                    refuse={"attention_bias": True, "mlp_bias": True})
+# Qwen-MoE: every layer sparse; the top-k weights are the softmax's, not rescaled, because llama.cpp's
+# qwen2moe graph never rescales them (with norm_topk_prob it gave other logits than transformers).
+_QWEN_MOE = MoeTarget("qwen2_moe", _ATTENTION_KEYS + ("intermediate_size", "use_sliding_window", "max_window_layers"),
+                      "moe_intermediate_size", "shared_expert_intermediate_size",
+                      fixed={"norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                             "qkv_bias": True}, renormalized=False)
+MOE_TARGETS: dict[str, MoeTarget] = {"llama": _MIXTRAL, "mistral": _MIXTRAL, "qwen2": _QWEN_MOE}
 
 
 @dataclass
@@ -51,6 +63,7 @@ class UpcycleResult:
     split: str
     experts: int
     active: int
+    shared_experts: int
     expert_width: int
     params_parent: int
     params_total: int
@@ -78,18 +91,27 @@ def _check(experts: int, active: int, split: str, shared: int, parent_type: str)
         with_shared = [p for p, t in MOE_TARGETS.items() if t.shared_experts]
         raise SlimlmError(f"{target.model_type} has no shared experts: drop --shared-experts"
                           + (f", or upcycle a {'/'.join(with_shared)} parent" if with_shared else ""))
+    if target.shared_experts and shared < 1:
+        raise SlimlmError(f"{target.model_type} always has a shared expert: give --shared-experts 1 or more")
     return target
 
 
-def moe_config(parent, target: MoeTarget, experts: int, active: int, width: int):
-    """The MoE family's transformers config for `parent`'s attention and `experts` x `width` MLPs."""
+def moe_config(parent, target: MoeTarget, experts: int, active: int, width: int, shared: int = 0):
+    """The MoE family's transformers config for `parent`'s attention and `experts` x `width` MLPs
+    (plus `shared` always-on experts of `width` neurons where the family has them)."""
     from transformers import AutoConfig
 
-    for key, bad in _UNSUPPORTED.items():
+    from slimlm.models.families import FAMILIES
+
+    for key, bad in target.refuse.items():
         if getattr(parent, key, None) == bad:
             raise SlimlmError(f"the parent has {key}={bad}, which {target.model_type} cannot hold")
+    fam = FAMILIES[target.model_type]
     kwargs = {k: getattr(parent, k) for k in target.carried if getattr(parent, k, None) is not None}
-    kwargs.update(intermediate_size=width, num_local_experts=experts, num_experts_per_tok=active)
+    kwargs.update(target.fixed)
+    kwargs.update({target.width_key: width, fam.experts_key: experts, fam.experts_used_key: active})
+    if target.shared_key:
+        kwargs[target.shared_key] = shared * width
     return AutoConfig.for_model(target.model_type, **kwargs)
 
 
@@ -114,10 +136,11 @@ def upcycle_model(parent, split: str, settings: SplitSettings, windows=None, pro
     """The upcycled torch model (float32) from a loaded dense `parent`, and each layer's neuron lists."""
     from transformers import AutoModelForCausalLM
 
-    target = _check(settings.experts, settings.active, split, 0, parent.config.model_type)
+    target = _check(settings.experts, settings.active, split, settings.shared, parent.config.model_type)
+    settings = replace(settings, renormalized=target.renormalized)
     method = UPCYCLE_SPLITS.create(split)
     width = method.width(parent.config.intermediate_size, settings)
-    config = moe_config(parent.config, target, settings.experts, settings.active, width)
+    config = moe_config(parent.config, target, settings.experts, settings.active, width, settings.shared)
     inputs = _mlp_inputs(parent, windows, progress) if method.needs_activations else {}
     gen = torch.Generator().manual_seed(settings.seed)
     with torch.device("meta"):
@@ -142,6 +165,14 @@ def upcycle_model(parent, split: str, settings: SplitSettings, windows=None, pro
             moe_layer.router.copy_(experts.router)
             moe_layer.experts.gate_up_proj.copy_(torch.cat([experts.gate, experts.up], dim=1))
             moe_layer.experts.down_proj.copy_(experts.down)
+            if experts.shared is not None:
+                block = moe_layer.block
+                for linear, w in zip((block.shared_expert.gate_proj, block.shared_expert.up_proj,
+                                      block.shared_expert.down_proj), experts.shared):
+                    linear.weight.copy_(w)
+                # sigmoid(w . x) = 1/2, which the split doubled. Not w = 0 exactly: llama.cpp computes this
+                # sigmoid as silu(z) / z, which is 0/0 at z = 0 (NaN logits, measured); 1e-6 moves it by ~1e-6.
+                block.shared_expert_gate.weight.normal_(0.0, 1e-6, generator=gen)
         neurons.append(experts.neurons)
     if moe.config.tie_word_embeddings:
         moe.tie_weights()
@@ -169,7 +200,8 @@ def upcycle(model: str | Path, out: str | Path, experts: int = 8, active: int = 
     start = time.perf_counter()
     parent, tokenizer = load_torch(ref)
     _check(experts, active, split, shared_experts, parent.config.model_type)
-    settings = SplitSettings(experts, active, active_fraction, drop, noise, router_sharpness, seed=seed)
+    settings = SplitSettings(experts, active, shared_experts, active_fraction, drop, noise, router_sharpness,
+                             seed=seed)
     windows = None
     if UPCYCLE_SPLITS[split].needs_activations:
         from slimlm.data import calibration_docs
@@ -178,7 +210,8 @@ def upcycle(model: str | Path, out: str | Path, experts: int = 8, active: int = 
                                       calib_samples, calib_seq_len)
     moe, neurons = upcycle_model(parent, split, settings, windows, progress)
     result = UpcycleResult(out=str(out), parent=ref.spec, family=moe.config.model_type, split=split,
-                           experts=experts, active=active, expert_width=moe.config.intermediate_size,
+                           experts=experts, active=active, shared_experts=shared_experts,
+                           expert_width=getattr(moe.config, MOE_TARGETS[parent.config.model_type].width_key),
                            params_parent=param_counts(parent)[0], params_total=0, params_active=0, seconds=0.0,
                            calib_tokens=int(windows.numel()) if windows is not None else 0)
     if split == "copy" and not (drop or noise):
@@ -203,7 +236,8 @@ def _write_manifest(folder: Path, ref, result: UpcycleResult, s: SplitSettings, 
 
     from slimlm.runs import write_manifest
 
-    params = {"experts": s.experts, "active": s.active, "split": result.split, "active_fraction": s.active_fraction,
+    params = {"experts": s.experts, "active": s.active, "shared_experts": s.shared, "split": result.split,
+              "active_fraction": s.active_fraction,
               "drop": s.drop, "noise": s.noise, "router_sharpness": s.router_sharpness, "seed": s.seed,
               "calib_samples": samples, "calib_seq_len": seq_len}
     write_manifest(folder, parent=ref, operation="moe upcycle", params=params, metrics=result.to_dict())

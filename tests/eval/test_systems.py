@@ -13,7 +13,8 @@ from slimlm.eval.systems import measure_systems, run_bench
 
 KEYS = {"model", "backend", "precision", "machine", "quick", "repeat", "gen_tokens", "load_s", "prompt_lengths",
         "prompt_tokens", "ttft_s", "decode_tps", "ttft_s_by_length", "decode_tps_by_length", "prefill_tps",
-        "peak_rss_bytes", "size_bytes", "params_total", "params_active", "workload", "energy_j_per_1k_tokens",
+        "peak_rss_bytes", "size_bytes", "params_total", "params_active", "flops_per_token", "workload",
+        "energy_j_per_1k_tokens",
         "energy_source", "cost_per_1m_tokens_local", "cost_breakdown", "api_cost_per_1m", "api_prices_as_of",
         "notes"}
 
@@ -50,6 +51,9 @@ def test_measure_systems_on_a_tiny_model(tiny_backend):
 
     params = sum(p.numel() for p in tiny_backend.model.parameters())
     assert out["params_total"] == params and out["params_active"] == params
+    matrices = sum(p.numel() for p in tiny_backend.model.parameters() if p.ndim >= 2)
+    embedding = tiny_backend.model.get_input_embeddings().weight.numel()
+    assert out["flops_per_token"] == 2 * (matrices - embedding)  # the tiny model's output head is its own
     assert out["size_bytes"] > params * 4  # fp32 safetensors plus tokenizer files
     assert out["peak_rss_bytes"] > 10 * 2**20
 

@@ -68,6 +68,8 @@ def _systems_lines(s: dict) -> list[tuple[str, str]]:
         rows.append(("size on disk", f"{s['size_bytes'] / 2**20:.1f} MiB"))
     if s.get("params_total"):
         rows.append(("parameters", f"{s['params_total'] / 1e6:.1f}M total, {s['params_active'] / 1e6:.1f}M active"))
+    if s.get("flops_per_token"):
+        rows.append(("compute per token", f"{s['flops_per_token'] / 1e9:.2f} GFLOP (weights; zero context)"))
     if s.get("energy_j_per_1k_tokens") is not None:
         rows.append(("energy / 1k tokens", f"{s['energy_j_per_1k_tokens']:.0f} J, {s['energy_source']}"))
     if s.get("cost_per_1m_tokens_local") is not None:

@@ -98,6 +98,7 @@ _SYSTEMS_ROWS: list[tuple[str, str, str, bool | None, Callable[[dict], float | N
     ("size_mib", "size MiB", "MiB", False, _scaled("size_bytes", 1 / MiB)),
     ("params_total", "params", "params", None, _scaled("params_total")),
     ("params_active", "params active", "params", None, _scaled("params_active")),
+    ("gflops_per_token", "GFLOP per token", "GFLOP", False, _scaled("flops_per_token", 1e-9)),
     ("energy_j_per_1k", "energy J/1k tokens", "J", False, _scaled("energy_j_per_1k_tokens")),
     ("cost_local", "local $/1M tokens", "$", False, _scaled("cost_per_1m_tokens_local")),
 ]

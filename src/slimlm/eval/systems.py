@@ -17,7 +17,7 @@ The returned dict (JSON-serialisable) has these keys:
   included, as a user waits for them too)
 - peak_rss_bytes: the peak resident memory of this whole process so far (ru_maxrss), so it
   includes anything loaded before, not only this model
-- size_bytes, params_total, params_active: read from the model files (models.info)
+- size_bytes, params_total, params_active, flops_per_token: read from the model files (models.info)
 - workload: {requests, input_tokens, output_tokens, seconds} of the timed generations
 - energy_j_per_1k_tokens: energy of the whole timed workload (prefill included) per 1000
   generated tokens; energy_source: "measured (RAPL)" or e.g. "estimated (CPU time × 10 W/core)"
@@ -178,8 +178,9 @@ def measure_systems(backend: Backend, *, load_s: float | None = None, prompt_len
     try:
         info = model_info(backend.ref)
         size, total_params, active_params = info.size_bytes, info.params_total, info.params_active
+        flops = info.flops_per_token
     except SlimlmError as exc:
-        size = total_params = active_params = None
+        size = total_params = active_params = flops = None
         notes.append(f"size and parameters unavailable: {exc}")
 
     return {
@@ -194,6 +195,7 @@ def measure_systems(backend: Backend, *, load_s: float | None = None, prompt_len
         "prefill_tps": {str(n): _spread([t.prefill_tps for t in runs[n]]) for n in lengths},
         "peak_rss_bytes": _peak_rss_bytes(),
         "size_bytes": size, "params_total": total_params, "params_active": active_params,
+        "flops_per_token": flops,
         "workload": {"requests": len(plan), "input_tokens": input_tokens, "output_tokens": output_tokens,
                      "seconds": meter.seconds},
         "energy_j_per_1k_tokens": 1000 * meter.joules / output_tokens if output_tokens else None,

@@ -261,3 +261,30 @@ def test_format_and_method_mismatches_fail_up_front(tiny_models, tmp_path):
         with pytest.raises(SlimlmError, match=message):
             quantize(folder, tmp_path / "x", record=False, **kwargs)
         assert not (tmp_path / "x").exists()
+
+
+def test_moe_experts_are_quantized_expert_by_expert(tiny_models, tmp_path):
+    """A Mixtral's stacked expert tensors hold, expert after expert, the bytes gguf-py's own Q8_0
+    quantizer gives each checkpoint expert; routers stay unquantized (as llama-quantize leaves them)."""
+    from gguf import GGMLQuantizationType, GGUFReader, quants
+    from safetensors import safe_open
+
+    folder = tiny_models("mixtral")
+    out = quantize(str(folder), tmp_path / "q8.gguf", format="gguf:Q8_0", check=False, record=False)
+    tensors = {t.name: t for t in GGUFReader(out.out).tensors}
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type not in (GGMLQuantizationType.Q8_0,)
+    stacked = tensors["blk.1.ffn_down_exps.weight"]
+    assert stacked.tensor_type == GGMLQuantizationType.Q8_0
+    with safe_open(next(folder.glob("*.safetensors")), framework="numpy") as st:
+        experts = [st.get_tensor(f"model.layers.1.block_sparse_moe.experts.{e}.w2.weight").astype(np.float32)
+                   for e in range(4)]
+    want = np.stack([quants.quantize(w, GGMLQuantizationType.Q8_0) for w in experts])
+    assert np.array_equal(np.asarray(stacked.data).reshape(want.shape), want)
+    routed = sum(w.size for w in experts) * 3 * 2  # w1, w2, w3 in both layers
+    assert out.params_quantized > routed
+
+
+def test_gptq_says_moe_experts_are_round_to_nearest(tiny_models, tmp_path):
+    out = quantize(str(tiny_models("mixtral")), tmp_path / "g.gguf", method="gptq", format="gguf:Q4_0",
+                   calib_samples=2, calib_seq_len=32, check=False, record=False)
+    assert sum("MoE experts have no calibration Hessian" in n for n in out.notes) == 1

@@ -204,6 +204,15 @@ def _experts(config: dict) -> int:
     return config.get("num_local_experts") or config.get("num_experts") or 0
 
 
+def expert_names(stacked: str, n_experts: int) -> list[str] | None:
+    """The checkpoint names of the experts a stacked `...experts.KIND.weight` tensor holds (in order),
+    or None for any other name: what a quantizer looks up per expert."""
+    head, dot, kind = stacked.rpartition(".experts.")
+    if not dot or "." not in kind or not n_experts:
+        return None
+    return [f"{head}.experts.{e}.{kind}" for e in range(n_experts)]
+
+
 def _stack_experts(weights, n_experts: int):
     """Mixtral and Qwen-MoE checkpoints store each expert's projections apart; llama.cpp wants one
     [E, ...] tensor per kind and layer (`...experts.w1.weight`, `...experts.gate_proj.weight`, which

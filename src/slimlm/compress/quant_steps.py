@@ -15,6 +15,9 @@ from slimlm.errors import SlimlmError
 # Tensors kept in higher precision: the token embedding and output head (as llama.cpp's quantizer
 # does for small models) and every 1-D tensor.
 KEEP = ("embed_tokens", "lm_head", "wte", "word_embeddings")
+# MoE routers stay unquantized (llama-quantize skips ffn_gate_inp too): they are tiny, and a rounding
+# error there moves tokens to other experts.
+ROUTERS = (".mlp.gate.weight", ".block_sparse_moe.gate.weight", "shared_expert_gate.weight")
 
 
 def parse_format(fmt: str) -> BlockFormat:
@@ -76,7 +79,8 @@ GGUF_BY_BITS = {8: "Q8_0", 5: "Q5_0", 4: "Q4_0"}  # `--format gguf --bits N` (te
 
 
 def quantizable(name: str, shape: tuple[int, ...]) -> bool:
-    return len(shape) == 2 and name.endswith(".weight") and not any(k in name for k in KEEP)
+    return (len(shape) == 2 and name.endswith(".weight") and not any(k in name for k in KEEP)
+            and not name.endswith(ROUTERS))
 
 
 def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -210,20 +214,31 @@ def embedding_encoder(embeddings: str, fmt_name: str = "Q8_0", tied: bool = True
 
 def write_gguf(source: Path, out: Path, fmt, targets, choose, embeddings: str, force: bool, method: str,
                notes: list[str] | None = None) -> int:
-    from slimlm.compress.gguf_export import export_gguf, read_config
+    from slimlm.compress.gguf_export import expert_names, export_gguf, read_config
     from slimlm.progress import progress_bar
 
-    tied = read_config(source).get("tie_word_embeddings", True)  # as export_gguf decides to write output.weight
+    config = read_config(source)
+    tied = config.get("tie_word_embeddings", True)  # as export_gguf decides to write output.weight
+    n_experts = config.get("num_local_experts") or config.get("num_experts") or 0
     embed = embedding_encoder(embeddings, fmt.name, tied, notes)
     counted = [0]
     with progress_bar(f"{method} → {fmt.name}", len(targets)) as advance:
-        def writer(name_hf: str, name_gguf: str, w: np.ndarray):
-            if name_hf not in targets:
-                return embed(name_gguf, w) if any(k in name_hf for k in KEEP) else None
+        def one(name_hf: str, w: np.ndarray) -> np.ndarray:
             q, d, m = choose(name_hf, w)
             counted[0] += w.size
             advance()
-            return pack(fmt, q, d, m), fmt.qtype
+            return pack(fmt, q, d, m)
+
+        def writer(name_hf: str, name_gguf: str, w: np.ndarray):
+            experts = expert_names(name_hf, n_experts) if w.ndim == 3 else None
+            if experts and all(e in targets for e in experts):
+                # An MoE's stacked experts, [E, rows, cols]: each expert is coded as the checkpoint tensor
+                # it came from (its own calibration, if the method has one), and the bytes are stacked as
+                # llama.cpp lays them out (expert by expert, row by row).
+                return np.stack([one(e, w[i]) for i, e in enumerate(experts)]), fmt.qtype
+            if name_hf not in targets:
+                return embed(name_gguf, w) if any(k in name_hf for k in KEEP) else None
+            return one(name_hf, w), fmt.qtype
 
         export_gguf(source, out, dtype="f16", force=force, tensor_writer=writer, file_type=fmt.name)
     return counted[0]

@@ -63,7 +63,12 @@ class GPTQ:
         H = self.hessians.get(key)
         if H is None or w.ndim != 2 or tuple(H.shape) != (w.shape[1], w.shape[1]):
             why = "no calibration Hessian" if H is None else f"Hessian {tuple(H.shape)} does not fit {w.shape}"
-            self.notes.append(f"{name_hf}: {why}, used round-to-nearest")
+            note = f"{name_hf}: {why}, used round-to-nearest"
+            if ".experts." in name_hf and H is None:  # one note for all of an MoE's experts
+                note = ("MoE experts have no calibration Hessian (GPTQ collects them for linear layers; the "
+                        "experts are fused tensors): they are round-to-nearest")
+            if note not in self.notes:
+                self.notes.append(note)
             return None
         return H.numpy() if hasattr(H, "numpy") else np.asarray(H)
 
@@ -106,6 +111,7 @@ class GPTQMethod(QuantMethod):
         else:
             self.gptq = GPTQ().prepare(source, job.texts, samples=job.samples, seq_len=job.seq_len)
         job.notes.extend(self.gptq.notes)
+        self.gptq.notes = job.notes  # the round-to-nearest fallbacks of choose reach the report too
 
     def choose(self, job: QuantJob, name: str, w: np.ndarray):
         return self.gptq.quantize_tensor(job.format_for(w.shape[1]), name, w)

@@ -105,14 +105,16 @@ def q8_file(folder: Path, work: Path, name: str) -> dict:
     return {"file": str(q8), "mib": q8.stat().st_size / 2**20}
 
 
-def speeds(files: dict[str, str], prompt: str, rounds: int = 3) -> dict:
-    """llama.cpp prefill and decode tokens/s of each file, interleaved round by round (median)."""
+def speeds(files: dict[str, str], text: str, rounds: int = 3) -> dict:
+    """llama.cpp prefill and decode tokens/s of each file, interleaved round by round (median). Each
+    round's prompt is new text (the backend reuses a cached prefix, which would time no prefill)."""
     from slimlm.models.backends import GenerationParams, open_backend
 
     got: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in files}
     engines = {k: open_backend(path, "llamacpp", n_ctx=1024) for k, path in files.items()}
     try:
-        for _ in range(rounds):
+        for r in range(rounds):
+            prompt = text[r * 1500:(r + 1) * 1500]
             for key, engine in engines.items():
                 t = engine.generate(prompt, GenerationParams(max_tokens=64), raw=True).timings
                 got[key]["prefill"].append(t.prefill_tps)
@@ -191,6 +193,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "bench-moe")
     ap.add_argument("--no-write", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument("--note", default="", help="a sentence about this run for RESULTS.md (e.g. what else ran)")
     args = ap.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     b = Bench(args.work)
@@ -218,8 +221,8 @@ def main() -> int:
         b.step(f"after-{arm}", lambda t=trained: score(t, parent, blocks))
     files = {arm: b.step(f"q8-{arm}", lambda a=arm: q8_file(args.work / f"{a}-trained", args.work, a))["file"]
              for arm in ("dense", "neurons")}
-    prompt = "\n\n".join(held_out_docs())[:1500]
-    b.step("speed", lambda: speeds(files, prompt))
+    text = "\n\n".join(held_out_docs())
+    b.step("speed", lambda: speeds(files, text))
     b.step("prune-neurons", lambda: prune_curve(args.work / "neurons-trained", parent, blocks, args.work, "neurons"))
     b.step("prune-tiny-mixtral", lambda: tiny_mixtral_curve(args.work))
 
@@ -233,7 +236,7 @@ def main() -> int:
         from results import append_section
 
         append_section("moe: SmolLM2-135M upcycled to 8 experts, 2 active, vs the dense parent", DESCRIPTION.format(
-            tokens=args.tokens, seq_len=args.seq_len, lr=args.lr), lines)
+            tokens=args.tokens, seq_len=args.seq_len, lr=args.lr) + (" " + args.note if args.note else ""), lines)
     return 0
 
 
@@ -242,7 +245,7 @@ DESCRIPTION = ("`python bench/moe.py --tokens {tokens}`: every arm trained on th
                "KL to its top-32, weight_ce 0.5; the MoEs add load balancing 0.01 and z-loss 0.001). Perplexity and "
                "KL to the parent on the trainer's held-out blocks (16 x {seq_len}) plus python-docs' held-out topics. "
                "Speeds: llama.cpp (slimlm's llamacpp backend, 2 threads) on Q8_0 files made by llama-quantize from "
-               "slimlm's f16 export; prompt of ~400 tokens, 64 new tokens, median of 3 interleaved rounds.")
+               "slimlm's f16 export; a new prompt of ~350 tokens each round, 64 new tokens, median of 3 interleaved rounds.")
 
 
 def report(r: dict, args) -> list[str]:
@@ -254,11 +257,10 @@ def report(r: dict, args) -> list[str]:
         total, active = up.get("params_total", dense_params), up.get("params_active", dense_params)
         before, after, tr = r[f"before-{arm}"], r[f"after-{arm}"], r[f"train-{arm}"]
         q8, sp = r.get(f"q8-{arm}"), r["speed"].get(arm)
-        lines.append(f"| {arm} | {total / 1e6:.1f}M | {active / 1e6:.1f}M | {before['ppl']:.2f} | {before['kl']:.3f} | "
-                     f"{after['ppl']:.2f} | {after['kl']:.3f} | {tr['tokens_per_s']:.0f} | "
-                     f"{q8['mib']:.1f} | {sp['prefill']:.0f} | {sp['decode']:.0f} |" if q8 and sp else
-                     f"| {arm} | {total / 1e6:.1f}M | {active / 1e6:.1f}M | {before['ppl']:.2f} | {before['kl']:.3f} | "
-                     f"{after['ppl']:.2f} | {after['kl']:.3f} | {tr['tokens_per_s']:.0f} | – | – | – |")
+        kl0, kl1 = max(before["kl"], 0.0), max(after["kl"], 0.0)  # a float-rounding -1e-9 is 0
+        speed = f"{q8['mib']:.1f} | {sp['prefill']:.0f} | {sp['decode']:.0f}" if q8 and sp else "– | – | –"
+        lines.append(f"| {arm} | {total / 1e6:.1f}M | {active / 1e6:.1f}M | {before['ppl']:.2f} | {kl0:.3f} | "
+                     f"{after['ppl']:.2f} | {kl1:.3f} | {tr['tokens_per_s']:.0f} | {speed} |")
     sp = r["speed"]
     lines += ["", f"MoE / dense in llama.cpp: prefill {sp['neurons']['prefill'] / sp['dense']['prefill']:.2f}x, "
                   f"decode {sp['neurons']['decode'] / sp['dense']['decode']:.2f}x; Q8_0 file "

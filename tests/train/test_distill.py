@@ -267,7 +267,7 @@ def test_cli_config_file_with_an_override_equals_the_flags(models, text, tmp_pat
     assert settings[0] == settings[1] and settings[1]["beta"] == 0.3 and settings[1]["top_k"] == 16
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "qwen2", "phi3", "gemma2", "gemma3_text",
+@pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "phi3", "gemma2", "gemma3_text",
                                     "deepseek_v3"])
 def test_matrix_distill(family, tiny_models, tiny_tokenizer_dir, text, tmp_path):
     """Logit distillation on each family: a second random model of the family (another seed)

@@ -214,7 +214,7 @@ def test_cli_config_file_with_an_override_equals_the_flags(tiny_models, pairs, t
     assert params[0] == params[1]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "qwen2", "phi3", "gemma2", "gemma3_text",
+@pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "phi3", "gemma2", "gemma3_text",
                                     "deepseek_v3"])
 def test_matrix_finetune(family, tiny_models, pairs, tmp_path):
     """LoRA on each family's tiny model lowers the training loss and its adapter reloads."""

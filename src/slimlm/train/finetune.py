@@ -35,6 +35,7 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "gemma2": _ATTN + _MLP, "gemma3_text": _ATTN + _MLP,
     "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),  # fused projections
     "mixtral": _ATTN,  # the experts are one fused 3-D parameter per layer, not Linear modules
+    "qwen2_moe": _ATTN,  # as mixtral (its shared expert is Linear, but peft's MoE conversion renames MLPs)
     # attention only, as for mixtral: peft rewrites MLP names in MoE models into the fused expert
     # parameters (its MoE conversion), which LoRA then trains without dropout and llama.cpp cannot load
     "deepseek_v3": ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),

@@ -18,8 +18,8 @@ threads, flash attention off, as bench/quantize.py) on each held-out corpus: pyt
 domain of the tasks), general prose and ChatML chat (data/calibration_mix.py), none of which shares
 a 13-word run with the calibration text (checked before anything runs). slimlm's GPTQ and
 llama-imatrix calibrate on the same 128 x 256 tokens of the `mix` set. `--speed` adds each file's
-decode tokens/s in llama.cpp (slimlm's llamacpp backend, median of 3 x 64 tokens): run it when
-nothing else uses the CPU.
+decode tokens/s in llama.cpp (slimlm's llamacpp backend, 64 tokens, median of 3 passes over all the
+files): run it when nothing else uses the CPU.
 
 Everything lands in `--work` (files, saved f32 logits, results.json), so a rerun only builds and
 scores what is missing. Writes a table, the verdict at each llama.cpp point and a plot per model
@@ -199,18 +199,22 @@ def run_model(bench: Bench, methods: list[str], peer_types: list[str], mixed_at:
                               f"<= {type_name}", bench.peer("Q8_0", imatrix, types_file))
 
 
-def measure_speed(bench: Bench) -> None:
+def measure_speed(bench: Bench, rounds: int = 3) -> None:
+    """Decode tokens/s of every file: `rounds` passes over all the files (each file once a pass, with a
+    new prompt each pass), median per file. Passes rather than file after file, so that a machine whose
+    speed drifts over minutes slows every file alike instead of the files measured last."""
     from slimlm.models.backends import GenerationParams, open_backend
 
-    for key, record in bench.results.items():
-        if record.get("unreachable"):
-            continue
-        engine = open_backend(str(bench.dir / f"{key}.gguf"), "llamacpp", n_ctx=512)
-        rates = [engine.generate(p, GenerationParams(max_tokens=64), raw=True).timings.decode_tps
-                 for p in ("The Python language reference", "A small language model is", "Tuples are")]
-        engine.close()
-        record["decode_tps"] = sorted(rates)[1]
-        print(f"{bench.model} {key}: {record['decode_tps']:.0f} tok/s", flush=True)
+    keys = [k for k, record in bench.results.items() if not record.get("unreachable")]
+    rates: dict[str, list[float]] = {k: [] for k in keys}
+    for prompt in ("The Python language reference", "A small language model is", "Tuples are")[:rounds]:
+        for key in keys:
+            engine = open_backend(str(bench.dir / f"{key}.gguf"), "llamacpp", n_ctx=512)
+            rates[key].append(engine.generate(prompt, GenerationParams(max_tokens=64), raw=True).timings.decode_tps)
+            engine.close()
+    for key in keys:
+        bench.results[key]["decode_tps"] = sorted(rates[key])[len(rates[key]) // 2]
+        print(f"{bench.model} {key}: {bench.results[key]['decode_tps']:.0f} tok/s", flush=True)
     bench.save()
 
 

@@ -170,6 +170,22 @@ def greedy_alone(llm, ids, n: int) -> list[int]:
     return out
 
 
+def llama_logits(path, ids, n_ctx: int = 64):
+    """llama.cpp's logits [len(ids), vocab] (numpy float32) for `ids` from the GGUF at `path`, with an f32 KV
+    cache, so what differs from transformers is only summation order: the independent yardstick of
+    the export and upcycling tests."""
+    import llama_cpp  # required: fails, never skips, when missing
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, verbose=False, n_gpu_layers=0,
+                          type_k=0, type_v=0)
+    try:
+        llm.eval(list(ids))
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
 def run_cli(capture, *args):
     """Run `slimlm ARGS` in-process through the real entry point (error handling included);
     returns (exit code, stdout, stderr). `capture` is pytest's capsys or capfd."""

@@ -15,6 +15,7 @@ import pytest
 
 from slimlm.compress.gguf_export import ARCHS, export_gguf
 from slimlm.errors import SlimlmError
+from tests.conftest import llama_logits
 
 FAMILIES = list(ARCHS)
 pytestmark = pytest.mark.filterwarnings("ignore:llama.cpp.s llama ignores:UserWarning")
@@ -28,18 +29,6 @@ def _torch_logits(folder: Path, ids: list[int]) -> np.ndarray:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
-
-
-def _llama_logits(path: Path, ids: list[int], n_ctx: int = 64) -> np.ndarray:
-    import llama_cpp  # required: fails, never skips, when missing
-    # An f32 KV cache, so the only differences left are summation order.
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, verbose=False, n_gpu_layers=0,
-                          type_k=0, type_v=0)
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
 
 
 def _fields(path: Path) -> tuple[dict, list[str]]:
@@ -65,7 +54,7 @@ def torch_logits(tiny_models):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_matrix_gguf_export(family, tiny_models, torch_logits, tmp_path):
     out = export_gguf(tiny_models(family), tmp_path / "m.gguf", dtype="f32")
-    ref, got = torch_logits(family), _llama_logits(out, IDS)
+    ref, got = torch_logits(family), llama_logits(out, IDS)
     assert got.shape == ref.shape
     scale = np.abs(ref).max()
     assert np.abs(got - ref).max() < 1e-3 * max(scale, 1.0), (family, np.abs(got - ref).max(), scale)
@@ -77,7 +66,7 @@ def test_matrix_gguf_export(family, tiny_models, torch_logits, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_half_precision_agrees(family, dtype, tiny_models, torch_logits, tmp_path):
     out = export_gguf(tiny_models(family), tmp_path / "m.gguf", dtype=dtype)
-    ref, got = torch_logits(family), _llama_logits(out, IDS)
+    ref, got = torch_logits(family), llama_logits(out, IDS)
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
     assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
 
@@ -133,7 +122,7 @@ def test_tensor_writer_hook_supplies_bytes(tiny_models, torch_logits, tmp_path):
     types = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
     assert types["blk.0.attn_q.weight"] == GGMLQuantizationType.Q8_0
     assert types["blk.0.attn_norm.weight"] == GGMLQuantizationType.F32
-    got, ref = _llama_logits(out, IDS), torch_logits("llama")
+    got, ref = llama_logits(out, IDS), torch_logits("llama")
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
 
 
@@ -249,7 +238,7 @@ def test_sliding_window_honoured_past_the_window(family, tiny_models, tmp_path):
     """Beyond 64 tokens the sliding layers must forget what the full layers still see."""
     ids = [int(x) for x in np.random.default_rng(0).integers(5, 380, 100)]
     out = export_gguf(tiny_models(family), tmp_path / "m.gguf", dtype="f32")
-    ref, got = _torch_logits(tiny_models(family), ids), _llama_logits(out, ids, n_ctx=128)
+    ref, got = _torch_logits(tiny_models(family), ids), llama_logits(out, ids, n_ctx=128)
     assert np.abs(got - ref).max() < 1e-3 * np.abs(ref).max()
 
 

@@ -138,8 +138,8 @@ def _add_hparams(writer, config: dict, spec: ArchSpec, dtype: str,
     writer.add_key_length(hd)
     writer.add_value_length(hd)
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
-    if _experts(config):  # Mixtral: intermediate_size above is one expert's
-        writer.add_expert_count(_experts(config))
+    if expert_count(config):  # Mixtral: intermediate_size above is one expert's
+        writer.add_expert_count(expert_count(config))
         writer.add_expert_used_count(config["num_experts_per_tok"])
     if config.get("moe_intermediate_size"):  # Qwen-MoE: the routed and the shared experts' widths
         writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
@@ -199,7 +199,7 @@ def _weights(folder: Path):
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.((?:w[123]|gate_proj|up_proj|down_proj)\.weight)$")
 
 
-def _experts(config: dict) -> int:
+def expert_count(config: dict) -> int:
     """Routed experts per layer (Mixtral's and Qwen-MoE's key), 0 for a dense model."""
     return config.get("num_local_experts") or config.get("num_experts") or 0
 
@@ -309,7 +309,7 @@ def export_gguf(model: str | Path, out: Path, dtype: str = "f16", force: bool = 
         for key, value in (metadata or {}).items():
             writer.add_string(key, value)
         seen = set()
-        for name, tensor in _stack_experts(_weights(folder), _experts(config)):
+        for name, tensor in _stack_experts(_weights(folder), expert_count(config)):
             if any(s in name for s in _SKIP) or (tie and name == "lm_head.weight"):
                 continue
             gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))

@@ -214,12 +214,12 @@ def embedding_encoder(embeddings: str, fmt_name: str = "Q8_0", tied: bool = True
 
 def write_gguf(source: Path, out: Path, fmt, targets, choose, embeddings: str, force: bool, method: str,
                notes: list[str] | None = None) -> int:
-    from slimlm.compress.gguf_export import expert_names, export_gguf, read_config
+    from slimlm.compress.gguf_export import expert_count, expert_names, export_gguf, read_config
     from slimlm.progress import progress_bar
 
     config = read_config(source)
     tied = config.get("tie_word_embeddings", True)  # as export_gguf decides to write output.weight
-    n_experts = config.get("num_local_experts") or config.get("num_experts") or 0
+    n_experts = expert_count(config)
     embed = embedding_encoder(embeddings, fmt.name, tied, notes)
     counted = [0]
     with progress_bar(f"{method} → {fmt.name}", len(targets)) as advance:

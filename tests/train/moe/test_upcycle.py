@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from slimlm.train.moe.partition import assign_neurons, check_split
 from slimlm.train.moe.splits import SplitSettings
 from slimlm.train.moe.upcycle import upcycle, upcycle_model
-from tests.conftest import run_cli
+from tests.conftest import llama_logits, run_cli
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 64, 128, 3, 77, 200, 11, 9, 300]]) % 256
 
@@ -157,7 +157,6 @@ def test_upcycled_smollm2_runs_in_llamacpp_with_transformers_top1(smollm2_dense,
     """The built-in SmolLM2 as 8 experts with 2 active: as many active parameters as the parent
     plus its routers, and llama.cpp (an independent build) running slimlm's GGUF of it picks
     transformers' next token at every position."""
-    import llama_cpp
     from transformers import AutoTokenizer
 
     from slimlm.compress.gguf_export import export_gguf
@@ -174,14 +173,7 @@ def test_upcycled_smollm2_runs_in_llamacpp_with_transformers_top1(smollm2_dense,
     with torch.no_grad():
         want = moe(ids).logits[0].numpy()
     del moe
-    path = export_gguf(tmp_path / "moe", tmp_path / "moe.gguf", dtype="f32")
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, verbose=False, n_gpu_layers=0,
-                          type_k=0, type_v=0)
-    try:
-        llm.eval(ids[0].tolist())
-        got = np.array(llm.scores[: ids.shape[1]], dtype=np.float32)
-    finally:
-        llm.close()
+    got = llama_logits(export_gguf(tmp_path / "moe", tmp_path / "moe.gguf", dtype="f32"), ids[0].tolist())
     assert (got.argmax(-1) == want.argmax(-1)).all()
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
 
@@ -195,8 +187,6 @@ def qwen_parent(tiny_tokenizer_dir, tmp_path_factory):
 
 
 def test_qwen_parent_becomes_qwen_moe_with_a_shared_expert(qwen_parent, windows, tmp_path):
-    import llama_cpp
-
     from slimlm.compress.gguf_export import export_gguf
 
     parent = AutoModelForCausalLM.from_pretrained(qwen_parent, dtype=torch.float32).eval()
@@ -219,14 +209,7 @@ def test_qwen_parent_becomes_qwen_moe_with_a_shared_expert(qwen_parent, windows,
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(qwen_parent).save_pretrained(tmp_path / "moe")
-    path = export_gguf(tmp_path / "moe", tmp_path / "moe.gguf", dtype="f32")
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, verbose=False, n_gpu_layers=0,
-                          type_k=0, type_v=0)
-    try:
-        llm.eval(IDS[0].tolist())
-        from_llama = np.array(llm.scores[: IDS.shape[1]], dtype=np.float32)
-    finally:
-        llm.close()
+    from_llama = llama_logits(export_gguf(tmp_path / "moe", tmp_path / "moe.gguf", dtype="f32"), IDS[0].tolist())
     assert np.abs(from_llama - sparse).max() < 1e-3 * max(np.abs(sparse).max(), 1.0)
 
 

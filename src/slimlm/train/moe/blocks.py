@@ -62,6 +62,20 @@ def moe_keys(config) -> tuple[str, str]:
     return fam.experts_key, fam.experts_used_key
 
 
+def read_moe_config(model):
+    """(resolved reference, transformers config) of a model reference, or the one-line error of
+    moe_keys for a dense model: what every MoE verb checks before it loads any weight."""
+    from transformers import AutoConfig
+
+    from slimlm.models.loading import dense_folder
+    from slimlm.models.reference import resolve
+
+    ref = resolve(str(model))
+    config = AutoConfig.from_pretrained(dense_folder(ref), local_files_only=True)
+    moe_keys(config)
+    return ref, config
+
+
 def require_moe(model) -> list[MoeLayer]:
     """moe_layers, or a one-line error for a dense model."""
     moe_keys(model.config)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from slimlm.errors import SlimlmError
 from slimlm.registry import Registry
-from slimlm.train.moe.blocks import MoeLayer, moe_keys, require_moe
+from slimlm.train.moe.blocks import MoeLayer, moe_keys, read_moe_config, require_moe
 from slimlm.train.moe.stats import LayerStats, moe_stats
 
 __all__ = ["EXPERT_PRUNERS", "ExpertPruner", "ExpertPruneResult", "prune_experts", "register_expert_pruner"]
@@ -193,17 +193,13 @@ def prune_experts(model: str | Path, out: str | Path, keep: int | None = None, r
     """Remove experts from the MoE model `model` (a reference) into the folder `out`: keep `keep`
     experts per layer (or remove the fraction `ratio`), route each token to `active` of them.
     `texts`: documents, or a corpus name or file as `--data` takes (default python-docs' calibration part)."""
-    from transformers import AutoConfig
-
-    from slimlm.models.loading import dense_folder, load_torch
-    from slimlm.models.reference import resolve
+    from slimlm.models.loading import load_torch
 
     pruner = EXPERT_PRUNERS.create(method)
     out = Path(out)
     if out.exists() and not force:
         raise SlimlmError(f"{out} already exists: choose another output path or pass --force")
-    ref = resolve(str(model))
-    config = AutoConfig.from_pretrained(dense_folder(ref), local_files_only=True)
+    ref, config = read_moe_config(model)
     keep, active = _amounts(config, keep, ratio, active)
     start = time.perf_counter()
     torch_model, tokenizer = load_torch(ref)

@@ -25,7 +25,7 @@ from slimlm.errors import SlimlmError
 from slimlm.train.configs import DistillConfig
 from slimlm.train.core import TrainConfig
 from slimlm.train.distill import DistillExtension, distill
-from slimlm.train.moe.blocks import moe_keys, require_moe
+from slimlm.train.moe.blocks import read_moe_config, require_moe
 from slimlm.train.moe.losses import RouterLosses
 
 TRAIN_PARTS = {"router": "only the routers", "experts": "routers and experts", "all": "every weight"}
@@ -85,13 +85,8 @@ def moe_train(model: str | Path, data, out: str | Path, teacher: str | None = No
               config: MoeTrainConfig | None = None, *, resume: bool = False, force: bool = False,
               record_run: bool = True, progress: bool = True):
     """Train the MoE `model` on `data` into `out` (a DistillResult); teacher: the manifest's parent by default."""
-    from transformers import AutoConfig
-
-    from slimlm.models.loading import dense_folder
-    from slimlm.models.reference import resolve
-
     cfg = (config or MoeTrainConfig()).validate()
-    moe_keys(AutoConfig.from_pretrained(dense_folder(resolve(str(model))), local_files_only=True))  # before OUT
+    read_moe_config(model)  # a dense model fails here, before OUT is touched
     teacher = teacher or manifest_parent(model)
     if teacher is None:
         raise SlimlmError(f"{model} has no manifest naming its parent: give the dense teacher with --teacher")

@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from slimlm.train.moe.blocks import moe_keys, require_moe
+from slimlm.train.moe.blocks import moe_keys, read_moe_config, require_moe
 
 __all__ = ["LayerStats", "MoeStats", "moe_stats", "write_plots"]
 
@@ -163,13 +163,9 @@ def moe_stats(model, texts=None, max_tokens: int = 100_000, seq_len: int = 512, 
         raise SlimlmError(f"--tokens {max_tokens} must be at least 1")
     ref, start = None, time.perf_counter()
     if tokenizer is None:
-        from transformers import AutoConfig
+        from slimlm.models.loading import load_torch
 
-        from slimlm.models.loading import dense_folder, load_torch
-        from slimlm.models.reference import resolve
-
-        ref = resolve(str(model))
-        moe_keys(AutoConfig.from_pretrained(dense_folder(ref), local_files_only=True))  # a dense model: fail before loading
+        ref = read_moe_config(model)[0]  # a dense model fails before loading
         model, tokenizer = load_torch(ref)
     layers = require_moe(model)
     seq_len = min(seq_len, max_tokens, getattr(model.config, "max_position_embeddings", seq_len) or seq_len)

@@ -189,10 +189,13 @@ def gptq_encode(type_name: str, w: np.ndarray, H: np.ndarray, damp: float = DEFA
 
 
 def typed_coder(types: dict[str, str], damp: float = DEFAULT_DAMP, act_order: bool = DEFAULT_ACT_ORDER,
-                notes: list[str] | None = None):
+                notes: list[str] | None = None, kept: dict | None = None):
     """For gptq_sequential: `coder(name, w, H) -> ((data, qtype), values read back)` storing each
-    weight in its own type, types[name] (a Hugging Face weight name -> GGUF type)."""
+    weight in its own type, types[name] (a Hugging Face weight name -> GGUF type); a weight in
+    `kept` (source_blocks.SourceBlock) is the GGUF parent's bytes, which read back as w exactly."""
     def coder(name: str, w: np.ndarray, H: np.ndarray):
+        if kept and name in kept:
+            return (kept[name].data, kept[name].qtype), w
         data, qtype, values = gptq_encode(types[name], w, H, damp=damp, act_order=act_order, notes=notes)
         return (data, qtype), values
     return coder

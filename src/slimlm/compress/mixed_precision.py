@@ -58,6 +58,7 @@ from slimlm.compress.quant_steps import (
     quantizable,
     tensor_shapes,
 )
+from slimlm.compress.source_blocks import source_blocks
 from slimlm.errors import SlimlmError
 
 __all__ = ["CANDIDATES", "TYPES_KEY", "TypedJob", "is_typed_request", "candidate_types", "allocate", "gguf_names",
@@ -80,6 +81,7 @@ class TypedJob:
     seq_len: int
     sequential: bool
     notes: list[str] = field(default_factory=list)
+    kept: dict = field(default_factory=dict)  # name -> source_blocks.SourceBlock: the GGUF parent's bytes, written as they are
 
 
 def is_typed_request(req: QuantRequest) -> bool:
@@ -231,6 +233,8 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
     names = gguf_names(folder, shapes)
     targets = [n for n, s in shapes.items() if quantizable(n, s) and n in names]
     heads = _head_types(folder, shapes, names, req.embeddings, name or MIXED_EMBEDDINGS)
+    parent = source_blocks(ref.path if ref.kind == "gguf" and method.keeps_parent_blocks else None, folder, names,
+                           shapes)
     params_total = sum(int(np.prod(s)) for s in shapes.values())
     notes: list[str] = []
     start = time.perf_counter()
@@ -264,6 +268,9 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
                                weighted=frozenset(targets) if method.importance_scales else frozenset())
         options = {n: {t: (_aligned(tensor_bytes(t, shapes[n])), scores[n][t]) for t in c}
                    for n, c in candidates.items()}
+        for n, block in parent.items():  # the parent's own bytes decode to the reference exactly
+            if n in options:
+                options[n][block.type] = (_aligned(block.data.nbytes), 0.0)
         chosen = allocate(options, budget - fixed)
         types = {n: chosen[n] for n in targets}
         heads = {**heads, **{n: chosen[n] for n in allocated}}
@@ -274,7 +281,12 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
         notes.append(f"estimated added KL {sum(scores[n][t] for n, t in chosen.items()):.4f} (sum over tensors) "
                      f"for {budget / 2**20:.1f} MiB" + "".join(f"; {names[n]} {heads[n]}" for n in allocated))
     all_types = {names[n]: t for n, t in {**types, **heads}.items()}
-    job = TypedJob(folder, Path(req.out), types, texts, req.calib_samples, req.calib_seq_len, req.sequential, notes)
+    kept = {n: b for n, b in parent.items() if {**types, **heads}.get(n) == b.type}
+    if kept:
+        notes.append(f"{len(kept)} weights kept as the GGUF parent stores them (their type is the parent's: "
+                     "its bytes are the reference weights exactly)")
+    job = TypedJob(folder, Path(req.out), types, texts, req.calib_samples, req.calib_seq_len, req.sequential, notes,
+                   kept)
     with method.source_typed(job) as source:  # the input, or the method's rewrite of it (AWQ's scales)
         method.prepare_typed(job, source)
         quantized = _write(job, source, method, name or MIXED_EMBEDDINGS, req, label,
@@ -298,8 +310,8 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
 def _write(job: TypedJob, source: Path, method, embed_fmt: str, req: QuantRequest, label: str, metadata: dict,
            file_type: str, heads: dict[str, str] | None = None) -> int:
     """Write the file from `source`, each weight's bytes from method.encode_typed (in its type,
-    job.types); the token embedding / output head in `heads`' types (round-to-nearest), else by
-    --embeddings' rule."""
+    job.types) or, where job.kept has it, the GGUF parent's own; the token embedding / output head
+    in `heads`' types (round-to-nearest), else by --embeddings' rule."""
     from slimlm.compress.gguf_export import export_gguf, read_config
     from slimlm.compress.kquant_formats import encode as encode_type
     from slimlm.progress import progress_bar
@@ -309,13 +321,16 @@ def _write(job: TypedJob, source: Path, method, embed_fmt: str, req: QuantReques
     counted = [0]
     with progress_bar(f"{method.name} → {label}", len(job.types)) as advance:
         def writer(name_hf: str, name_gguf: str, w: np.ndarray):
-            if name_hf not in job.types:
-                if heads and name_hf in heads:
-                    return encode_type(heads[name_hf], w)
-                return embed(name_gguf, w) if any(k in name_hf for k in KEEP) else None
-            counted[0] += w.size
-            advance()
-            return method.encode_typed(job, name_hf, w)
+            kept = job.kept.get(name_hf)
+            if name_hf in job.types:
+                counted[0] += w.size
+                advance()
+                return (kept.data, kept.qtype) if kept else method.encode_typed(job, name_hf, w)
+            if kept:
+                return kept.data, kept.qtype
+            if heads and name_hf in heads:
+                return encode_type(heads[name_hf], w)
+            return embed(name_gguf, w) if any(k in name_hf for k in KEEP) else None
 
         export_gguf(source, job.out, dtype="f16", force=req.force, tensor_writer=writer, file_type=file_type,
                     metadata=metadata)

@@ -85,6 +85,20 @@ def _gguf_to_torch(ref: ModelRef, dtype=None):
     return model, tokenizer
 
 
+def _drop_tokens_past_the_embedding(folder: Path, vocab_size: int) -> None:
+    """Remove added tokens whose id has no embedding row. transformers' GGUF tokenizer conversion
+    gives a "gpt2" vocabulary GPT-2's <|endoftext|> when the file has none, at an id past the
+    model's vocabulary: the model could never read it, and the folder would not export back
+    (gguf_vocab refuses a tokenizer larger than the model)."""
+    path = folder / "tokenizer.json"
+    data = json.loads(path.read_text())
+    added = data.get("added_tokens", [])
+    keep = [t for t in added if int(t["id"]) < vocab_size]
+    if len(keep) < len(added):
+        data["added_tokens"] = keep
+        path.write_text(json.dumps(data, ensure_ascii=False, indent=2))
+
+
 def convert(model: str | Path | ModelRef, out: str | Path, force: bool = False, record_run: bool = True) -> Path:
     """Write a dense Hugging Face folder (safetensors, config, tokenizer, chat template) from a GGUF file."""
     from slimlm.runs import record, write_manifest
@@ -99,6 +113,7 @@ def convert(model: str | Path | ModelRef, out: str | Path, force: bool = False, 
     with atomic_dir(out, force=force) as tmp:
         torch_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _drop_tokens_past_the_embedding(tmp, torch_model.config.vocab_size)
         write_manifest(tmp, parent=ref, operation="convert", params={"from": "gguf", "dtype": "float32"})
     if record_run:
         record("convert", model=ref, params={"out": str(out)}, artifact=out)

@@ -26,6 +26,7 @@ class AWQ(QuantMethod):
             "round-to-nearest")
     calibrated = True
     typed_formats = True  # K-quant and mixed files: RTN's bytes of the rescaled model (source_typed)
+    keeps_parent_blocks = False  # its scales change every weight, so no parent block is the right one
 
     def check_format(self, kind: str, fmt: BlockFormat) -> None:
         if fmt.block_size == 0:

@@ -41,6 +41,9 @@ class QuantMethod:
     # fits typed files' scales by llama-quantize's importance-matrix rules (so a mix's allocation
     # measures each type by them too: sensitivity.py `weighted`)
     importance_scales: ClassVar[bool] = False
+    # a typed file may keep a GGUF parent's own blocks where a weight's type is the parent's
+    # (source_blocks.py); False for a method that rewrites the weights first (AWQ's scales)
+    keeps_parent_blocks: ClassVar[bool] = True
 
     # --- the format -------------------------------------------------------------------------
 

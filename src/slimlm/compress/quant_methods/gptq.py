@@ -31,18 +31,20 @@ class GPTQ:
         self.notes: list[str] = []
 
     def prepare_sequential(self, model_folder, fmt, calib_texts: list[str] | None = None, samples: int = 32,
-                           seq_len: int = 256, progress: bool = True, transform=None, types=None) -> "GPTQ":
+                           seq_len: int = 256, progress: bool = True, transform=None, types=None,
+                           kept=None) -> "GPTQ":
         """Choose every decoder linear's codes now, layer by layer (gptq_sequential.py); memory holds
         one layer's Hessians at a time. Codes are for llama.cpp's layout (GGUF) unless `transform`
         says otherwise (identity for a Hugging Face folder); `fmt` may be a function of the width.
         With `types` ({HF weight name: GGUF type}) each weight is kept as its type's GGUF bytes
-        (data, qtype) instead (gptq_kquant.py), and `fmt` is unused."""
+        (data, qtype) instead (gptq_kquant.py), and `fmt` is unused; those in `kept` are the GGUF
+        parent's own bytes (source_blocks.py)."""
         from slimlm.compress.gguf_export import layout_transform
         from slimlm.compress.gptq_kquant import typed_coder
         from slimlm.compress.gptq_sequential import sequential_gptq
 
         coder = None if types is None else typed_coder(types, damp=self.damp, act_order=self.act_order,
-                                                       notes=self.notes)
+                                                       notes=self.notes, kept=kept)
         with calibration_model(model_folder, calib_texts) as (model, tokenizer, texts):
             self.codes = sequential_gptq(model, tokenizer, transform or layout_transform(model_folder), fmt, texts,
                                          samples=samples, seq_len=seq_len, damp=self.damp,
@@ -119,7 +121,7 @@ class GPTQMethod(QuantMethod):
     def prepare_typed(self, job, source: Path) -> None:
         if job.sequential:  # every weight's GGUF bytes, chosen layer by layer in its own type
             self.gptq = GPTQ().prepare_sequential(source, None, job.texts, samples=job.samples, seq_len=job.seq_len,
-                                                  types=job.types)
+                                                  types=job.types, kept=job.kept)
         else:
             self.gptq = GPTQ().prepare(source, job.texts, samples=job.samples, seq_len=job.seq_len)
         job.notes.extend(self.gptq.notes)

@@ -25,6 +25,9 @@ fidelity:
   budget. An explicit --embeddings keeps that type, counted in the budget. The file's other bytes
   (header, vocabulary, norms) are measured exactly by writing the file once with 1-element tensors.
 
+A GGUF parent's own blocks are kept for every weight whose chosen type is the parent's
+(source_blocks.py), at no KL in the allocation: they are the reference weights exactly.
+
 The chosen types go into the file's metadata (`slimlm.tensor_types`, a JSON string
 {gguf name: type}), into the result (`QuantizeResult.tensor_types`), and into FILE.tensor-types.txt
 (`name=type` lines, as llama-quantize's --tensor-type takes them) so llama-quantize can be rerun

@@ -47,3 +47,25 @@ def test_ray_executor_keeps_what_the_local_one_keeps(tmp_path, ray_cluster):
     assert sorted(r["id"] for r in _kept(tmp_path / "ray")) == sorted(r["id"] for r in _kept(tmp_path / "local"))
     assert on_ray.funnel == local.funnel
     assert on_ray.funnel[1]["removed"] == {"exact_dedup": 1}
+
+
+def test_synth_on_ray_keeps_what_it_keeps_locally(tmp_path, ray_cluster):
+    """`slimlm synth --executor ray`: the teacher's answers deduplicated and decontaminated on the
+    cluster give the same training file as on one machine."""
+    from slimlm.curate.steps.decontaminate import task_texts
+    from slimlm.curate.synth import SynthOptions, synth
+    from tests.curate.test_synth import Writer, _topics
+    from tests.serve.serve_helpers import serving
+
+    leak = next(t for t in task_texts("humaneval") if len(t.split()) > 40)
+    topics = _topics(tmp_path, ["rivers", "volcanoes", "DUP one", "DUP two", "LEAK"])
+    runs = {}
+    for executor in ("local", "ray"):
+        options = SynthOptions(n=5, topics=topics, audiences=["students"], formats=["tutorial"], tokenizer="words",
+                               executor=executor, address=ray_cluster if executor == "ray" else None)
+        with serving(Writer(humaneval=leak).app()) as url:
+            runs[executor] = synth(f"{url}/v1", tmp_path / executor, options, say=lambda _: None)
+    assert runs["ray"]["kept"] == runs["local"]["kept"] == 3
+    assert runs["ray"]["funnel"] == runs["local"]["funnel"]
+    assert sorted((tmp_path / "ray" / "train.jsonl").read_text().splitlines()) == \
+        sorted((tmp_path / "local" / "train.jsonl").read_text().splitlines())

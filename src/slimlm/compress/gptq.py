@@ -139,17 +139,21 @@ def decoder_linears(module, prefix: str = "") -> dict:
 
 
 def collect_hessians(model, tokenizer, texts: list[str], samples: int = CALIB_SAMPLES, seq_len: int = CALIB_SEQ_LEN,
-                     progress: bool = True, batch_size: int = 4) -> dict:
+                     progress: bool = True, batch_size: int = 4, expert_keys: dict | None = None) -> dict:
     """H = 2/N * sum x x^T of the inputs of every nn.Linear inside the decoder layers, keyed by
     module name (the HF weight name without ".weight"). Up to `samples` windows of `seq_len`
     tokens are taken, evenly spread, from the concatenated `texts`, and run once through `model`
-    (full precision: the non-sequential variant)."""
+    (full precision: the non-sequential variant). With `expert_keys` (gptq_experts.checkpoint_keys)
+    an MoE's routed experts get theirs too, each from the tokens routed to it, keyed by checkpoint name."""
+    from slimlm.compress.gptq_experts import ExpertHessianHooks, expert_modules
+
     windows = calibration_windows(tokenizer, texts, samples, seq_len)
     linears = decoder_linears(model)
     if not linears:
         raise SlimlmError("the model has no linear layers inside decoder layers ('.layers.' in their "
                           "names): GPTQ cannot calibrate it")
     hooks = HessianHooks(linears)
+    experts = ExpertHessianHooks(expert_modules(model) if expert_keys else {})
     was_training = model.training
     model.eval()
     try:
@@ -157,6 +161,7 @@ def collect_hessians(model, tokenizer, texts: list[str], samples: int = CALIB_SA
                         after_batch=hooks.forget_input)
     finally:
         hessians = hooks.remove()
+        hessians.update(experts.remove(expert_keys or {}))
         model.train(was_training)
     return hessians
 

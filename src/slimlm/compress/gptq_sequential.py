@@ -28,6 +28,7 @@ import numpy as np
 from slimlm.compress.blocks import dequantize_codes, get_format
 from slimlm.compress.calibration import CALIB_SAMPLES, CALIB_SEQ_LEN, calibration_windows, find_decoder_layers
 from slimlm.compress.gptq import DEFAULT_ACT_ORDER, DEFAULT_DAMP, HessianHooks, decoder_linears, gptq_quantize
+from slimlm.compress.gptq_experts import ExpertHessianHooks, expert_modules
 from slimlm.errors import SlimlmError
 from slimlm.progress import progress_bar
 
@@ -99,12 +100,14 @@ def _run_layer(layer, hidden, kw: dict):
 
 def sequential_gptq(model, tokenizer, transform, fmt, texts: list[str], samples: int = CALIB_SAMPLES,
                     seq_len: int = CALIB_SEQ_LEN, damp: float = DEFAULT_DAMP, act_order: bool = DEFAULT_ACT_ORDER,
-                    batch_size: int = 4, progress: bool = True, coder=None) -> dict:
+                    batch_size: int = 4, progress: bool = True, coder=None, expert_keys: dict | None = None) -> dict:
     """{HF weight name: (q, d, m)} for every decoder linear, codes in llama.cpp's layout (`transform`
     is gguf_export.layout_transform(folder)). `fmt` is a format, or a function of a layer's width
     returning one (per-channel groups). `coder(name, w, H) -> (what to keep, values read back)`
     replaces `fmt` where each weight has its own type (gptq_kquant.typed_coder: GGUF bytes). `model`
-    is changed in place: its decoder linears end up holding their dequantized weights."""
+    is changed in place: its decoder linears end up holding their dequantized weights. With
+    `expert_keys` (gptq_experts.checkpoint_keys) an MoE's routed experts are coded too, each from the
+    tokens routed to it, under their checkpoint names."""
     import torch
 
     coder = coder or block_coder(fmt, damp, act_order)
@@ -120,21 +123,45 @@ def sequential_gptq(model, tokenizer, transform, fmt, texts: list[str], samples:
     with torch.no_grad(), bar as advance:
         for i, layer in enumerate(layers):
             linears = decoder_linears(layer, prefix=f"{prefix}.{i}.")
-            hooks = HessianHooks(linears)
+            experts = expert_modules(layer, prefix=f"{prefix}.{i}.") if expert_keys else {}
+            hooks, expert_hooks = HessianHooks(linears), ExpertHessianHooks(experts)
             try:
                 for b, x in enumerate(hidden):
                     _run_layer(layer, x, kwargs[i][b])
                     hooks.forget_input()
             finally:
                 hessians = hooks.remove()
+                expert_hessians = expert_hooks.remove(expert_keys or {})
             for name, linear in linears.items():
                 key = name + ".weight"
                 w = transform(key, linear.weight.detach().float().cpu().numpy())
                 codes[key], values = coder(key, w, hessians[name].numpy())
                 deq = _to_hf_layout(transform, key, values)
                 linear.weight.copy_(torch.from_numpy(deq).to(linear.weight.dtype))
-            del hessians
+            for module in experts.values():
+                _code_experts(module, i, expert_keys, expert_hessians, transform, coder, codes)
+            del hessians, expert_hessians
             hidden = [_run_layer(layer, x, kwargs[i][b]) for b, x in enumerate(hidden)]
             gc.collect()
             advance()
     return codes
+
+
+def _code_experts(module, layer: int, keys: dict, hessians: dict, transform, coder, codes: dict) -> None:
+    """Code each routed expert's gate, up and down projections (slices of the fused parameters) with
+    its own Hessian, and leave their dequantized values in the module for the next layer's inputs.
+    An expert that no calibration token reached has no Hessian: the writer rounds it to nearest."""
+    import torch
+
+    width = module.gate_up_proj.shape[1] // 2
+    for e in range(module.num_experts):
+        for role, param, rows in (("gate", module.gate_up_proj, slice(0, width)),
+                                  ("up", module.gate_up_proj, slice(width, 2 * width)),
+                                  ("down", module.down_proj, slice(None))):
+            key = keys.get((layer, e, role))
+            if key is None or key not in hessians:
+                continue
+            name = key + ".weight"
+            w = transform(name, param.data[e, rows].float().cpu().numpy())
+            codes[name], values = coder(name, w, hessians[key].numpy())
+            param.data[e, rows] = torch.from_numpy(_to_hf_layout(transform, name, values)).to(param.dtype)

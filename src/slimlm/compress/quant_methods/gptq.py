@@ -21,6 +21,14 @@ from slimlm.compress.quant_methods.base import QuantJob, QuantMethod, register_q
 __all__ = ["GPTQ", "GPTQMethod"]
 
 
+def _expert_keys(model_folder) -> dict:
+    """An MoE checkpoint's expert projections by (layer, expert, role) (gptq_experts.py); {} if dense."""
+    from slimlm.compress.gptq_experts import checkpoint_keys
+    from slimlm.compress.quant_steps import tensor_shapes
+
+    return checkpoint_keys(tensor_shapes(model_folder))
+
+
 class GPTQ:
     """prepare() once (calibration), then quantize_tensor() per weight from quantize()'s hook."""
 
@@ -45,10 +53,12 @@ class GPTQ:
 
         coder = None if types is None else typed_coder(types, damp=self.damp, act_order=self.act_order,
                                                        notes=self.notes, kept=kept)
+        experts = {k: n for k, n in _expert_keys(model_folder).items() if types is None or n + ".weight" in types}
         with calibration_model(model_folder, calib_texts) as (model, tokenizer, texts):
             self.codes = sequential_gptq(model, tokenizer, transform or layout_transform(model_folder), fmt, texts,
                                          samples=samples, seq_len=seq_len, damp=self.damp,
-                                         act_order=self.act_order, progress=progress, coder=coder)
+                                         act_order=self.act_order, progress=progress, coder=coder,
+                                         expert_keys=experts)
         return self
 
     def prepare(self, model_folder, calib_texts: list[str] | None = None, samples: int = 32,
@@ -56,7 +66,7 @@ class GPTQ:
         """Collect the Hessians of every decoder linear in one full-precision pass (all kept)."""
         with calibration_model(model_folder, calib_texts) as (model, tokenizer, texts):
             self.hessians = collect_hessians(model, tokenizer, texts, samples=samples, seq_len=seq_len,
-                                             progress=progress)
+                                             progress=progress, expert_keys=_expert_keys(model_folder))
         return self
 
     def _hessian(self, name_hf: str, w: np.ndarray):
@@ -67,8 +77,8 @@ class GPTQ:
             why = "no calibration Hessian" if H is None else f"Hessian {tuple(H.shape)} does not fit {w.shape}"
             note = f"{name_hf}: {why}, used round-to-nearest"
             if ".experts." in name_hf and H is None:  # one note for all of an MoE's experts
-                note = ("MoE experts have no calibration Hessian (GPTQ collects them for linear layers; the "
-                        "experts are fused tensors): they are round-to-nearest")
+                note = ("MoE experts that no calibration token was routed to have no Hessian: they are "
+                        "round-to-nearest")
             if note not in self.notes:
                 self.notes.append(note)
             return None

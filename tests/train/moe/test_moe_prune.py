@@ -164,3 +164,22 @@ def test_cli_dense_model_and_existing_out(tiny_models, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     code, out, err = run_cli(capsys, "moe", "prune", tiny_models("mixtral"), "--keep", 2, "--out", tmp_path / "taken")
     assert code != 0 and len(err.strip().splitlines()) == 1 and "already exists" in err and "--force" in err
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_matrix_prune(family, tiny_models, tmp_path, texts):
+    """An MoE family's prune is expert pruning (`slimlm moe prune`): half the routed experts go, and
+    what is left is a smaller model of the same family that transformers loads and that generates."""
+    from slimlm.train.moe.blocks import moe_layers
+
+    src = tiny_models(family)
+    before = _load(src)
+    experts = moe_layers(before)[0].num_experts
+    used = before.config.num_experts_per_tok
+    result = _prune(src, tmp_path / "half", texts, keep=max(used, experts // 2))
+    model = _load(tmp_path / "half")
+    assert model.config.model_type == family
+    assert all(layer.num_experts == max(used, experts // 2) for layer in moe_layers(model))
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in before.parameters())
+    out = model.generate(torch.tensor([[1, 40, 77]]), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == 6 and result is not None

@@ -49,7 +49,8 @@ def _compare(ours: Path, theirs: Path) -> dict[str, str]:
     assert a.keys() == b.keys()
     for name, t in b.items():
         assert a[name].tensor_type == t.tensor_type, (name, a[name].tensor_type.name, t.tensor_type.name)
-        assert np.array_equal(np.asarray(a[name].data), np.asarray(t.data)), name
+        # bytes, not arrays: llama-quantize lists a [n, 1] tensor (Qwen-MoE's shared-expert gate) as [n]
+        assert np.asarray(a[name].data).tobytes() == np.asarray(t.data).tobytes(), name
     return {name: t.tensor_type.name for name, t in b.items()}
 
 
@@ -175,3 +176,46 @@ def test_q3_k_m_runs_in_llama_cpp(models, tmp_path):
     llm.eval([1, 5, 9, 13])
     assert np.isfinite(np.array(llm.scores[:4])).all()
     llm.close()
+
+
+@pytest.fixture(scope="module")
+def moe_models(tiny_tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
+    """256-wide MoE models whose experts take K-quant blocks: a Mixtral with 8 experts (llama.cpp's
+    8-expert attention rules apply) and a Qwen-MoE with 4 routed experts and a shared one."""
+    return {
+        "mixtral-8x": build_tiny_model("mixtral", tiny_tokenizer_dir, tmp_path_factory.mktemp("mixtral8"), seed=4,
+                                       hidden_size=256, intermediate_size=256, num_hidden_layers=4,
+                                       num_local_experts=8, num_experts_per_tok=2),
+        "qwen2_moe": build_tiny_model("qwen2_moe", tiny_tokenizer_dir, tmp_path_factory.mktemp("qmoe"), seed=4,
+                                      hidden_size=256, moe_intermediate_size=256,
+                                      shared_expert_intermediate_size=256, num_hidden_layers=4, num_experts=4,
+                                      num_experts_per_tok=2),
+    }
+
+
+@pytest.mark.parametrize("model", ["mixtral-8x", "qwen2_moe"])
+@pytest.mark.parametrize("ftype", ["Q3_K_M", "Q4_K_M", "Q6_K"])
+def test_moe_mixes_equal_llama_quantize(moe_models, model, ftype, tmp_path):
+    """Stacked expert tensors get the type llama-quantize gives them and, expert by expert, its bytes;
+    routers stay unquantized; the 8-expert model's attention gets llama.cpp's extra bits."""
+    from slimlm.compress.gguf_export import export_gguf
+    from slimlm.compress.quantize import quantize
+
+    f32 = export_gguf(moe_models[model], tmp_path / "f32.gguf", dtype="f32")
+    theirs = _llama_quantize(f32, tmp_path / "llama.gguf", ftype)
+    result = quantize(moe_models[model], tmp_path / "slimlm.gguf", format=f"gguf:{ftype}", check=False, record=False)
+    types = _compare(Path(result.out), theirs)
+    assert types["blk.0.ffn_gate_inp.weight"] == "F32"
+    assert types["blk.2.ffn_up_exps.weight"] == {"Q3_K_M": "Q3_K", "Q4_K_M": "Q4_K", "Q6_K": "Q6_K"}[ftype]
+    assert result.tensor_types["blk.2.ffn_up_exps.weight"] == types["blk.2.ffn_up_exps.weight"]
+    if model == "mixtral-8x" and ftype != "Q6_K":
+        assert types["blk.1.attn_k.weight"] == types["blk.1.attn_v.weight"] == "Q8_0"
+        assert types["blk.1.attn_output.weight"] == "Q5_K"
+
+
+def test_moe_target_size_says_it_does_not_cover_experts(moe_models, tmp_path):
+    from slimlm.compress.quantize import quantize
+
+    with pytest.raises(SlimlmError, match="do not cover MoE experts"):
+        quantize(moe_models["qwen2_moe"], tmp_path / "m.gguf", format="gguf", target_bpw=5, record=False)
+    assert not (tmp_path / "m.gguf").exists()

@@ -213,6 +213,13 @@ def expert_names(stacked: str, n_experts: int) -> list[str] | None:
     return [f"{head}.experts.{e}.{kind}" for e in range(n_experts)]
 
 
+def stacked_name(expert: str) -> str | None:
+    """The stacked tensor (`...experts.w1.weight`) a checkpoint expert (`...experts.3.w1.weight`)
+    is written into, or None for any other name."""
+    match = _EXPERT.match(expert)
+    return f"{match.group(1)}.{match.group(3)}" if match else None
+
+
 def _stack_experts(weights, n_experts: int):
     """Mixtral and Qwen-MoE checkpoints store each expert's projections apart; llama.cpp wants one
     [E, ...] tensor per kind and layer (`...experts.w1.weight`, `...experts.gate_proj.weight`, which

@@ -100,10 +100,13 @@ def _ffn_down_type(fmt_name: str, kind: str, layer: int, n_layers: int) -> str:
             "Q3_K_L": "Q5_K", "Q2_K": "Q3_K"}.get(fmt_name, kind)
 
 
-def mix_type(fmt_name: str, name_gguf: str, n_layers: int, width: int, n_gqa: int = 1) -> str:
+def mix_type(fmt_name: str, name_gguf: str, n_layers: int, width: int, n_gqa: int = 1, n_expert: int = 0) -> str:
     """The type llama-quantize gives the body tensor `name_gguf` in a `fmt_name` file (see the
     module docstring); the uniform types give every tensor their own type. `n_gqa` (attention
-    heads per key/value head) matters for Q2_K's attn_v only: pass it for that file type."""
+    heads per key/value head) matters for Q2_K's attn_v only: pass it for that file type.
+    `n_expert` (routed experts per layer) matters for 8-expert models, whose attention llama.cpp
+    keeps in more bits (attn_v and attn_k Q8_0, attn_output Q5_K in the lower mixes), in every
+    file type that is one of llama-quantize's (the mixes and Q6_K)."""
     fmt_name = fmt_name.upper()
     if fmt_name not in BASE_TYPE:
         raise SlimlmError(f"unknown K-quant file type {fmt_name}: choose one of {', '.join(KQUANT_FORMATS)}")
@@ -115,8 +118,13 @@ def mix_type(fmt_name: str, name_gguf: str, n_layers: int, width: int, n_gqa: in
             kind = _attn_v_type(fmt_name, kind, layer, n_layers, n_gqa)
         elif "ffn_down" in name_gguf:
             kind = _ffn_down_type(fmt_name, kind, layer, n_layers)
+        elif "attn_output.weight" in name_gguf and n_expert == 8:
+            kind = "Q5_K" if fmt_name in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M") else kind
         elif "attn_output.weight" in name_gguf:
             kind = {"Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "Q2_K": "Q3_K"}.get(fmt_name, kind)
+    if n_expert == 8 and (fmt_name in MIXES or fmt_name == "Q6_K") and (
+            "attn_v.weight" in name_gguf or "attn_k.weight" in name_gguf):
+        kind = "Q8_0"
     return fallback(kind, width)
 
 

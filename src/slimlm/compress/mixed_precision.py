@@ -54,6 +54,7 @@ from slimlm.compress.kquant_formats import FILE_TYPES, fallback, file_type_for, 
 from slimlm.compress.quant_pipeline import QuantizeResult, QuantRequest, finish
 from slimlm.compress.quant_steps import (
     KEEP,
+    ROUTERS,
     calibration_texts,
     check_embeddings,
     embedding_encoder,
@@ -153,6 +154,19 @@ def gguf_names(folder: Path, shapes: dict) -> dict[str, str]:
     return out
 
 
+def _expert_names(folder: Path, shapes: dict) -> dict[str, str]:
+    """{checkpoint expert weight: GGUF name of the stacked tensor it is written into} for an MoE
+    (llama.cpp stores each layer's experts of one kind as one [E, rows, cols] tensor, typed as one)."""
+    from slimlm.compress.gguf_export import stacked_name
+
+    stacked = {n: stacked_name(n) for n in shapes}
+    stacked = {n: s for n, s in stacked.items() if s}
+    if not stacked:
+        return {}
+    stacked_names = gguf_names(folder, {s: () for s in set(stacked.values())})
+    return {n: stacked_names[s] for n, s in stacked.items() if s in stacked_names}
+
+
 def type_summary(types: dict[str, str]) -> str:
     """'Q4_K x120, Q6_K x30' by count, most first."""
     return ", ".join(f"{t} x{c}" for t, c in Counter(types.values()).most_common())
@@ -224,7 +238,7 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
     """A K-quant file (req.format gguf:Q4_K ... gguf:Q5_K_M) or a mixed-precision file under
     req.target_size (MiB) / req.target_bpw (bits per parameter, the whole file), with the codes
     `method` (a QuantMethod with typed_formats) chooses."""
-    from slimlm.compress.gguf_export import read_config
+    from slimlm.compress.gguf_export import expert_count, read_config
     from slimlm.models.loading import dense_folder
     from slimlm.models.reference import resolve
 
@@ -234,6 +248,11 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
     folder = dense_folder(ref)
     shapes = tensor_shapes(folder)
     names = gguf_names(folder, shapes)
+    experts = _expert_names(folder, shapes)  # an MoE's checkpoint experts -> their stacked GGUF name
+    if experts and not name:
+        raise SlimlmError("--target-size/--target-bpw do not cover MoE experts yet: use a K-quant mix "
+                          "(--format gguf:Q4_K_M, gguf:Q5_K_M, ...), whose types follow llama-quantize's rule")
+    names = {**names, **experts}
     targets = [n for n, s in shapes.items() if quantizable(n, s) and n in names]
     heads = _head_types(folder, shapes, names, req.embeddings, name or MIXED_EMBEDDINGS)
     parent = source_blocks(ref.path if ref.kind == "gguf" and method.keeps_parent_blocks else None, folder, names,
@@ -247,8 +266,9 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
         cfg = read_config(folder)
         n_head = cfg["num_attention_heads"]
         n_layers, n_gqa = cfg["num_hidden_layers"], n_head // (cfg.get("num_key_value_heads") or n_head)
-        types = {n: mix_type(name, names[n], n_layers, shapes[n][-1], n_gqa) for n in targets}
-        wanted = {n: mix_type(name, names[n], n_layers, 256, n_gqa) for n in targets}  # 256 wide: no fallback
+        n_expert = expert_count(cfg)
+        types = {n: mix_type(name, names[n], n_layers, shapes[n][-1], n_gqa, n_expert) for n in targets}
+        wanted = {n: mix_type(name, names[n], n_layers, 256, n_gqa, n_expert) for n in targets}  # no fallback
         fell = sorted({t for n, t in types.items() if t != wanted[n]})
         if fell:
             notes.append(f"widths not a multiple of 256 fall back to {', '.join(fell)}, as llama-quantize does")
@@ -283,7 +303,7 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
         file_type, label = file_type_for(weights.most_common(1)[0][0]), "mixed"
         notes.append(f"estimated added KL {sum(scores[n][t] for n, t in chosen.items()):.4f} (sum over tensors) "
                      f"for {budget / 2**20:.1f} MiB" + "".join(f"; {names[n]} {heads[n]}" for n in allocated))
-    all_types = {names[n]: t for n, t in {**types, **heads}.items()}
+    all_types = {names[n]: t for n, t in {**types, **heads}.items()}  # the experts of a stack share its type
     kept = {n: b for n, b in parent.items() if {**types, **heads}.get(n) == b.type}
     if kept:
         notes.append(f"{len(kept)} weights kept as the GGUF parent stores them (their type is the parent's: "
@@ -315,7 +335,7 @@ def _write(job: TypedJob, source: Path, method, embed_fmt: str, req: QuantReques
     """Write the file from `source`, each weight's bytes from method.encode_typed (in its type,
     job.types) or, where job.kept has it, the GGUF parent's own; the token embedding / output head
     in `heads`' types (round-to-nearest), else by --embeddings' rule."""
-    from slimlm.compress.gguf_export import export_gguf, read_config
+    from slimlm.compress.gguf_export import expert_names, export_gguf, read_config
     from slimlm.compress.kquant_formats import encode as encode_type
     from slimlm.progress import progress_bar
 
@@ -324,6 +344,12 @@ def _write(job: TypedJob, source: Path, method, embed_fmt: str, req: QuantReques
     counted = [0]
     with progress_bar(f"{method.name} → {label}", len(job.types)) as advance:
         def writer(name_hf: str, name_gguf: str, w: np.ndarray):
+            stack = expert_names(name_hf, len(w)) if w.ndim == 3 else None
+            if stack and all(e in job.types for e in stack):
+                # an MoE's stacked experts [E, rows, cols]: each coded as the checkpoint expert it came
+                # from (its own calibration, if the method has one), bytes stacked expert by expert
+                coded = [writer(e, name_gguf, w[i]) for i, e in enumerate(stack)]
+                return np.stack([data for data, _ in coded]), coded[0][1]
             kept = job.kept.get(name_hf)
             if name_hf in job.types:
                 counted[0] += w.size
@@ -333,6 +359,8 @@ def _write(job: TypedJob, source: Path, method, embed_fmt: str, req: QuantReques
                 return kept.data, kept.qtype
             if heads and name_hf in heads:
                 return encode_type(heads[name_hf], w)
+            if name_hf.endswith(ROUTERS):  # kept f32, as llama-quantize keeps them from an f32 file
+                return w, None
             return embed(name_gguf, w) if any(k in name_hf for k in KEEP) else None
 
         export_gguf(source, job.out, dtype="f16", force=req.force, tensor_writer=writer, file_type=file_type,

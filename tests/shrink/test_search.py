@@ -189,3 +189,34 @@ def test_with_data_a_lora_fine_tune_is_a_candidate_judged_on_the_task_not_on_kl(
     assert (Path(ft["hf_folder"]) / "config.json").exists()
     if result["chosen"] == ft["id"]:
         assert (out / "model-hf" / "config.json").exists()
+
+
+MOE_PRESET = """
+limit: 6
+candidates:
+  - {kind: quantize, method: rtn, format: gguf:Q8_0}
+  - {kind: quantize, method: gptq, format: gguf:Q4_K_M}
+  - {kind: quantize, method: rtn, target_bpw: 6.0}
+  - {kind: quantize, method: llamacpp, format: gguf:Q4_K_M, baseline: true}
+"""
+
+
+def test_shrink_of_an_moe_builds_its_candidates_and_says_which_do_not_apply(job, tiny_models, tmp_path, capfd):
+    """A Mixtral parent: its GGUF candidates are built with every expert quantized (GPTQ's from the
+    tokens routed to each) and measured like a dense model's; a per-tensor mix, which does not cover
+    experts yet, is a failed candidate with its reason, not a failed search."""
+    from gguf import GGUFReader
+
+    preset = tmp_path / "moe.yaml"
+    preset.write_text(MOE_PRESET)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capfd, "shrink", tiny_models("mixtral"), "--task", job["task"], "--preset", preset,
+                           "--out", out, "--quality-floor", "0.5")
+    assert code == 0, err
+    cands = {c["name"]: c for c in json.loads((out / "shrink.json").read_text())["candidates"]}
+    mixed = next(c for name, c in cands.items() if "6" in name and "bpw" in name)
+    assert mixed["status"] == "failed" and "do not cover MoE experts" in mixed["reasons"][0]
+    gptq = cands["gptq Q4_K_M"]
+    assert gptq["status"] != "failed" and gptq["fidelity"]["kl_mean"] >= 0
+    types = {t.name: t.tensor_type.name for t in GGUFReader(gptq["artifact"]).tensors}
+    assert types["blk.0.ffn_down_exps.weight"] in ("Q4_K", "Q6_K", "Q5_0", "Q8_0")  # quantized, not f16

@@ -76,6 +76,17 @@ def test_kquant_file_of_the_parents_type_is_the_parent(parent, tmp_path):
         np.testing.assert_array_equal(llama_logits(out.out, IDS), want)
 
 
+def test_a_folder_converted_from_the_gguf_keeps_its_blocks_too(parent, tmp_path):
+    """The converted folder's manifest names the GGUF it came from (what bench/quantize_curve.py
+    and a user who ran `slimlm convert` quantize)."""
+    from slimlm.models.loading import dense_folder
+    from slimlm.models.reference import resolve
+
+    folder = dense_folder(resolve(str(parent)))
+    out = quantize(folder, tmp_path / "from-folder.gguf", format="gguf:Q4_K_M", record=False, check=False)
+    assert _quantized(out.out) == _quantized(parent)
+
+
 def test_mixed_file_at_the_parents_size_keeps_the_parent(parent, tmp_path):
     """At the parent's size the allocation's cheapest choice in KL is the parent itself (kept blocks
     add none); a smaller budget requantizes some weights and so moves the logits."""

@@ -62,7 +62,7 @@ from slimlm.compress.quant_steps import (
     quantizable,
     tensor_shapes,
 )
-from slimlm.compress.source_blocks import source_blocks
+from slimlm.compress.source_blocks import parent_gguf, source_blocks
 from slimlm.errors import SlimlmError
 
 __all__ = ["CANDIDATES", "TYPES_KEY", "TypedJob", "is_typed_request", "candidate_types", "allocate", "gguf_names",
@@ -255,8 +255,7 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
     names = {**names, **experts}
     targets = [n for n, s in shapes.items() if quantizable(n, s) and n in names]
     heads = _head_types(folder, shapes, names, req.embeddings, name or MIXED_EMBEDDINGS)
-    parent = source_blocks(ref.path if ref.kind == "gguf" and method.keeps_parent_blocks else None, folder, names,
-                           shapes)
+    parent = source_blocks(parent_gguf(ref, folder) if method.keeps_parent_blocks else None, folder, names, shapes)
     params_total = sum(int(np.prod(s)) for s in shapes.values())
     notes: list[str] = []
     start = time.perf_counter()

@@ -8,7 +8,9 @@ dequantized weights again does not always get there: llama.cpp's Q4_K and Q6_K q
 scales, and the search started from a grid's own values can land on another grid, so
 `llama-quantize --allow-requantize` to the parent's own type adds error a copy does not.
 
-So for typed files (K-quant mixes and `--target-size` mixes, mixed_precision.py) slimlm keeps the
+The parent is found from the model reference, or from the manifest of a folder converted from a
+GGUF file (source_blocks checks every kept tensor's values against the folder, so a stale record
+keeps nothing). So for typed files (K-quant mixes and `--target-size` mixes, mixed_precision.py) slimlm keeps the
 parent's blocks of every weight whose chosen type is the parent's type, and the allocation counts
 that choice as adding no KL. Only a method that writes the weights it was given may keep them: AWQ
 rewrites the model (its scales move into the weights), so its files never keep the parent's blocks.
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SourceBlock", "source_blocks"]
+__all__ = ["SourceBlock", "parent_gguf", "source_blocks"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,21 @@ class SourceBlock:
     type: str
     data: np.ndarray
     qtype: object
+
+
+def parent_gguf(ref, folder: Path) -> Path | None:
+    """The GGUF file a model came from: the reference itself, or the file a folder was converted
+    from (`slimlm convert`, and the cached conversion every verb makes, record it in the folder's
+    manifest). None for a model that never was a GGUF file."""
+    from slimlm.runs import read_manifest
+
+    if ref.kind == "gguf":
+        return ref.path
+    manifest = read_manifest(folder) or {}
+    parent = manifest.get("parent") or {}
+    if manifest.get("operation") == "convert" and parent.get("kind") == "gguf" and Path(parent["path"]).is_file():
+        return Path(parent["path"])
+    return None
 
 
 def source_blocks(path: Path | None, folder: Path, names: dict[str, str], shapes: dict[str, tuple]) -> dict[str, SourceBlock]:

@@ -145,6 +145,7 @@ def test_low_bit_kquant_files_match_llama_quantize_on_builtin_models(builtin_f32
     differ only by slimlm's metadata)."""
     from slimlm.compress.llamacpp_quant import llamacpp_quantize
     from slimlm.compress.quantize import quantize
+    from slimlm.models.reference import resolve
 
     folder, f32 = builtin_f32(model)
     theirs = llamacpp_quantize(f32, tmp_path / "llama.gguf", ftype)
@@ -156,5 +157,10 @@ def test_low_bit_kquant_files_match_llama_quantize_on_builtin_models(builtin_f32
     assert {k: v for k, v in a.items() if a[k] != b.get(k)} == {}, {k: (a.get(k), v) for k, v in b.items() if a.get(k) != v}
     assert a.keys() == b.keys()  # so the tensor data are the same size; the files differ by metadata only
     data = {t.name: t.data for t in GGUFReader(theirs).tensors}
-    assert [t.name for t in GGUFReader(ours).tensors if not np.array_equal(t.data, data[t.name])] == []
+    differ = {t.name: t.data.tobytes() for t in GGUFReader(ours).tensors if not np.array_equal(t.data, data[t.name])}
+    # where the bytes differ they are the GGUF parent's own, kept where the type is the parent's
+    # (compress/source_blocks.py; llama-quantize re-rounds Gemma's Q4_K tensors, which is not exact)
+    parent = {t.name: t.data.tobytes() for t in GGUFReader(resolve(model).path).tensors}
+    assert {n: b == parent.get(n) for n, b in differ.items()} == dict.fromkeys(differ, True)
+    assert model == "gemma3-270m" or not differ  # SmolLM2's Q4_1 parent shares no type with these files
     assert np.isclose(ours.stat().st_size, theirs.stat().st_size, rtol=0.002), (ours.stat().st_size, theirs.stat().st_size)

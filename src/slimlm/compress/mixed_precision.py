@@ -302,8 +302,9 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
         file_type, label = file_type_for(weights.most_common(1)[0][0]), "mixed"
         notes.append(f"estimated added KL {sum(scores[n][t] for n, t in chosen.items()):.4f} (sum over tensors) "
                      f"for {budget / 2**20:.1f} MiB" + "".join(f"; {names[n]} {heads[n]}" for n in allocated))
-    all_types = {names[n]: t for n, t in {**types, **heads}.items()}  # the experts of a stack share its type
-    kept = {n: b for n, b in parent.items() if {**types, **heads}.get(n) == b.type}
+    final = {**types, **heads}
+    all_types = {names[n]: t for n, t in final.items()}  # the experts of a stack share its type
+    kept = {n: b for n, b in parent.items() if final.get(n) == b.type}
     if kept:
         notes.append(f"{len(kept)} weights kept as the GGUF parent stores them (their type is the parent's: "
                      "its bytes are the reference weights exactly)")

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Batched decoding on the torch backend: transformers' continuous batching against a plain
-left-padded batch and one prompt at a time, same model, same prompts, one run.
+"""Batched decoding on the torch backend: slimlm's continuous batching (torch_decoder.py) and
+transformers' own against a plain left-padded batch and one prompt at a time, same model, same
+prompts, one run.
 
 Why: issue 18 asks whether the torch path should serve through transformers' own continuous
 batching (`generate_batch` with the paged attention, `paged|sdpa` on a CPU) rather than a
@@ -40,7 +41,9 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from slimlm.models.backends import open_backend
     from slimlm.models.backends.batch import generate_batch
+    from slimlm.models.backends.decoder import Sampler
 
     torch.manual_seed(0)
     folder = dense_folder(resolve("smollm2-135m-instruct"))
@@ -62,8 +65,28 @@ def main() -> int:
         out = paged.generate_batch(inputs=ids, generation_config=cfg, progress_bar=False)
         return [out[f"req_{i}"].generated_tokens for i in range(len(ids))]
 
+    backend = open_backend(str(folder), "torch", dtype="float32")
+
+    def slimlm_decoder():
+        """The serving engine's loop, reduced: every prompt admitted, stepped until each ends."""
+        decoder = backend.decoder(len(ids), 512, max(map(len, ids)) + args.tokens + 1)
+        slots = {decoder.admit(x): i for i, x in enumerate(ids)}
+        out = [[] for _ in ids]
+        while slots:
+            for slot, logits in decoder.step().items():
+                i, tok = slots[slot], Sampler()(logits)
+                out[i].append(tok)
+                if tok == eos or len(out[i]) >= args.tokens:
+                    decoder.release(slot)
+                    del slots[slot]
+                else:
+                    decoder.feed(slot, tok)
+        decoder.close()
+        return out
+
     paths = {"one prompt at a time (generate)": one_by_one, "left-padded batch (generate)": padded,
-             "transformers continuous batching (paged|sdpa)": continuous}
+             "transformers continuous batching (paged|sdpa)": continuous,
+             "slimlm continuous batching (torch_decoder.py)": slimlm_decoder}
     results, tokens = {}, {}
     for name, fn in paths.items():
         tokens[name] = fn()  # warm-up, and the tokens to compare
@@ -88,9 +111,10 @@ def main() -> int:
                     f"{same[name]}/{len(ids)} |")
     best = min(results, key=results.get)
     body.append("")
-    body.append(f"- fastest here: {best}; continuous batching is "
-                f"{results['transformers continuous batching (paged|sdpa)'] / results['left-padded batch (generate)']:.2f}x "
-                "the padded batch's time")
+    padded_time = results["left-padded batch (generate)"]
+    body.append(f"- fastest here: {best}; transformers' continuous batching takes "
+                f"{results['transformers continuous batching (paged|sdpa)'] / padded_time:.2f}x the padded batch's "
+                f"time, slimlm's {results['slimlm continuous batching (torch_decoder.py)'] / padded_time:.2f}x")
     print("\n".join(body))
     if not args.no_write:
         desc = (f"SmolLM2-135M-Instruct as a Hugging Face folder, float32, torch {torch.__version__}, transformers "

@@ -174,7 +174,7 @@ def test_decode_loop_passes_the_cache_by_its_current_name(tiny_models, monkeypat
 
     text, warned = run()
     assert warned == [] and text
-    monkeypatch.setattr(tb, "_cache_keyword", lambda model: "past_key_values")
+    monkeypatch.setattr(tb, "cache_keyword", lambda model: "past_key_values")
     old_text, old_warned = run()
     assert old_text == text and old_warned  # the old name still works, and warns
 
@@ -208,7 +208,7 @@ def test_split_precision_decode_tracks_fp32(smollm2_dense):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-    from slimlm.models.backends.torch_backend import _cast_cache
+    from slimlm.models.backends.torch_cache import cast_cache
 
     tok = AutoTokenizer.from_pretrained(smollm2_dense)
     ids = tok("Python is an interpreted, high-level, general-purpose programming language. Its design "
@@ -220,7 +220,7 @@ def test_split_precision_decode_tracks_fp32(smollm2_dense):
         reference = fp32(torch.tensor([ids])).logits[0, split:].argmax(-1)
         cache = DynamicCache(config=fp32.config)
         fp32(torch.tensor([ids[:split]]), cache=cache)
-        _cast_cache(cache, torch.bfloat16)
+        cast_cache(cache, torch.bfloat16)
         picks = []
         for t in ids[split:]:
             picks.append(int(bf16(torch.tensor([[t]]), cache=cache).logits[0, -1].argmax()))

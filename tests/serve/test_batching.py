@@ -130,11 +130,40 @@ def test_prompt_scoring_runs_between_steps(engines):
 def test_parallel_needs_a_backend_that_batches(tiny_models):
     from slimlm.errors import SlimlmError
 
+    sliding = str(tiny_models("gemma3_text"))  # torch decodes sliding-window models one at a time
     with pytest.raises(SlimlmError, match="--parallel 4 needs a backend that batches"):
-        Engine.open(str(tiny_models("llama")), "torch", parallel=4)
-    engine = Engine.open(str(tiny_models("llama")), "torch", parallel=None)
+        Engine.open(sliding, "torch", parallel=4)
+    engine = Engine.open(sliding, "torch", parallel=None)
     try:
         assert engine.parallel == 1 and engine.batcher is None  # the default where batching is not there
+    finally:
+        engine.close()
+
+
+def test_torch_engine_batches_and_each_request_gets_its_greedy_text(tiny_models):
+    """The torch backend through the same scheduler: four requests on three slots, each answer the
+    greedy continuation transformers' own generate gives that prompt alone."""
+    import torch
+
+    engine = Engine.open(str(tiny_models("llama")), "torch", parallel=None, batch_tokens=64)
+    try:
+        assert engine.parallel > 1 and engine.batcher is not None  # batching is the default where it works
+        engine.close()
+        engine = Engine.open(str(tiny_models("llama")), "torch", parallel=3, batch_tokens=64)
+        steps = []
+        engine.batcher.on_step.append(lambda stats, s: steps.append(stats))
+        got, jobs = asyncio.run(_all(engine, _tasks(engine)))
+        backend, want = engine.backend, []
+        for task in _tasks(engine):
+            with torch.no_grad():
+                ids = backend.model.generate(torch.tensor([task.ids]), max_new_tokens=12, do_sample=False,
+                                             attention_mask=torch.ones((1, len(task.ids)), dtype=torch.long),
+                                             pad_token_id=0)[0, len(task.ids):].tolist()
+            ids = ids[:next((i for i, t in enumerate(ids) if t in backend.stop_ids), len(ids))]
+            text = b"".join(backend.token_bytes(t) for t in ids).decode("utf-8", "ignore")
+            want.append((text, len(ids)))
+        assert [(r.text, r.completion_tokens) for r in got] == want
+        assert max(s.decoding for s in steps) == 3
     finally:
         engine.close()
 

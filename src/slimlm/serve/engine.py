@@ -174,8 +174,9 @@ class Engine:
         from slimlm.serve.batching import Batcher
 
         if not self.backend.supports("continuous"):
-            raise SlimlmError(f"--parallel {parallel} needs a backend that batches sequences (llamacpp); the "
-                              f"{self.backend.label} backend runs one at a time: use --parallel 1")
+            raise SlimlmError(f"--parallel {parallel} needs a backend that batches sequences (llamacpp, or torch on "
+                              f"a model without sliding-window layers); the {self.backend.label} backend runs this "
+                              "model one sequence at a time: use --parallel 1")
         decoder = self.backend.decoder(parallel, batch_tokens or DEFAULT_BATCH_TOKENS, self.context)
         return Batcher(decoder, self._run_inline, self._finish_batched, self.name)
 

@@ -13,6 +13,7 @@ one module plus one line in `BACKENDS` (models/backends/__init__.py).
 
 from __future__ import annotations
 
+import functools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -34,6 +35,19 @@ Messages = list[dict]
 #   dtype     a chosen compute precision (the `dtype=` of the constructor)
 #   continuous  continuous batching: sequences join and leave a running batch (`decoder()`)
 CAPABILITIES = ("score", "adapters", "batch", "dtype", "continuous")
+
+
+class _class_or_instance:
+    """A method that runs on a backend class (what that kind of backend can do, asked before any
+    model is open) or on a loaded backend (what this model can do: an instance may narrow its
+    `capabilities`, e.g. a torch model whose cache layout cannot be batched)."""
+
+    def __init__(self, func) -> None:
+        self.func = func
+        functools.update_wrapper(self, func)
+
+    def __get__(self, obj, owner):
+        return functools.partial(self.func, owner if obj is None else obj)
 
 
 @dataclass
@@ -149,11 +163,11 @@ class Backend(ABC):
         """The backend's name for messages, tables and run records."""
         return self.name
 
-    @classmethod
-    def supports(cls, capability: str) -> bool:
+    @_class_or_instance
+    def supports(self, capability: str) -> bool:
         """Whether this backend has an optional part (see CAPABILITIES): ask instead of testing names.
-        A class method, so a caller can ask BACKENDS[name] before opening a model."""
-        return capability in cls.capabilities
+        Ask BACKENDS[name] before opening a model, or the loaded backend for what its model can do."""
+        return capability in self.capabilities
 
     @classmethod
     def scoring_options(cls, context: int) -> dict:

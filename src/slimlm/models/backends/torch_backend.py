@@ -14,12 +14,12 @@ generation in batch.py; this class is what consumers see of them.
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Iterator
 
 from slimlm.hardware import best_torch_device, default_threads
 from slimlm.models.backends.base import Backend, GenerationParams, Messages
 from slimlm.models.backends.precision import PrecisionPlan, choose_precision
+from slimlm.models.backends.torch_cache import cache_keyword, cast_cache
 from slimlm.models.reference import ModelRef
 
 # End-of-turn tokens of common chat templates. A GGUF converted by transformers often lists
@@ -27,25 +27,9 @@ from slimlm.models.reference import ModelRef
 _END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<｜end▁of▁sentence｜>")
 
 
-def _cast_cache(cache, dtype) -> None:
-    for layer in getattr(cache, "layers", []):
-        for attr in ("keys", "values"):
-            tensor = getattr(layer, attr, None)
-            if tensor is not None and tensor.dtype != dtype:
-                setattr(layer, attr, tensor.to(dtype))
-        if hasattr(layer, "dtype"):
-            layer.dtype = dtype
-
-
-def _cache_keyword(model) -> str:
-    """transformers 5.x renamed forward's `past_key_values` to `cache` and warns on the old name;
-    a model class whose forward still has only the old name gets that."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 class TorchBackend(Backend):
     name = "torch"
-    capabilities = frozenset({"score", "adapters", "batch", "dtype"})
+    capabilities = frozenset({"score", "adapters", "batch", "dtype", "continuous"})
 
     @classmethod
     def prefers(cls, ref: ModelRef) -> bool:
@@ -79,6 +63,29 @@ class TorchBackend(Backend):
         self._peft = None  # the PeftModel around self.model once adapters are loaded
         self._adapter: str | None = None
         self._bytes_table: dict | None = None
+        if not self.batchable:
+            self.capabilities = type(self).capabilities - {"continuous"}
+
+    @property
+    def batchable(self) -> bool:
+        """Whether sequences can decode together (torch_decoder.py): every layer's cache must hold
+        the whole sequence; a sliding-window layer (Gemma 3's local attention) keeps only its
+        window, and rows of different lengths cannot share that layout."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=self.model.config).layers)
+
+    def decoder(self, slots: int, batch_tokens: int, context: int | None = None):
+        """Continuous batching (torch_decoder.py): prompts read alone, decoding slots stepped
+        together over a left-padded batched cache."""
+        from slimlm.errors import BackendUnavailable
+        from slimlm.models.backends.torch_decoder import TorchDecoder
+
+        if not self.batchable:
+            raise BackendUnavailable(f"{self.model.config.model_type} has sliding-window layers, which the torch "
+                                     "backend decodes one sequence at a time: use --parallel 1 or the llamacpp backend")
+        return TorchDecoder(self, slots, batch_tokens, context or self.context_length)
 
     def _stop_ids(self) -> set[int]:
         ids = set()
@@ -184,13 +191,13 @@ class TorchBackend(Backend):
         limit = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         max_new = max(0, min(params.max_tokens, limit - len(prompt_ids)))
         decoder = _Detokenizer(self.tokenizer)
-        prefill_kw, decode_kw = _cache_keyword(self.model), _cache_keyword(self.decode_model)
+        prefill_kw, decode_kw = cache_keyword(self.model), cache_keyword(self.decode_model)
         with torch.inference_mode():
             cache = DynamicCache(config=self.model.config)
             ids = torch.tensor([prompt_ids], device=self.device)
             logits = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{prefill_kw: cache}).logits
             if self.plan.split:
-                _cast_cache(cache, self.plan.decode)
+                cast_cache(cache, self.plan.decode)
             for _ in range(max_new):
                 token = self._sample(logits[0, -1], params, generator)
                 if token in self.stop_ids:

@@ -163,19 +163,49 @@ def test_batched_greedy_on_smollm2_equals_one_at_a_time(smollm2_gguf):
 
 
 def test_an_unrelated_prompt_leaves_other_slots_prompts_in_place(tiny):
-    """Prompts taking turns (three users, three system prompts) each keep their own slot."""
+    """Prompts taking turns (three users, three system prompts) each keep their prompt cached. On
+    llama.cpp a new sequence takes the lowest free slot (packed slots), so the prompts move between
+    slots by cache copies; a moved prompt still gives the logits of a fresh read."""
     a = tiny.tokenize("Alpha: the first assistant's long instructions, " * 3)
     b = tiny.tokenize("Beta, a different set of rules for another job. " * 3)
-    decoder = tiny.decoder(3, 128, 128)
+    decoder, fresh = tiny.decoder(3, 128, 128), tiny.decoder(1, 128, 128)
     try:
+        assert decoder.compact
         first = decoder.admit(a)
         decoder.step()
         decoder.release(first)
-        second = decoder.admit(b)  # shares too little with slot 0: takes the least recently used slot
-        assert second != first
+        second = decoder.admit(b)  # shares too little with a: a's prompt moves to the least recently used slot
+        assert first == second == 0
+        assert [s.cached for s in decoder.slots].count(a) == 1
         decoder.step()
         decoder.release(second)
         before = decoder.reused_tokens
-        assert decoder.admit(a) == first and decoder.reused_tokens - before == len(a) - 1
+        again = decoder.admit(a)
+        assert again == 0 and decoder.reused_tokens - before == len(a) - 1  # copied back down, reused whole
+        assert [s.cached for s in decoder.slots].count(b) == 1  # and b's prompt kept in turn
+        in_place = fresh.admit(a)  # the same reuse without any copy: a one-slot decoder reading a twice
+        fresh.step()
+        fresh.release(in_place)
+        in_place = fresh.admit(a)
+        np.testing.assert_array_equal(decoder.step()[again], fresh.step()[in_place])
+    finally:
+        decoder.close()
+        fresh.close()
+
+
+def test_busy_slots_stay_packed_from_zero(tiny):
+    """llama.cpp runs a step's sequences in one pass only while their ids are consecutive, so a new
+    sequence fills the lowest free slot, even when a higher one holds its prefix."""
+    ids = [tiny.tokenize(p) for p in PROMPTS]
+    decoder = tiny.decoder(6, 256, 128)
+    try:
+        slots = [decoder.admit(x) for x in ids]
+        assert slots == [0, 1, 2, 3]
+        decoder.step()  # every prompt read whole
+        decoder.release(1)
+        decoder.release(3)
+        assert decoder.admit(ids[3]) == 1  # the gap, with prompt 3's cache copied down from slot 3
+        assert decoder.slots[1].cached == ids[3][:-1] and decoder.slots[1].pending == ids[3][-1:]
+        assert decoder.admit(ids[1]) == 3  # prompt 1 was moved to a spare slot, then back into 3
     finally:
         decoder.close()

@@ -45,7 +45,7 @@ class LlamaCppDecoder(SequenceDecoder):
         params.n_ctx = context * slots
         params.n_batch = params.n_ubatch = batch_tokens
         params.n_seq_max = slots
-        params.kv_unified = False  # TEST
+        params.kv_unified = False  # a KV stream per sequence: see the module docstring
         self._ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
         if not self._ctx:
             raise SlimlmError(f"llama.cpp could not allocate {slots} slots of {context} tokens: lower --parallel or "
@@ -93,6 +93,13 @@ class LlamaCppDecoder(SequenceDecoder):
             out[slot] = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
                                               shape=(self._n_vocab,)).copy()
         return out
+
+    compact = True  # a step's sequences run in one pass only while their ids are consecutive
+
+    def _copy(self, src: int, dst: int) -> None:
+        # A whole-stream copy (llama.cpp copies across KV streams only whole), done by llama.cpp
+        # before the next decode; every cell keeps its index, so attention sums in the same order.
+        self._lib.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
 
     def _truncate(self, slot: int, keep: int) -> int:
         if self._lib.llama_memory_seq_rm(self._mem, slot, keep, -1):

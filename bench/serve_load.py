@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -221,7 +222,11 @@ def interleaved(servers: dict, levels: dict, rounds: int, duration: float, token
     finally:
         for proc, _ in procs.values():
             proc.terminate()
-            proc.wait(30)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:  # llama-server, stuck with streams open, ignores SIGTERM here
+                proc.kill()
+                proc.wait(30)
     return rows
 
 

@@ -213,6 +213,25 @@ def test_moe_mixes_equal_llama_quantize(moe_models, model, ftype, tmp_path):
         assert types["blk.1.attn_output.weight"] == "Q5_K"
 
 
+@pytest.mark.parametrize("ftype", ["Q4_0", "Q8_0"])
+def test_moe_legacy_types_keep_llama_quantizes_attention_bump(moe_models, ftype, tmp_path):
+    """A Q4_0 / Q8_0 file of an 8-expert model: llama-quantize stores attn_k and attn_v as Q8_0
+    whatever the file type, and its routers f32; slimlm's file has the same types and, tensor for
+    tensor, the same bytes (rounding to nearest, as llama.cpp's reference quantizers do)."""
+    from slimlm.compress.gguf_export import export_gguf
+    from slimlm.compress.quantize import quantize
+
+    f32 = export_gguf(moe_models["mixtral-8x"], tmp_path / "f32.gguf", dtype="f32")
+    theirs = _llama_quantize(f32, tmp_path / "llama.gguf", ftype)
+    result = quantize(moe_models["mixtral-8x"], tmp_path / "slimlm.gguf", format=f"gguf:{ftype}", check=False,
+                      record=False)
+    types = _compare(Path(result.out), theirs)
+    assert types["blk.1.attn_k.weight"] == types["blk.1.attn_v.weight"] == "Q8_0"
+    assert types["blk.1.attn_q.weight"] == types["blk.2.ffn_up_exps.weight"] == ftype
+    assert abs(Path(result.out).stat().st_size - theirs.stat().st_size) < 1024  # metadata keys aside
+    assert any("8-expert" in n for n in result.notes) == (ftype != "Q8_0")
+
+
 def test_moe_target_size_says_it_does_not_cover_experts(moe_models, tmp_path):
     from slimlm.compress.quantize import quantize
 

@@ -215,6 +215,7 @@ def embedding_encoder(embeddings: str, fmt_name: str = "Q8_0", tied: bool = True
 def write_gguf(source: Path, out: Path, fmt, targets, choose, embeddings: str, force: bool, method: str,
                notes: list[str] | None = None) -> int:
     from slimlm.compress.gguf_export import expert_count, expert_names, export_gguf, read_config
+    from slimlm.compress.kquant_formats import encode as encode_type
     from slimlm.progress import progress_bar
 
     config = read_config(source)
@@ -222,6 +223,7 @@ def write_gguf(source: Path, out: Path, fmt, targets, choose, embeddings: str, f
     n_experts = expert_count(config)
     embed = embedding_encoder(embeddings, fmt.name, tied, notes)
     counted = [0]
+    bumped: list[str] = []
     with progress_bar(f"{method} → {fmt.name}", len(targets)) as advance:
         def one(name_hf: str, w: np.ndarray) -> np.ndarray:
             q, d, m = choose(name_hf, w)
@@ -236,11 +238,25 @@ def write_gguf(source: Path, out: Path, fmt, targets, choose, embeddings: str, f
                 # it came from (its own calibration, if the method has one), and the bytes are stacked as
                 # llama.cpp lays them out (expert by expert, row by row).
                 return np.stack([one(e, w[i]) for i, e in enumerate(experts)]), fmt.qtype
+            if name_hf.endswith(ROUTERS):  # kept f32, as llama-quantize keeps them from an f32 file
+                return w.astype(np.float32), None
             if name_hf not in targets:
                 return embed(name_gguf, w) if any(k in name_hf for k in KEEP) else None
+            if (n_experts == 8 and fmt.name != "Q8_0" and name_gguf.endswith(("attn_k.weight", "attn_v.weight"))
+                    and w.shape[-1] % 32 == 0):
+                # llama-quantize keeps an 8-expert model's attention keys and values in Q8_0 whatever the
+                # file type ("bumping this to Q8_0 trades just ~128MB", llama-quant.cpp); so does slimlm,
+                # rounding to nearest, so its file has llama.cpp's types and size.
+                counted[0] += w.size
+                advance()
+                bumped.append(name_gguf)
+                return encode_type("Q8_0", w)
             return one(name_hf, w), fmt.qtype
 
         export_gguf(source, out, dtype="f16", force=force, tensor_writer=writer, file_type=fmt.name)
+    if bumped and notes is not None:
+        notes.append(f"{len(bumped)} attention key/value tensors stored as Q8_0 (rounded to nearest), as "
+                     "llama-quantize does for 8-expert models")
     return counted[0]
 
 

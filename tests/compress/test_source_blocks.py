@@ -51,6 +51,10 @@ def test_every_parent_block_is_found_and_a_changed_weight_is_not(parent, tmp_pat
     quantized = _quantized(parent)
     assert {names[n] for n in found} == set(quantized)
     assert {(b.type, b.data.tobytes()) for b in found.values()} == set(quantized.values())
+    # with the types already chosen, only the tensors wanted in the parent's own type are checked and kept
+    half = sorted(found)[::2]
+    wanted = {n: (found[n].type if n in half else "Q8_0" if found[n].type != "Q8_0" else "Q6_K") for n in found}
+    assert set(source_blocks(parent, folder, names, shapes, wanted=wanted)) == set(half)
 
     edited = tmp_path / "edited"  # the same folder with one weight moved off the parent's grid
     edited.mkdir()

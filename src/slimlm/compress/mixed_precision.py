@@ -255,7 +255,7 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
     names = {**names, **experts}
     targets = [n for n, s in shapes.items() if quantizable(n, s) and n in names]
     heads = _head_types(folder, shapes, names, req.embeddings, name or MIXED_EMBEDDINGS)
-    parent = source_blocks(parent_gguf(ref, folder) if method.keeps_parent_blocks else None, folder, names, shapes)
+    parent_file = parent_gguf(ref, folder) if method.keeps_parent_blocks else None
     params_total = sum(int(np.prod(s)) for s in shapes.values())
     notes: list[str] = []
     start = time.perf_counter()
@@ -272,7 +272,10 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
         if fell:
             notes.append(f"widths not a multiple of 256 fall back to {', '.join(fell)}, as llama-quantize does")
         file_type, label = FILE_TYPES.get(name, name), name
+        # the types are fixed: only the parent's tensors of the same type can be kept, so only those are checked
+        parent = source_blocks(parent_file, folder, names, shapes, wanted={**types, **heads})
     else:
+        parent = source_blocks(parent_file, folder, names, shapes)
         placeholder = {TYPES_KEY: json.dumps({names[n]: "Q4_0" for n in [*targets, *heads]})}
         allocated = list(heads) if check_embeddings(req.embeddings) == "auto" else []
         fixed = _fixed_bytes(folder, shapes, names, {*targets, *allocated},

@@ -53,12 +53,16 @@ def parent_gguf(ref, folder: Path) -> Path | None:
     return None
 
 
-def source_blocks(path: Path | None, folder: Path, names: dict[str, str], shapes: dict[str, tuple]) -> dict[str, SourceBlock]:
+def source_blocks(path: Path | None, folder: Path, names: dict[str, str], shapes: dict[str, tuple],
+                  wanted: dict[str, str] | None = None) -> dict[str, SourceBlock]:
     """{Hugging Face name: SourceBlock} for the quantized weights of the GGUF file `path` whose
     bytes decode to exactly what the exporter would write for them from `folder` (its dequantized
     copy): same GGUF name (`names`, {hf name: gguf name}), same shape, and the same values after the
     exporter's layout transform. Empty for a parent that is not a GGUF file (path None). The value
-    check makes "kept means exact" a fact measured here, not an assumption about the converters."""
+    check makes "kept means exact" a fact measured here, not an assumption about the converters.
+    `wanted` ({hf name: type}, when the types are already chosen) limits the check to the tensors
+    the parent stores in the wanted type: the others could not be kept anyway, and dequantizing
+    every tensor costs seconds on a 2-core machine."""
     if path is None:
         return {}
     from gguf import GGMLQuantizationType, GGUFReader
@@ -72,10 +76,12 @@ def source_blocks(path: Path | None, folder: Path, names: dict[str, str], shapes
     candidates = {}
     for t in GGUFReader(path).tensors:
         hf = by_gguf.get(t.name)
-        if hf is None or t.tensor_type in plain:
+        if hf is None or t.tensor_type in plain or (wanted is not None and wanted.get(hf) != t.tensor_type.name):
             continue
         if tuple(int(x) for x in reversed(t.shape)) == tuple(shapes[hf]):  # GGUF lists the row width first
             candidates[hf] = SourceBlock(t.tensor_type.name, np.array(t.data), t.tensor_type)
+    if not candidates:
+        return {}
     transform = layout_transform(folder)
     found = {}
     for file in sorted(folder.glob("*.safetensors")):

@@ -16,9 +16,10 @@ throughput: documents/s of near dedup alone and of the heuristic rules + near de
     Ray executor on a local 2-CPU Ray.
 claim: LoRA fine-tunes of SmolLM2 on equal token budgets from the top 10% by `quality` score,
     a random 10%, and the whole corpus; held-out perplexity on clean text and the pydoc
-    multiple-choice score (see --help of the part for its settings).
+    multiple-choice score (bench/curate_claim.py says how, and what its simulated grader means).
 
     python bench/curate.py --part accuracy,throughput [--n-good 1000] [--no-write]
+    python bench/curate.py --part claim [--claim-n-good 300] [--mc-limit 200]
 """
 
 from __future__ import annotations
@@ -202,6 +203,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--work", default="build/bench-curate")
+    ap.add_argument("--claim-n-good", type=int, default=300, help="claim: good documents in its (smaller) mix")
+    ap.add_argument("--mc-limit", type=int, default=200, help="claim: multiple-choice questions scored")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     work, parts = Path(args.work), args.part.split(",")
@@ -228,6 +231,25 @@ def main() -> int:
                            f"{args.repeat} interleaved runs; datatrove direct: the same blocks wired by hand with "
                            "LocalPipelineExecutor. slimlm's time includes reading and checking the input, counting "
                            "words, the tallies and the report.", lines)
+    if "claim" in parts:
+        from curate_claim import claim
+        from curate_mix import good_documents
+
+        mix = labelled_corpus(args.claim_n_good)
+        used = {r["text"] for r in mix}
+        held_out = [d for d in good_documents(3 * args.claim_n_good) if d not in used][:150]
+        lines = claim(mix, held_out, work / "claim", mc_limit=args.mc_limit)
+        print("\n".join(lines), flush=True)
+        if not args.no_write:
+            append_section("curate, the seeds' claim", f"`{command}`. LoRA (rank 16) fine-tunes of SmolLM2-135M-Instruct, "
+                           f"merged, on slices of a {len(mix)}-document labelled mix (bench/curate_mix.py), after exact "
+                           "and near dedup and decontamination; top 10% by the `quality` step, a random 10% of the same "
+                           "size trained for the same tokens, and all of it for one pass. The grader is simulated from "
+                           "the mix's labels on a 300-document sample (good writing and copies of it 4, junk 0): no "
+                           "offline model here grades usefully, so this measures the regressor and the selection, not a "
+                           "teacher. Held-out ppl: "
+                           f"{len(held_out)} good documents from the same sources, not in the mix (context 512); MC: "
+                           f"the first {args.mc_limit} questions of multiple_choice:pydoc (fp32).", lines)
     return 0
 
 

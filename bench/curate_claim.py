@@ -135,8 +135,12 @@ def claim(rows: list[dict], held_out: list[str], work: Path, keep: float = 0.1, 
         lines.append(f"| {arm} | {docs} | {share} | {tokens:,} | {seconds:.0f} | {ppl:.2f} | {mc:.3f} |")
     top, rnd, full = (results[a] for a in list(arms)[1:])
     q = info["quality"]
+    grader, cut = q.get("details", {}).get("metrics", {}), q.get("details", {}).get("cut", {})
     lines += ["", f"- top vs random 10% at equal tokens: held-out ppl {top[0]:.2f} vs {rnd[0]:.2f}, MC {top[1]:.3f} vs "
               f"{rnd[1]:.3f}; top 10% vs all ({info['all']['documents']} documents): ppl {top[0]:.2f} vs {full[0]:.2f}, "
               f"MC {top[1]:.3f} vs {full[1]:.3f}",
-              f"- the quality step: {json.dumps({k: v for k, v in q.items() if k not in ('samples',)})[:300]}"]
+              f"- the quality step: {q.get('docs_in')} documents in, {q.get('docs_out')} kept ({cut.get('key')} >= "
+              f"{cut.get('cut')}); its regressor ({grader.get('features')} features) on {grader.get('held_out')} "
+              f"held-out graded documents: F1 at grade 3 {grader.get('f1_at_3', float('nan')):.3f}, mean absolute "
+              f"error {grader.get('mae', float('nan')):.2f}"]
     return lines

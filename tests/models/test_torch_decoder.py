@@ -112,3 +112,22 @@ def test_a_sliding_window_model_decodes_one_at_a_time(tiny_models):
             backend.decoder(2, 16, 64)
     finally:
         backend.close()
+
+
+@pytest.mark.real_model
+def test_batched_greedy_on_smollm2_equals_generate_alone():
+    """The real model in fp32, whose near-ties would expose a padding or position error."""
+    from slimlm.models.backends.base import Backend
+
+    backend = open_backend("smollm2-135m-instruct", "torch", dtype="float32")
+    try:
+        assert isinstance(backend, Backend) and backend.supports("continuous")
+        ids = [backend.tokenize(backend.prompt_text(p)) for p in PROMPTS]
+        alone = [_alone(backend, x, 24) for x in ids]
+        decoder = backend.decoder(4, 512, 512)
+        try:
+            assert _run(decoder, backend, ids, 24) == alone
+        finally:
+            decoder.close()
+    finally:
+        backend.close()

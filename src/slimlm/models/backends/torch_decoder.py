@@ -39,12 +39,13 @@ class TorchDecoder(SequenceDecoder):
         self._rows: list[int] = []  # the slots of the batched cache, in row order
         self._batch = None  # DynamicCache with one left-padded row per slot in _rows
         self._mask = None  # [rows, columns]: 1 where a row's column holds one of its tokens
+        self._special = set(backend.tokenizer.all_special_ids)  # (a property that builds a list on each call)
 
     def is_end(self, token: int) -> bool:
         return token in self._backend.stop_ids
 
     def text_bytes(self, token: int) -> bytes:
-        if token in self._backend.tokenizer.all_special_ids:
+        if token in self._special:
             return b""  # the one-at-a-time stream decodes with skip_special_tokens
         return self._backend.token_bytes(token)
 

@@ -47,13 +47,9 @@ def _jsonl(rows: list[dict], path: Path) -> Path:
 
 
 def _kept(folder: Path) -> list[dict]:
-    import gzip
+    from slimlm.curate.ingest import read_shards
 
-    out = []
-    for shard in sorted((folder / "data").glob("*.jsonl.gz")):
-        with gzip.open(shard, "rt") as f:
-            out += [json.loads(line) for line in f]
-    return out
+    return list(read_shards(folder / "data"))
 
 
 def _slices(rows: list[dict], work: Path, keep: float, sample: int) -> tuple[dict, dict]:

@@ -4,7 +4,6 @@ continues without losing or duplicating a document."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from slimlm.curate import RunOptions, curate, load_run, removed_samples
+from slimlm.curate.ingest import read_shards
 from slimlm.errors import SlimlmError
 from tests.curate.test_steps import PROSE
 
@@ -65,11 +65,7 @@ def _corpus(folder: Path, n_good: int = 30) -> dict[str, str]:
 
 
 def _kept(out: Path) -> list[dict]:
-    records = []
-    for shard in sorted((out / "data").glob("*.jsonl.gz")):
-        with gzip.open(shard, "rt") as f:
-            records += [json.loads(line) for line in f]
-    return records
+    return list(read_shards(out / "data"))
 
 
 def test_a_recipe_keeps_the_good_and_says_why_it_removed_the_rest(tmp_path):

@@ -67,29 +67,39 @@ def test_batched_greedy_tokens_equal_one_at_a_time(tiny):
         decoder.close()
 
 
-def test_a_sequence_joins_a_running_batch_and_others_leave(tiny):
-    ids = [tiny.tokenize(p) for p in PROMPTS]
-    alone = [_single(tiny, x, 10) for x in ids]
-    decoder = tiny.decoder(3, 64, 128)  # three slots: the fourth prompt waits for one to leave
+def check_joins_and_leaves(backend, alone) -> None:
+    """Sequences join a running batch and leave it, each getting `alone(backend, ids, n)`'s tokens
+    (shared with test_torch_decoder.py: only the yardstick differs per backend)."""
+    ids = [backend.tokenize(p) for p in PROMPTS]
+    want = [alone(backend, x, 10) for x in ids]
+    decoder = backend.decoder(3, 64, 128)  # three slots: the fourth prompt waits for one to leave
     try:
-        got = _run(decoder, tiny, ids[:2], 10, join_at=4, late=ids[2])
-        assert got == alone[:3]
-        got = _run(decoder, tiny, ids[1:3], 10, join_at=2, late=ids[3])
-        assert got == alone[1:]
+        got = _run(decoder, backend, ids[:2], 10, join_at=4, late=ids[2])
+        assert got == want[:3]
+        got = _run(decoder, backend, ids[1:3], 10, join_at=2, late=ids[3])
+        assert got == want[1:]
     finally:
         decoder.close()
+
+
+def check_prompt_chunks_share_steps(backend, alone) -> None:
+    """A prompt longer than the step's room is read over several steps while another decodes."""
+    short, long = backend.tokenize(PROMPTS[1]), backend.tokenize(PROMPTS[2] * 6)
+    want = [alone(backend, x, 6) for x in (short, long)]
+    decoder = backend.decoder(2, 8, 200)
+    try:
+        decoder.chunk = 8
+        assert _run(decoder, backend, [short], 6, join_at=1, late=long) == want
+    finally:
+        decoder.close()
+
+
+def test_a_sequence_joins_a_running_batch_and_others_leave(tiny):
+    check_joins_and_leaves(tiny, _single)
 
 
 def test_prompt_chunks_share_steps_with_decoding(tiny):
-    """A prompt longer than the step's room is read over several steps while another decodes."""
-    short, long = tiny.tokenize(PROMPTS[1]), tiny.tokenize(PROMPTS[2] * 6)
-    alone = [_single(tiny, x, 6) for x in (short, long)]
-    decoder = tiny.decoder(2, 8, 200)
-    try:
-        decoder.chunk = 8
-        assert _run(decoder, tiny, [short], 6, join_at=1, late=long) == alone
-    finally:
-        decoder.close()
+    check_prompt_chunks_share_steps(tiny, _single)
 
 
 def test_prefix_reuse_gives_the_logits_of_a_fresh_read(tiny):

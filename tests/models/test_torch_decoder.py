@@ -12,7 +12,7 @@ import torch
 from slimlm.errors import BackendUnavailable
 from slimlm.models.backends import open_backend
 from slimlm.models.backends.decoder import common_prefix
-from tests.models.test_decoder import PROMPTS, _run
+from tests.models.test_decoder import PROMPTS, _run, check_joins_and_leaves, check_prompt_chunks_share_steps
 
 
 def _alone(backend, ids, n):
@@ -59,25 +59,11 @@ def test_batched_greedy_tokens_equal_generate_alone(tiny):
 
 
 def test_a_sequence_joins_a_running_batch_and_others_leave(tiny):
-    ids = _ids(tiny, PROMPTS)
-    alone = [_alone(tiny, x, 10) for x in ids]
-    decoder = tiny.decoder(3, 64, 128)
-    try:
-        assert _run(decoder, tiny, ids[:2], 10, join_at=4, late=ids[2]) == alone[:3]
-        assert _run(decoder, tiny, ids[1:3], 10, join_at=2, late=ids[3]) == alone[1:]
-    finally:
-        decoder.close()
+    check_joins_and_leaves(tiny, _alone)
 
 
 def test_prompt_chunks_share_steps_with_decoding(tiny):
-    short, long = _ids(tiny, [PROMPTS[1], PROMPTS[2] * 6])
-    alone = [_alone(tiny, x, 6) for x in (short, long)]
-    decoder = tiny.decoder(2, 8, 200)
-    try:
-        decoder.chunk = 8
-        assert _run(decoder, tiny, [short], 6, join_at=1, late=long) == alone
-    finally:
-        decoder.close()
+    check_prompt_chunks_share_steps(tiny, _alone)
 
 
 def test_prefix_reuse_gives_the_logits_of_a_fresh_read(tiny):

@@ -82,7 +82,7 @@ class TorchBackend(Backend):
         from slimlm.errors import BackendUnavailable
         from slimlm.models.backends.torch_decoder import TorchDecoder
 
-        if not self.batchable:
+        if not self.supports("continuous"):  # decided once, in __init__, from self.batchable
             raise BackendUnavailable(f"{self.model.config.model_type} has sliding-window layers, which the torch "
                                      "backend decodes one sequence at a time: use --parallel 1 or the llamacpp backend")
         return TorchDecoder(self, slots, batch_tokens, context or self.context_length)

@@ -16,7 +16,7 @@ Why not transformers' own continuous batching (`generate_batch`, `init_continuou
 it is a scheduler of its own (its own queue, its own thread, paged cache) that returns finished
 requests, while slimlm's scheduler (decoder.py + serve/batching.py) is shared with llama.cpp and
 owns streaming, stop strings, per-request samplers, prefix reuse and cancellation. This module
-only has to supply the forward pass, as llamacpp_decoder.py does; bench/serve_torch.py measures
+only has to supply the forward pass, as llamacpp_decoder.py does; bench/torch_batching.py measures
 the two side by side.
 
 A sliding-window or hybrid cache (Gemma 3's local layers) keeps only the last window of each
@@ -74,9 +74,7 @@ class TorchDecoder(SequenceDecoder):
         from slimlm.models.backends.torch_cache import cache_keyword, cast_cache
 
         b = self._backend
-        cache = self._own.get(slot) or DynamicCache()
-        if start == 0:
-            cache = DynamicCache()
+        cache = (self._own.get(slot) if start else None) or DynamicCache()  # from 0: a fresh cache
         cast_cache(cache, b.plan.prefill)
         ids = torch.tensor([tokens], device=b.device)
         positions = torch.arange(start, start + len(tokens), device=b.device)[None]

@@ -67,7 +67,7 @@ def _slices(rows: list[dict], work: Path, keep: float, sample: int) -> tuple[dic
         folder = work / f"curated-{name}"
         shutil.rmtree(folder, ignore_errors=True)
         recipe = load_recipe({"description": f"claim: {name}", "tokenizer": "smollm2-135m-instruct", "steps": steps})
-        result = curate(recipe, [src], folder, RunOptions(tasks=2), force=True, say=lambda _: None)
+        curate(recipe, [src], folder, RunOptions(tasks=2), force=True, say=lambda _: None)
         out[name] = [d["text"] for d in _kept(folder)]
         if name == "top":
             report = json.loads((folder / "curate.json").read_text())
@@ -76,7 +76,6 @@ def _slices(rows: list[dict], work: Path, keep: float, sample: int) -> tuple[dic
     info = {name: {"documents": len(texts), "good_share": sum(label.get(t) in GOOD_TEXT for t in texts) / len(texts)}
             for name, texts in out.items()}
     info["quality"] = next((s for s in report.get("funnel", []) if s.get("step") == "quality"), {})
-    del result
     return out, info
 
 

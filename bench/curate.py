@@ -43,8 +43,9 @@ from slimlm.curate import RunOptions, curate, load_recipe  # noqa: E402
 TARGETS = {"language": {"non_english"}, "gopher_repetition": {"boilerplate", "spam", "salad"},
            "gopher_quality": {"boilerplate", "spam", "salad"}, "c4_quality": {"boilerplate", "spam", "salad"},
            "fineweb_quality": {"boilerplate", "spam", "salad"}, "exact_dedup": {"exact_dup", "near_dup"},
-           "near_dedup": {"exact_dup", "near_dup"}, "decontaminate": {"contaminated"}}
-DEDUP = ("exact_dedup", "near_dedup")
+           "near_dedup": {"exact_dup", "near_dup"}, "decontaminate": {"contaminated"},
+           "line_dedup": {"boilerplate", "exact_dup", "near_dup"}, "perplexity": {"boilerplate", "spam", "salad"}}
+DEDUP = ("exact_dedup", "near_dedup", "line_dedup")
 
 
 def _write_corpus(rows: list[dict], folder: Path) -> Path:
@@ -65,13 +66,13 @@ def _ids(folder: Path) -> list[int]:
 
 def accuracy(rows: list[dict], preset: str, work: Path) -> tuple[list[str], dict]:
     src = _write_corpus(rows, work / "in")
-    out = work / f"out-{preset}"
+    out = work / f"out-{Path(preset).stem}"
     shutil.rmtree(out, ignore_errors=True)
     result = curate(load_recipe(preset), [src], out, RunOptions(tasks=4), force=True, say=lambda _: None)
     label = {i + 1: r["label"] for i, r in enumerate(rows)}
     group = {i + 1: r["group"] for i, r in enumerate(rows)}
     alive = set(label)
-    lines = [f"| {preset} | step | removed | precision | recall (of its target reaching it) | target |",
+    lines = [f"| {Path(preset).stem} | step | removed | precision | recall (of its target reaching it) | target |",
              "|---|---|---:|---:|---:|---|"]
     summary = {}
     for step in result.funnel:
@@ -90,7 +91,8 @@ def accuracy(rows: list[dict], preset: str, work: Path) -> tuple[list[str], dict
             precision = 1 - lost / len(removed) if removed else float("nan")
             recall = copies / should if should else float("nan")
         else:
-            bad = {i for i in removed if label[i] != "good"}
+            # a copy of a good document is good text too: a quality rule that removes it erred
+            bad = {i for i in removed if label[i] not in ("good", "exact_dup", "near_dup")}
             reach = {i for i in alive if label[i] in target}
             precision = len(bad) / len(removed) if removed else float("nan")
             recall = len(removed & reach) / len(reach) if reach else float("nan")
@@ -221,8 +223,10 @@ def main() -> int:
             body += lines + [""]
         if not args.no_write:
             append_section("curate, filter accuracy", f"`{command}`. Each shipped preset on the labelled mix; precision "
-                           "= share of a step's removals that were bad (dedup: another copy survived), recall = share "
-                           "of the step's target label that reached the step and was removed.", body)
+                           "= share of a step's removals that were bad (a copy of a good document counts as good; dedup: "
+                           "another copy survived), recall = share of the step's target label that reached the step "
+                           "and was removed; kept: the good share counts a copy as good when no other copy was kept.",
+                           body)
     if "throughput" in parts:
         lines = throughput(rows, work / "throughput", args.repeat, not args.no_ray)
         if not args.no_write:

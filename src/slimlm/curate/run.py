@@ -168,7 +168,8 @@ def curate(recipe: str | Path | dict | Recipe, inputs: list[str | Path], out: st
     source, elements, n = work / "shards" / "00-input", [], 0
     for i, step in enumerate(recipe.steps, start=1):
         cls = CURATE_STEPS.create(step.name)
-        ctx = StepContext(work=work, label=f"{i:02d}-{step.name}", tasks=options.tasks, token_counter=counter)
+        ctx = StepContext(work=work, label=f"{i:02d}-{step.name}", tasks=options.tasks, token_counter=counter,
+                          workers=options.workers or os.cpu_count() or 1)
         if cls.whole_corpus:
             if elements:
                 n += 1

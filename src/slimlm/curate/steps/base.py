@@ -36,6 +36,14 @@ class StepContext:
     label: str  # "03-gopher_quality": names the step's folders
     tasks: int  # shards of the corpus (each datatrove task reads one)
     token_counter: Any = None  # TokenCounter of the run (text-changing steps recount)
+    workers: int = 1  # processes that run a stage's tasks at once on one machine
+
+    def threads(self) -> int:
+        """CPU threads for a step that runs a model in each worker: the cores shared out, since
+        two processes each spinning all cores' threads run a model several times slower."""
+        from slimlm.hardware import default_threads
+
+        return max(1, default_threads() // max(1, min(self.workers, self.tasks)))
 
     def removed_writer(self):
         """Where the documents this step removes go (with `filter_reason` in their metadata)."""

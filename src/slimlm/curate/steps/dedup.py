@@ -9,15 +9,23 @@ duplicates as the next pipeline reads the same shards again.
   document per cluster kept. FineWeb's setting is 5-grams, 14 bands x 8 rows (112 hashes), which
   puts the 50% point of that curve at s ~ 0.72. Given `threshold` instead, bands x rows are
   chosen for it by the rule datasketch's MinHashLSH uses (`optimal_bands`).
+- `line_dedup`: lines (or spans of consecutive lines) that occur in more than one document are
+  cut from every document after the first, and a document left too short is dropped. This is
+  CCNet's paragraph deduplication (Wenzek et al. 2020) and C4's span deduplication, run by
+  datatrove's sentence-dedup jobs on lines: what repeats across pages is navigation, cookie
+  banners and footers, which no single-document rule recognises.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from datatrove.data import Document
+from datatrove.pipeline.base import PipelineStep
 
 from slimlm.curate.steps.base import CorpusPlan, CurateStep, Stage, check_positive, register_step
+from slimlm.curate.steps.text import RecountTokens
 from slimlm.errors import SlimlmError
 
 
@@ -112,3 +120,73 @@ class NearDedup(CurateStep):
                   Stage("buckets", [MinhashDedupBuckets(str(sigs), str(buckets), config=config)], bands),
                   Stage("clusters", [MinhashDedupCluster(str(buckets), str(clusters), config=config)], 1)]
         return CorpusPlan(stages, [MinhashDedupFilter(str(clusters), exclusion_writer=ctx.removed_writer())], source)
+
+
+@dataclass
+class LineDedupParams:
+    lines: int = 1  # consecutive lines matched as one span (C4 used 3 sentences; CCNet 1 paragraph)
+    min_doc_words: int = 50  # a document cut below this many words is dropped (datatrove's default)
+    min_sentences: int = 3  # ...or below this many sentences (datatrove's default)
+
+
+class _RemovedOnly(PipelineStep):
+    """Runs datatrove's SentenceDedupFilter and sends only the documents it drops to `writer`.
+
+    Written here because that filter's own exclusion writer also receives every document it keeps
+    but shortens, which would count kept documents as removed in the funnel and `curate inspect`."""
+
+    name = "drop documents left too short by line dedup"
+    type = "🫂 - DEDUPS"
+
+    def __init__(self, inner, writer):
+        super().__init__()
+        self.inner, self.writer = inner, writer
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        pending = {}  # documents read by the filter and not yet yielded: id -> (document, its text then)
+
+        def feed():
+            for doc in data:
+                pending[doc.id] = (doc, doc.text)
+                yield doc
+
+        def drop_until(doc_id):
+            for seen in list(pending):
+                doc, text = pending.pop(seen)
+                if seen == doc_id:
+                    return
+                self.writer.write(dataclasses.replace(doc, text=text), rank=rank)
+
+        with self.writer:
+            for doc in self.inner.run(feed(), rank, world_size):
+                drop_until(doc.id)
+                yield doc
+            drop_until(None)
+
+
+@register_step("line_dedup")
+class LineDedup(CurateStep):
+    help = "lines repeated across documents (menus, banners, footers) cut after their first document (CCNet)"
+    params = LineDedupParams
+    whole_corpus = True
+
+    def check(self, params):
+        check_positive(params, "lines")
+
+    def corpus_stages(self, params, ctx, source):
+        from datatrove.pipeline.dedup.sentence_dedup import (
+            SentDedupConfig,
+            SentenceDedupFilter,
+            SentenceDedupSignature,
+            SentenceFindDedups,
+        )
+        from datatrove.pipeline.readers import JsonlReader
+
+        config = SentDedupConfig(n_sentences=params.lines, split_sentences=False,
+                                 min_doc_words=params.min_doc_words, min_num_sentences=params.min_sentences)
+        sigs, dups = ctx.folder("signatures"), ctx.folder("duplicates")
+        stages = [Stage("signatures", [JsonlReader(str(source)), SentenceDedupSignature(str(sigs), config=config)],
+                        ctx.tasks),
+                  Stage("find duplicates", [SentenceFindDedups(str(sigs), str(dups), config=config)], 1)]
+        cut = _RemovedOnly(SentenceDedupFilter(str(dups), config=config), ctx.removed_writer())
+        return CorpusPlan(stages, [cut, RecountTokens(ctx.token_counter)], source)

@@ -19,15 +19,17 @@ class Perplexity(PipelineStep):
     name = "perplexity under the reference model"
     type = "📉 - SCORE"
 
-    def __init__(self, model: str, backend: str, max_tokens: int, dtype: str = "auto"):
+    def __init__(self, model: str, backend: str, max_tokens: int, dtype: str = "auto", threads: int | None = None):
         super().__init__()
         self.model, self.backend, self.max_tokens, self.dtype = model, backend, max_tokens, dtype
+        self.threads = threads
 
     def run(self, data, rank: int = 0, world_size: int = 1):
         from slimlm.models.backends import open_backend
         from slimlm.models.backends.scoring import Request
 
-        engine = open_backend(self.model, self.backend, **({"dtype": self.dtype} if self.dtype != "auto" else {}))
+        engine = open_backend(self.model, self.backend, threads=self.threads,
+                              **({"dtype": self.dtype} if self.dtype != "auto" else {}))
         scorer = engine.scorer()
         limit = min(self.max_tokens, scorer.max_length - 1)
         try:
@@ -69,4 +71,4 @@ class PerplexityFilter(ScoredStep):
             raise SlimlmError("max_tokens must be at least 1")
 
     def scorer(self, params, ctx):
-        return Perplexity(params.model, params.backend, params.max_tokens, params.dtype)
+        return Perplexity(params.model, params.backend, params.max_tokens, params.dtype, ctx.threads())

@@ -48,7 +48,8 @@ def pick_backend(ref: ModelRef, backend: str = "auto") -> str:
 
 def open_backend(model: ModelRef | str, backend: str = "auto", **kwargs) -> Backend:
     """Load `model` on the chosen backend. Pass the ModelRef when the caller resolved it already
-    (a string, Path or built-in name is resolved here); `kwargs` go to the backend's class."""
+    (a string, Path or built-in name is resolved here); `kwargs` go to the backend's class. Every
+    backend takes `threads` (CPU threads; default: the physical cores) and `n_ctx`."""
     from slimlm.models.reference import resolve
 
     ref = resolve(model)

@@ -37,7 +37,7 @@ class LlamaCppBackend(Backend):
     def scoring_options(cls, context: int) -> dict:
         return {"logits_all": True, "n_ctx": context}
 
-    def __init__(self, ref: ModelRef, n_ctx: int | None = None, n_threads: int | None = None,
+    def __init__(self, ref: ModelRef, n_ctx: int | None = None, threads: int | None = None,
                  n_gpu_layers: int | None = None, logits_all: bool = False) -> None:
         super().__init__()
         if ref.kind != "gguf":
@@ -49,7 +49,7 @@ class LlamaCppBackend(Backend):
         if n_gpu_layers is None:
             n_gpu_layers = -1 if os.environ.get("SLIMLM_GPU", "1") != "0" else 0
         self.ref, self.logits_all = ref, logits_all
-        self._open_kwargs = dict(n_threads=n_threads, n_gpu_layers=n_gpu_layers)
+        self._open_kwargs = dict(threads=threads, n_gpu_layers=n_gpu_layers)
         self.llm = self._open(n_ctx, logits_all)
         self._score_llm = None  # a second handle with every position's logits, opened by scorer()
         meta = self.llm.metadata
@@ -60,7 +60,7 @@ class LlamaCppBackend(Backend):
     def _open(self, n_ctx: int | None, logits_all: bool):
         from llama_cpp import Llama
 
-        kwargs = llama_kwargs(n_ctx, self._open_kwargs["n_threads"])
+        kwargs = llama_kwargs(n_ctx, self._open_kwargs["threads"])
         return Llama(model_path=str(self.ref.path), n_gpu_layers=self._open_kwargs["n_gpu_layers"],
                      logits_all=logits_all, **kwargs)
 

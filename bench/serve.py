@@ -64,13 +64,18 @@ def free_port() -> int:
 
 
 def start(cmd: list[str], url: str, env: dict | None = None, timeout: float = 180) -> subprocess.Popen:
-    """Start a server and wait until GET `url` answers 200."""
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    """Start a server and wait until GET `url` answers 200.
+
+    Its stderr goes to a temporary file, not a pipe: a pipe nobody reads fills up (64 KiB) and
+    blocks a server that logs each request, llama-server's slot timings among them, which then
+    stops answering every stream while using no CPU."""
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log, text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[:4]} exited: {proc.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"{cmd[:4]} exited: {log.read()[-2000:]}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return proc

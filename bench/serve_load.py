@@ -16,7 +16,9 @@ slimlm's bindings (bench/llama_tools.py --server) and runs with the same threads
 flash-attention setting, `--parallel N` slots of the same context each and continuous batching
 (its default). llama_cpp.server serializes requests (its issues #771, #1329); it is measured at
 1 client unless --peer-levels says otherwise. A client still waiting 120 s after its turn ended
-(llama-server stopped answering some streams under concurrent load here) counts as failed.
+counts as failed. (llama-server once stopped answering every stream at 16 clients here: the
+bench had piped its stderr and never read it, so its request log filled the pipe and blocked
+it. Servers now log to a file: bench/serve.py `start`.)
 
 `--mc N` adds prefix caching: N questions of the built-in pydoc multiple-choice task sent as
 lm-evaluation-harness sends them (one /v1/completions request per choice: the question, then the

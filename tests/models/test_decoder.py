@@ -102,6 +102,30 @@ def test_prompt_chunks_share_steps_with_decoding(tiny):
     check_prompt_chunks_share_steps(tiny, _single)
 
 
+def test_joining_prompts_of_one_length_share_a_pass_and_read_as_alone(tiny):
+    """A burst of joining prompts: those of one length are read in one llama_decode, each with the
+    logits a fresh decoder gives it alone (f32 weights: to the last float bits, as batched decode
+    tokens are; SmolLM2's Q4_1 measured bit for bit); another length gets its own pass."""
+    base = tiny.tokenize(PROMPTS[2])
+    prompts = [base, base[::-1], base[1:] + base[:1], base[:-3]]  # three of one length, one shorter
+    decoder = tiny.decoder(4, 128, 128)
+    try:
+        slots = [decoder.admit(p) for p in prompts]
+        together = decoder.step()
+        assert decoder.passes == 2 and decoder.last.prefilling == 4
+    finally:
+        decoder.close()
+    for slot, ids in zip(slots, prompts):
+        alone = tiny.decoder(1, 128, 128)
+        try:
+            only = alone.admit(ids)
+            by_itself = alone.step()[only]
+            np.testing.assert_allclose(together[slot], by_itself, rtol=0, atol=1e-5)
+            assert Sampler()(together[slot]) == Sampler()(by_itself)
+        finally:
+            alone.close()
+
+
 def test_prefix_reuse_gives_the_logits_of_a_fresh_read(tiny):
     system = tiny.tokenize("You answer in one short sentence. " * 3)
     first, second = system + tiny.tokenize(" What is two plus two?"), system + tiny.tokenize(" Name a colour.")

@@ -55,6 +55,7 @@ class LlamaCppDecoder(SequenceDecoder):
         self._n_vocab = llm.n_vocab()
         self.chunk = int(params.n_ubatch)  # the longest prompt piece read at once, as the single path
         self._batch = llama_cpp.llama_batch_init(max(batch_tokens, self.chunk), 0, 1)
+        self.passes = 0  # llama_decode calls in the last step
 
     def is_end(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
@@ -65,9 +66,16 @@ class LlamaCppDecoder(SequenceDecoder):
     def _forward(self, entries):
         decoding = [e for e in entries if len(e[1]) == 1]
         out = self._decode(decoding) if decoding else {}
-        for entry in entries:
-            if len(entry[1]) > 1:
-                out.update(self._decode([entry]))
+        self.passes = 1 if decoding else 0
+        # prompt chunks of one length share a llama_decode, in slot order (llama.cpp puts
+        # consecutive sequence ids in one pass): each is still read in one piece of its own length,
+        # as alone, so a burst of joining prompts costs one pass instead of one each
+        by_length: dict[int, list] = {}
+        for entry in sorted((e for e in entries if len(e[1]) > 1), key=lambda e: e[0]):
+            by_length.setdefault(len(entry[1]), []).append(entry)
+        for group in by_length.values():
+            out.update(self._decode(group))
+            self.passes += 1
         return out
 
     def _decode(self, entries):

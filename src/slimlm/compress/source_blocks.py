@@ -15,9 +15,10 @@ parent's blocks of every weight whose chosen type is the parent's type, and the 
 that choice as adding no KL. Only a method that writes the weights it was given may keep them: AWQ
 rewrites the model (its scales move into the weights), so its files never keep the parent's blocks.
 
-gguf's GGUFReader gives each tensor's raw bytes and type; the only work here is matching the
-parent's tensor names and shapes to the ones slimlm's exporter writes, which follow the same
-llama.cpp conventions (a tensor whose name or shape differs is simply not kept).
+models/gguf_tensors.py gives each tensor's raw bytes and type without parsing the vocabulary; the
+only work here is matching the parent's tensor names and shapes to the ones slimlm's exporter
+writes, which follow the same llama.cpp conventions (a tensor whose name or shape differs is
+simply not kept).
 """
 
 from __future__ import annotations
@@ -65,16 +66,17 @@ def source_blocks(path: Path | None, folder: Path, names: dict[str, str], shapes
     every tensor costs seconds on a 2-core machine."""
     if path is None:
         return {}
-    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
     from safetensors import safe_open
 
     from slimlm.compress.gguf_export import layout_transform
+    from slimlm.models.gguf_tensors import read_tensors
 
     plain = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
     by_gguf = {g: n for n, g in names.items()}
     candidates = {}
-    for t in GGUFReader(path).tensors:
+    for t in read_tensors(path):
         hf = by_gguf.get(t.name)
         if hf is None or t.tensor_type in plain or (wanted is not None and wanted.get(hf) != t.tensor_type.name):
             continue

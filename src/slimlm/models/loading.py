@@ -51,16 +51,14 @@ def _quiet():
 
 def check_gguf(path: Path) -> None:
     """Reject corrupt or truncated GGUF files before transformers or llama.cpp trips on them."""
-    from gguf import GGUFReader
+    from slimlm.models.gguf_tensors import read_tensors
 
     try:
-        reader = GGUFReader(path)
+        read_tensors(path)  # raises SlimlmError for a file cut short or without the GGUF magic
+    except SlimlmError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any parse failure means the file is damaged
         raise SlimlmError(f"{path} is not a readable GGUF file ({type(exc).__name__}): re-copy or re-export it") from exc
-    size = path.stat().st_size
-    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    if end > size:
-        raise SlimlmError(f"{path} is truncated ({size} of {end} bytes): re-copy or re-export it")
 
 
 def _gguf_to_torch(ref: ModelRef, dtype=None):

@@ -94,6 +94,18 @@ def check_prompt_chunks_share_steps(backend, alone) -> None:
         decoder.close()
 
 
+def check_chat_prompts_batched_equal_alone(backend, alone, n) -> None:
+    """The four prompts as chat turns, batched in 4 slots, each getting `alone(backend, ids, n)`'s
+    greedy tokens (the real-model check, shared with test_torch_decoder.py)."""
+    ids = [backend.tokenize(backend.prompt_text(p)) for p in PROMPTS]
+    want = [alone(backend, x, n) for x in ids]
+    decoder = backend.decoder(4, 512, 512)
+    try:
+        assert _run(decoder, backend, ids, n) == want
+    finally:
+        decoder.close()
+
+
 def test_a_sequence_joins_a_running_batch_and_others_leave(tiny):
     check_joins_and_leaves(tiny, _single)
 
@@ -185,13 +197,7 @@ def test_batched_greedy_on_smollm2_equals_one_at_a_time(smollm2_gguf):
     """The real model, whose near-ties expose any difference in the shapes llama.cpp computes."""
     backend = open_backend(str(smollm2_gguf), "llamacpp", n_ctx=1024)
     try:
-        ids = [backend.tokenize(backend.prompt_text(p)) for p in PROMPTS]
-        alone = [_single(backend, x, 40) for x in ids]
-        decoder = backend.decoder(4, 512, 512)
-        try:
-            assert _run(decoder, backend, ids, 40) == alone
-        finally:
-            decoder.close()
+        check_chat_prompts_batched_equal_alone(backend, _single, 40)
     finally:
         backend.close()
 

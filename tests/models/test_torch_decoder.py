@@ -12,7 +12,13 @@ import torch
 from slimlm.errors import BackendUnavailable
 from slimlm.models.backends import open_backend
 from slimlm.models.backends.decoder import common_prefix
-from tests.models.test_decoder import PROMPTS, _run, check_joins_and_leaves, check_prompt_chunks_share_steps
+from tests.models.test_decoder import (
+    PROMPTS,
+    _run,
+    check_chat_prompts_batched_equal_alone,
+    check_joins_and_leaves,
+    check_prompt_chunks_share_steps,
+)
 
 
 def _alone(backend, ids, n):
@@ -108,12 +114,6 @@ def test_batched_greedy_on_smollm2_equals_generate_alone():
     backend = open_backend("smollm2-135m-instruct", "torch", dtype="float32")
     try:
         assert isinstance(backend, Backend) and backend.supports("continuous")
-        ids = [backend.tokenize(backend.prompt_text(p)) for p in PROMPTS]
-        alone = [_alone(backend, x, 24) for x in ids]
-        decoder = backend.decoder(4, 512, 512)
-        try:
-            assert _run(decoder, backend, ids, 24) == alone
-        finally:
-            decoder.close()
+        check_chat_prompts_batched_equal_alone(backend, _alone, 24)
     finally:
         backend.close()

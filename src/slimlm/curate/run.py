@@ -77,8 +77,13 @@ class CurateResult:
     skipped: list[str] = field(default_factory=list)
 
 
+def _workers(options: RunOptions) -> int:
+    """Processes that run a stage's tasks at once (0 asks for one per CPU core)."""
+    return options.workers or os.cpu_count() or 1
+
+
 def _executor(stage: Stage, logs: Path, options: RunOptions):
-    workers = options.workers or os.cpu_count() or 1
+    workers = _workers(options)
     if options.executor == "ray":
         from datatrove.executor.ray import RayPipelineExecutor
 
@@ -169,7 +174,7 @@ def curate(recipe: str | Path | dict | Recipe, inputs: list[str | Path], out: st
     for i, step in enumerate(recipe.steps, start=1):
         cls = CURATE_STEPS.create(step.name)
         ctx = StepContext(work=work, label=f"{i:02d}-{step.name}", tasks=options.tasks, token_counter=counter,
-                          workers=options.workers or os.cpu_count() or 1)
+                          workers=_workers(options))
         if cls.whole_corpus:
             if elements:
                 n += 1

@@ -85,15 +85,17 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def load(port: int, clients: int, duration: float, tokens: int) -> dict:
-    """`clients` threads streaming chat requests one after another for `duration` seconds."""
+def load(port: int, clients: int, duration: float, tokens: int, first: int = 0) -> dict:
+    """`clients` threads streaming chat requests one after another for `duration` seconds. Request
+    texts are numbered from `first`: a turn that repeated an earlier turn's texts would measure a
+    replay (llama-server's RAM prompt cache, and slimlm's, restore a repeated prompt whole)."""
     import json
 
     ttfts, latencies, chunks, failures, rejected, retried, lock = [], [], [0], [0], [0], [0], threading.Lock()
     stop_at = time.perf_counter() + duration
 
     def worker(seed: int) -> None:
-        i = seed
+        i = first + seed
         with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=120) as http:
             while time.perf_counter() < stop_at:
                 body = {"model": MODEL, "max_tokens": tokens, "temperature": 0, "stream": True,
@@ -183,9 +185,9 @@ def serve_up(cmd: list[str], port: int):
     return proc
 
 
-def measure(name: str, port: int, clients: int, duration: float, tokens: int) -> dict:
+def measure(name: str, port: int, clients: int, duration: float, tokens: int, first: int = 0) -> dict:
     print(f"  {name}: {clients} clients for {duration:.0f}s ...", flush=True)
-    r = {"server": name, **load(port, clients, duration, tokens)}
+    r = {"server": name, **load(port, clients, duration, tokens, first)}
     print(f"    {r['tok_s']:.1f} tok/s, {r['req_s']:.2f} req/s, TTFT p50/p99 {r['ttft_p50']:.0f}/"
           f"{r['ttft_p99']:.0f} ms, failed {r['failed']}, 429 {r['rejected']}, retried {r['retried']}", flush=True)
     return r
@@ -194,7 +196,7 @@ def measure(name: str, port: int, clients: int, duration: float, tokens: int) ->
 def run_levels(name: str, cmd: list[str], port: int, levels: list[int], duration: float, tokens: int) -> list[dict]:
     proc = serve_up(cmd, port)
     try:
-        return [measure(name, port, clients, duration, tokens) for clients in levels]
+        return [measure(name, port, clients, duration, tokens, 10**4 * clients) for clients in levels]
     finally:
         proc.terminate()
         proc.wait(30)
@@ -211,8 +213,9 @@ def interleaved(servers: dict, levels: dict, rounds: int, duration: float, token
             names = [n for n in servers if clients in levels[n]]
             runs = {n: [] for n in names}
             for r in range(rounds):
+                first = 10**6 * (r + 1) + 10**4 * clients  # the same texts for every server in a round, new each round
                 for n in (names if r % 2 == 0 else names[::-1]):
-                    runs[n].append(measure(n, procs[n][1], clients, duration, tokens))
+                    runs[n].append(measure(n, procs[n][1], clients, duration, tokens, first))
             for n in names:
                 rs = runs[n]
                 row = {"server": n, "clients": clients}

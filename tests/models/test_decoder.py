@@ -202,10 +202,11 @@ def test_batched_greedy_on_smollm2_equals_one_at_a_time(smollm2_gguf):
         backend.close()
 
 
-def test_an_unrelated_prompt_leaves_other_slots_prompts_in_place(tiny):
-    """Prompts taking turns (three users, three system prompts) each keep their prompt cached. On
-    llama.cpp a new sequence takes the lowest free slot (packed slots), so the prompts move between
-    slots by cache copies; a moved prompt still gives the logits of a fresh read."""
+def test_prompts_taking_turns_are_restored_from_the_store(tiny):
+    """Prompts taking turns in one slot (two users, two system prompts): on llama.cpp a new
+    sequence takes the lowest free slot (packed slots), so the prompt it displaces is saved to the
+    host-memory store and restored when its user comes back; the restored prompt gives the logits
+    of reusing it in place, bit for bit. With the store off, it is read again."""
     a = tiny.tokenize("Alpha: the first assistant's long instructions, " * 3)
     b = tiny.tokenize("Beta, a different set of rules for another job. " * 3)
     decoder, fresh = tiny.decoder(3, 128, 128), tiny.decoder(1, 128, 128)
@@ -214,20 +215,24 @@ def test_an_unrelated_prompt_leaves_other_slots_prompts_in_place(tiny):
         first = decoder.admit(a)
         decoder.step()
         decoder.release(first)
-        second = decoder.admit(b)  # shares too little with a: a's prompt moves to the least recently used slot
-        assert first == second == 0
-        assert [s.cached for s in decoder.slots].count(a) == 1
+        second = decoder.admit(b)  # shares too little with a: a's prompt goes to the store
+        assert first == second == 0 and len(decoder.store) == 1
         decoder.step()
         decoder.release(second)
         before = decoder.reused_tokens
         again = decoder.admit(a)
-        assert again == 0 and decoder.reused_tokens - before == len(a) - 1  # copied back down, reused whole
-        assert [s.cached for s in decoder.slots].count(b) == 1  # and b's prompt kept in turn
-        in_place = fresh.admit(a)  # the same reuse without any copy: a one-slot decoder reading a twice
+        assert again == 0 and decoder.reused_tokens - before == len(a) - 1  # restored, reused whole
+        assert decoder.store.restored == 1 and decoder.store.contains(b)  # and b's prompt kept in turn
+        in_place = fresh.admit(a)  # the same reuse without a store: a one-slot decoder reading a twice
         fresh.step()
         fresh.release(in_place)
         in_place = fresh.admit(a)
         np.testing.assert_array_equal(decoder.step()[again], fresh.step()[in_place])
+        decoder.release(again)
+        decoder.store.shrink(0)  # --cache-ram 0: only the slots cache prompts
+        before = decoder.reused_tokens
+        decoder.admit(b)
+        assert decoder.reused_tokens - before == common_prefix(a, b) and len(decoder.store) == 0
     finally:
         decoder.close()
         fresh.close()
@@ -244,8 +249,9 @@ def test_busy_slots_stay_packed_from_zero(tiny):
         decoder.step()  # every prompt read whole
         decoder.release(1)
         decoder.release(3)
-        assert decoder.admit(ids[3]) == 1  # the gap, with prompt 3's cache copied down from slot 3
+        assert decoder.admit(ids[3]) == 1  # the gap, with prompt 3's cache loaded from slot 3
         assert decoder.slots[1].cached == ids[3][:-1] and decoder.slots[1].pending == ids[3][-1:]
-        assert decoder.admit(ids[1]) == 3  # prompt 1 was moved to a spare slot, then back into 3
+        assert decoder.admit(ids[1]) == 3  # prompt 1 went to the store, and comes back into slot 3
+        assert decoder.slots[3].cached == ids[1][:-1] and decoder.store.restored == 1
     finally:
         decoder.close()

@@ -439,6 +439,8 @@ def test_serve_help_and_refusals(capsys):
     assert code == 1 and err.count("\n") == 1 and "--api-key-env" in err
     code, _, err = run_cli(capsys, "serve", "smollm2-135m-instruct", "--api-key-env", "SLIMLM_TEST_SURELY_UNSET")
     assert code == 1 and "not set" in err
+    code, _, err = run_cli(capsys, "serve", "smollm2-135m-instruct", "--cache-ram", "-5")
+    assert code == 1 and err.count("\n") == 1 and "--cache-ram" in err
 
 
 @pytest.mark.real_model

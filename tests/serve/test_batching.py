@@ -205,7 +205,7 @@ def test_the_api_streams_from_the_batch_and_metrics_show_it(tiny_gguf):
         # four slots for six prompts sharing a system text: the last two reuse at least it from a released slot
         prompts = [engine.text_ids(shared + PROMPTS[i % 4]) for i in range(6)]
         assert hit >= 2 * (len(engine.text_ids(shared)) - 1) / sum(len(p) for p in prompts) > 0.2
-        assert "slimlm_step_tokens_bucket" in metrics
+        assert "slimlm_step_tokens_bucket" in metrics and "slimlm_prompt_store_bytes" in metrics
         assert sorted(r["tokens_out"] for r in records) == sorted(_alone(engine, engine.text_ids(shared + PROMPTS[i % 4]), 8)[1]
                                                                    for i in range(6))
     finally:

@@ -42,6 +42,10 @@ def serve(
     prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="Reuse the cached KV of a "
                                       "prompt prefix (a system prompt, few-shot examples) that a finished request "
                                       "left in a slot."),
+    cache_ram: Optional[int] = typer.Option(None, "--cache-ram", metavar="MIB", help="Host memory for the KV "
+                                            "caches of prompts whose slot was taken by another request; a prompt "
+                                            "that comes back (a returning chat, a shared system prompt) is "
+                                            "restored instead of read again (llama.cpp). Default: 1024; 0: off."),
     api_key_env: Optional[str] = typer.Option(None, "--api-key-env", metavar="NAME",
                                               help="Require 'Authorization: Bearer KEY' with one of the keys in "
                                                    "the environment variable NAME (comma separated)."),
@@ -139,6 +143,7 @@ def serve(
         raise SlimlmError(f"--policy {policy} sends requests to a large model: name one with --large MODEL_OR_URL")
     config = ServeConfig(host=host, port=port, max_tokens_cap=max_tokens_cap, queue_size=queue_size,
                          parallel=parallel, batch_tokens=batch_tokens, prefix_cache=prefix_cache,
+                         cache_ram_mib=cache_ram,
                          api_keys=keys_from_env(api_key_env) if api_key_env else [],
                          adapters=parse_adapters(adapter), n_ctx=n_ctx,
                          policy=policy or ("cascade" if large else "local"), router_path=router,
@@ -162,7 +167,7 @@ def serve(
         else:
             engine = Engine.open(model, backend, queue_size=config.queue_size, n_ctx=config.n_ctx,
                                  adapters=config.adapters, parallel=config.parallel, batch_tokens=config.batch_tokens,
-                                 prefix_cache=config.prefix_cache)
+                                 prefix_cache=config.prefix_cache, cache_ram_mib=config.cache_ram_mib)
         if large:
             big = open_large(large, api_key_env=large_api_key_env, timeout_s=large_timeout, n_ctx=n_ctx,
                              queue_size=config.queue_size)

@@ -74,6 +74,7 @@ class ServeConfig:
     parallel: int | None = None  # sequences decoded together (continuous batching); None: measured default
     batch_tokens: int | None = None  # tokens one batched step reads at most; None: measured default
     prefix_cache: bool = True  # a prompt reuses the cached prefix a released slot holds
+    cache_ram_mib: int | None = None  # host memory for prompts' saved KV states; None: the default, 0: none
     max_body_bytes: int = 2 * 2**20  # larger request bodies get a 413 before they are parsed
     api_keys: list[str] = field(default_factory=list)  # Bearer keys; empty: no auth (loopback only)
     adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT adapter folder, served as MODEL:NAME
@@ -100,6 +101,8 @@ class ServeConfig:
         if self.batch_tokens is not None and self.batch_tokens < (self.parallel or 1):
             raise SlimlmError(f"--batch-tokens ({self.batch_tokens}) must be at least --parallel ({self.parallel or 1}): "
                               "each running sequence reads one token per step")
+        if self.cache_ram_mib is not None and self.cache_ram_mib < 0:
+            raise SlimlmError(f"--cache-ram must be 0 (off) or more MiB (got {self.cache_ram_mib})")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise SlimlmError(f"max_prompt_tokens must be at least 1 (got {self.max_prompt_tokens})")
         if self.n_ctx is not None and self.n_ctx < 16:

@@ -148,7 +148,8 @@ class Engine:
 
     def __init__(self, backend: Backend, name: str | None = None, *, queue_size: int = 16,
                  n_ctx: int | None = None, adapters: dict[str, str] | None = None, parallel: int | None = 1,
-                 batch_tokens: int | None = None, prefix_cache: bool = True) -> None:
+                 batch_tokens: int | None = None, prefix_cache: bool = True,
+                 cache_ram_mib: int | None = None) -> None:
         self.backend = backend
         self.name = name or (model_name(backend.ref) if backend.ref is not None else backend.label)
         self.queue_size = queue_size
@@ -169,6 +170,8 @@ class Engine:
         self.scoring.reuse_prefix = prefix_cache
         if self.batcher is not None:
             self.batcher.decoder.reuse_prefixes = prefix_cache
+            if cache_ram_mib is not None:
+                self.batcher.decoder.store.shrink(cache_ram_mib << 20)
 
     def _batcher(self, parallel: int, batch_tokens: int | None):
         from slimlm.serve.batching import Batcher
@@ -183,14 +186,16 @@ class Engine:
     @classmethod
     def open(cls, model, backend: str = "auto", *, name: str | None = None, queue_size: int = 16,
              n_ctx: int | None = None, adapters: dict[str, str] | None = None, parallel: int | None = 1,
-             batch_tokens: int | None = None, prefix_cache: bool = True) -> "Engine":
+             batch_tokens: int | None = None, prefix_cache: bool = True,
+             cache_ram_mib: int | None = None) -> "Engine":
         """`model`: a ModelRef, or what the user typed (resolved here, once). n_ctx: llama.cpp
         allocates that context at start; torch takes it as a cap on the model's own."""
         from slimlm.models.backends import open_backend
 
         kwargs = {"n_ctx": n_ctx} if n_ctx else {}
         return cls(open_backend(model, backend, **kwargs), name, queue_size=queue_size, n_ctx=n_ctx,
-                   adapters=adapters, parallel=parallel, batch_tokens=batch_tokens, prefix_cache=prefix_cache)
+                   adapters=adapters, parallel=parallel, batch_tokens=batch_tokens, prefix_cache=prefix_cache,
+                   cache_ram_mib=cache_ram_mib)
 
     # -- names and prompts (called on the event loop; tokenizers are safe to share for reading) --
     @property

@@ -41,6 +41,10 @@ class Metrics:
                                     buckets=_TTFT_BUCKETS, registry=r)
         self.prefix_hit = Gauge("slimlm_prefix_cache_hit_ratio", "Prompt tokens served from a cached prefix / all "
                                 "prompt tokens, since start", ["model"], registry=r)
+        self.store_bytes = Gauge("slimlm_prompt_store_bytes", "Host memory held by saved prompt caches (--cache-ram)",
+                                 ["model"], registry=r)
+        self.store_restored = Gauge("slimlm_prompt_store_restored", "Prompts restored from host memory into a "
+                                    "slot, since start", ["model"], registry=r)
 
     def watch_queue(self, model: str, depth) -> None:
         """Read the queue depth from `depth()` at each scrape (always current, nothing to update)."""
@@ -59,6 +63,8 @@ class Metrics:
         batcher.on_admit.append(lambda waited: self.queue_wait.labels(model=model).observe(waited))
         self.prefix_hit.labels(model=model).set_function(
             lambda: decoder.reused_tokens / decoder.prompt_tokens if decoder.prompt_tokens else 0.0)
+        self.store_bytes.labels(model=model).set_function(lambda: decoder.store.size)
+        self.store_restored.labels(model=model).set_function(lambda: decoder.store.restored)
 
     def count_request(self, path: str, status: int) -> None:
         self.requests.labels(endpoint=path if path in ENDPOINTS else "other", status=str(status)).inc()

@@ -29,10 +29,14 @@ Packed slots (a backend sets `compact`): llama.cpp with a KV stream per sequence
 sequences in one pass only while their ids are consecutive (llama-batch.cpp `split_equal`,
 "accept only increasing sequence ids"); busy slots 0, 2, 3, 5 cost three passes of the weights
 instead of one (measured on SmolLM2: 42-45 ms per step against 27-29 ms for slots 0-3). So a
-new sequence always takes the lowest free slot. The prefix it would reuse, and the prompt that
-slot held, are carried by whole-cache copies (`_copy`): the chosen slot's cache is copied into
-the lowest one, whose own prompt first moves to the least recently used free slot. A copy keeps
-every cell where it was, so the logits are the same as reading in place.
+new sequence always takes the lowest free slot, and the prefix it reuses is brought there: a
+such backend saves a slot's cache to host memory and loads it into another (`_save`, `_load`),
+which keeps every value and gives the logits of reading in place (the tests hold them equal).
+
+Those saved states are also a second cache tier (prompt_store.py): before a slot's cache is
+overwritten or cut, its state goes to a PromptStore in RAM (`--cache-ram`), and a new sequence
+starts from the longest prefix among the free slots and the store. Under load, when the slot
+that frees is rarely the one holding the next request's prefix, this is what keeps it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from slimlm.errors import SlimlmError
+from slimlm.models.backends.prompt_store import DEFAULT_STORE_MIB, PromptStore
 
 __all__ = ["SequenceDecoder", "Slot", "Sampler", "common_prefix"]
 
@@ -116,9 +121,10 @@ class SequenceDecoder(ABC):
         self.reuse_prefixes = True  # False: every prompt is read whole (to measure what reuse buys)
         self.last = StepStats()
         self.reused_tokens = self.prompt_tokens = 0  # prefix-cache hit rate = reused / prompt
+        self.store = PromptStore(DEFAULT_STORE_MIB << 20)  # used by backends with _save/_load
         self._arrivals = 0
 
-    compact = False  # keep busy slots packed from 0 (see "Packed slots" above); such a backend has _copy
+    compact = False  # keep busy slots packed from 0 (see "Packed slots" above); such a backend has _save, _load
 
     # -- what a backend provides -------------------------------------------------------------
     @abstractmethod
@@ -140,8 +146,12 @@ class SequenceDecoder(ABC):
         """The bytes a generated token adds to the answer's text, as the backend's one-at-a-time
         stream writes them (special tokens as it shows them)."""
 
-    def _copy(self, src: int, dst: int) -> None:
-        """Replace slot dst's cache with a copy of slot src's (backends that set `compact`)."""
+    def _save(self, slot: int):
+        """The slot's cache as a blob (anything with a len() in bytes) that _load reads back."""
+        raise NotImplementedError
+
+    def _load(self, slot: int, blob) -> None:
+        """Replace the slot's cache with a saved one."""
         raise NotImplementedError
 
     def close(self) -> None:  # noqa: B027 - optional hook
@@ -168,11 +178,13 @@ class SequenceDecoder(ABC):
         if not free:
             raise SlimlmError("no free slot")
         shared = {s.index: common_prefix(s.cached, prompt) for s in free}
-        slot = max(free, key=lambda s: (shared[s.index], -s.index))
-        if shared[slot.index] < SIMILAR * len(prompt):
-            slot = min(free, key=lambda s: (s.order, s.index))  # least recently used
         if self.compact:
-            slot = self._pack(slot, free, shared, len(prompt))
+            slot = self._packed(prompt, free, shared)
+            shared[slot.index] = common_prefix(slot.cached, prompt)
+        else:
+            slot = max(free, key=lambda s: (shared[s.index], -s.index))
+            if shared[slot.index] < SIMILAR * len(prompt):
+                slot = min(free, key=lambda s: (s.order, s.index))  # least recently used
         keep = min(shared[slot.index], len(prompt) - 1) if self.reuse_prefixes else 0
         if keep < len(slot.cached):
             keep = self._truncate(slot.index, keep)
@@ -183,24 +195,33 @@ class SequenceDecoder(ABC):
         self.prompt_tokens += len(prompt)
         return slot.index
 
-    def _pack(self, chosen: Slot, free: list[Slot], shared: dict[int, int], n: int) -> Slot:
-        """The lowest free slot, holding what `chosen` would have given (see "Packed slots")."""
+    def _packed(self, prompt: list[int], free: list[Slot], shared: dict[int, int]) -> Slot:
+        """The lowest free slot, holding the longest prefix of `prompt` that a free slot or the
+        store has (see "Packed slots"); what it held goes to the store first."""
         low = min(free, key=lambda s: s.index)
-        if chosen is low:
+        if not self.reuse_prefixes:
             return low
-        reusable = (lambda s: min(shared[s.index], n - 1)) if self.reuse_prefixes else (lambda s: 0)
-        if reusable(chosen) > reusable(low):  # carry chosen's prefix down; low's prompt to the LRU slot
-            spare = [s for s in free if s is not chosen and s is not low]
-            if low.cached and spare:
-                self._move(low, min(spare, key=lambda s: (s.order, s.index)), shared)
-            self._move(chosen, low, shared)
-        elif len(low.cached) > reusable(low):  # low's prompt would be cut: it takes chosen's (LRU) place
-            self._move(low, chosen, shared)
+        usable = (lambda n: min(n, len(prompt) - 1))
+        donor = max(free, key=lambda s: (shared[s.index], s is low))
+        saved = self.store.best(prompt) if self.store.budget else None
+        if saved is not None and usable(saved[2]) > usable(shared[donor.index]):
+            tokens, blob = saved[0], saved[1]
+            self.store.restored += 1
+        elif usable(shared[donor.index]) > usable(shared[low.index]):
+            tokens, blob = list(donor.cached), self._save(donor.index)
+        else:
+            if usable(shared[low.index]) < len(low.cached):
+                self._stash(low)  # about to be cut
+            return low
+        self._stash(low)  # about to be overwritten
+        self._load(low.index, blob)
+        low.cached = tokens
         return low
 
-    def _move(self, src: Slot, dst: Slot, shared: dict[int, int]) -> None:
-        self._copy(src.index, dst.index)
-        dst.cached, dst.order, shared[dst.index] = list(src.cached), src.order, shared[src.index]
+    def _stash(self, slot: Slot) -> None:
+        """Keep the slot's cache in the store before it changes (if the store has room for it)."""
+        if slot.cached and self.store.budget and not self.store.contains(slot.cached):
+            self.store.put(slot.cached, self._save(slot.index))
 
     def feed(self, slot: int, token: int) -> None:
         """Queue a sampled token to be read at the next step."""

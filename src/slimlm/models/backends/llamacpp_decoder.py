@@ -105,10 +105,23 @@ class LlamaCppDecoder(SequenceDecoder):
 
     compact = True  # a step's sequences run in one pass only while their ids are consecutive
 
-    def _copy(self, src: int, dst: int) -> None:
-        # A whole-stream copy (llama.cpp copies across KV streams only whole), done by llama.cpp
-        # before the next decode; every cell keeps its index, so attention sums in the same order.
-        self._lib.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+    def _save(self, slot: int):
+        # The sequence's cells only (llama-server's prompt cache saves the same way), not the whole
+        # stream: a whole-stream copy (llama_memory_seq_cp across streams) moves every cell of the
+        # context and is applied only at the next decode, so a state read before it would be stale.
+        lib = self._lib
+        n = lib.llama_state_seq_get_size_ext(self._ctx, slot, 0)
+        blob = (ctypes.c_uint8 * n)()
+        if lib.llama_state_seq_get_data_ext(self._ctx, blob, n, slot, 0) != n:
+            raise SlimlmError(f"llama.cpp could not save slot {slot}'s cache")
+        return blob
+
+    def _load(self, slot: int, blob) -> None:
+        # Restored cells are contiguous from the stream's start, where a prompt read into an empty
+        # stream lies too: the logits equal those of reading in place (tests/models/test_decoder.py).
+        if self._lib.llama_state_seq_set_data_ext(self._ctx, blob, len(blob), slot, 0) != len(blob):
+            raise SlimlmError(f"llama.cpp could not restore a saved prompt into slot {slot}: its context is too "
+                              "small; raise --n-ctx")
 
     def _truncate(self, slot: int, keep: int) -> int:
         if self._lib.llama_memory_seq_rm(self._mem, slot, keep, -1):

@@ -85,9 +85,9 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def load(port: int, clients: int, duration: float, tokens: int, first: int = 0) -> dict:
+def load(port: int, clients: int, duration: float, tokens: int, number_from: int = 0) -> dict:
     """`clients` threads streaming chat requests one after another for `duration` seconds. Request
-    texts are numbered from `first`: a turn that repeated an earlier turn's texts would measure a
+    texts are numbered from `number_from`: a turn that repeated an earlier turn's texts would measure a
     replay (llama-server's RAM prompt cache, and slimlm's, restore a repeated prompt whole)."""
     import json
 
@@ -95,7 +95,7 @@ def load(port: int, clients: int, duration: float, tokens: int, first: int = 0) 
     stop_at = time.perf_counter() + duration
 
     def worker(seed: int) -> None:
-        i = first + seed
+        i = number_from + seed
         with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=120) as http:
             while time.perf_counter() < stop_at:
                 body = {"model": MODEL, "max_tokens": tokens, "temperature": 0, "stream": True,

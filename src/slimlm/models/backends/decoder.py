@@ -201,7 +201,10 @@ class SequenceDecoder(ABC):
         low = min(free, key=lambda s: s.index)
         if not self.reuse_prefixes:
             return low
-        usable = (lambda n: min(n, len(prompt) - 1))
+
+        def usable(shared_tokens: int) -> int:  # at least the prompt's last token is read again
+            return min(shared_tokens, len(prompt) - 1)
+
         donor = max(free, key=lambda s: (shared[s.index], s is low))
         saved = self.store.best(prompt) if self.store.budget else None
         if saved is not None and usable(saved[2]) > usable(shared[donor.index]):

@@ -4,9 +4,10 @@
 --requests chat requests (OpenAI batch format, greedy, --tokens new tokens each) are answered
 by `slimlm batch` (in-process, continuous batching, --parallel slots) and by a llama-server
 with the same slots, threads and batch size, fed by a client that keeps as many requests in
-flight as the server has slots. Reported: wall time, completion tokens/s, and how many answers
-are the same text on both sides (both decode greedily with the same llama.cpp, so they should
-all be).
+flight as the server has slots. Both are timed as a user running the job sees it, from the
+command's start to the last answer: slimlm's process start and model load, llama-server's start
+and model load. Reported: wall time, completion tokens/s, and how many answers are the same text
+on both sides (both decode greedily with the same llama.cpp, so they should all be).
 
     python bench/batch_job.py [--requests 1000] [--tokens 16] [--parallel 16]
 """
@@ -54,6 +55,7 @@ def main() -> int:
         ours = [json.loads(line)["response"]["body"] for line in out.read_text().splitlines()]
 
         port = free_port()
+        t = time.perf_counter()
         proc = start(llama_server_cmd(port, path, args.parallel, 512), f"http://127.0.0.1:{port}/health")
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=120,
@@ -67,7 +69,6 @@ def main() -> int:
                         except httpx.TimeoutException:  # a stuck request: counted, not waited for
                             return None
                     return None
-                t = time.perf_counter()
                 with ThreadPoolExecutor(args.parallel) as pool:
                     theirs = list(pool.map(ask, bodies))
                 theirs_s = time.perf_counter() - t
@@ -87,7 +88,7 @@ def main() -> int:
     body = ["| runner | requests | wall s | completion tokens | tokens/s |", "|---|---:|---:|---:|---:|",
             f"| slimlm batch (--parallel {args.parallel}, model load included) | {len(ours)} | {ours_s:.1f} | "
             f"{tokens(ours)} | {tokens(ours) / ours_s:.1f} |",
-            f"| llama-server -np {args.parallel}, {args.parallel} requests in flight (server already up) | "
+            f"| llama-server -np {args.parallel}, {args.parallel} requests in flight (server start included) | "
             f"{len(theirs)} | {theirs_s:.1f} | {tokens(theirs)} | {tokens(theirs) / theirs_s:.1f} |", "",
             f"- slimlm batch: {(tokens(ours) / ours_s) / (tokens(theirs) / theirs_s):.2f}x llama-server's tokens/s; "
             f"same answer text for {same}/{len(ours)} requests; llama-server requests that timed out after 120 s: "

@@ -232,9 +232,30 @@ def test_moe_legacy_types_keep_llama_quantizes_attention_bump(moe_models, ftype,
     assert any("8-expert" in n for n in result.notes) == (ftype != "Q8_0")
 
 
-def test_moe_target_size_says_it_does_not_cover_experts(moe_models, tmp_path):
+def test_moe_target_size_types_each_expert_stack_as_one(moe_models, tmp_path):
+    """--target-bpw on an MoE: every stacked expert tensor gets one type from the allocation (the
+    types llama.cpp reads are the ones the result and the metadata report), the file meets its
+    budget and runs in llama.cpp, and a larger budget spends more bytes on the experts."""
+    from llama_cpp import Llama
+
+    from slimlm.compress.quant_steps import tensor_shapes
     from slimlm.compress.quantize import quantize
 
-    with pytest.raises(SlimlmError, match="do not cover MoE experts"):
-        quantize(moe_models["qwen2_moe"], tmp_path / "m.gguf", format="gguf", target_bpw=5, record=False)
-    assert not (tmp_path / "m.gguf").exists()
+    folder = moe_models["qwen2_moe"]
+    params = sum(int(np.prod(s)) for s in tensor_shapes(folder).values())
+    expert_bytes = {}
+    for bpw in (4.5, 7.0):
+        out = tmp_path / f"m{bpw}.gguf"
+        result = quantize(folder, out, format="gguf", target_bpw=bpw, record=False, check=False)
+        assert out.stat().st_size <= bpw * params / 8
+        reader = GGUFReader(out)
+        stacks = {t.name: t for t in reader.tensors if t.name.endswith("_exps.weight")}
+        assert len(stacks) == 3 * 4  # gate, up and down of 4 layers
+        for name, t in stacks.items():
+            assert result.tensor_types[name] == t.tensor_type.name
+        expert_bytes[bpw] = sum(int(t.n_bytes) for t in stacks.values())
+        llm = Llama(model_path=str(out), n_ctx=32, verbose=False, n_gpu_layers=0, logits_all=True)
+        llm.eval([1, 5, 9, 13])
+        assert np.isfinite(np.array(llm.scores[:4])).all()
+        llm.close()
+    assert expert_bytes[7.0] > expert_bytes[4.5]

@@ -79,6 +79,39 @@ def test_sensitivity_ranks_tensors_like_direct_measurement(wide):
         assert _spearman(proxy, direct) >= 0.8, (kind, proxy, direct)
 
 
+def test_an_expert_stacks_kl_is_that_of_quantizing_all_its_experts(tiny_models):
+    """An MoE unit (a layer's down projections of every expert, one GGUF tensor): its KL at the
+    lowest type equals the KL of a plain full forward with each expert's slice of transformers'
+    fused parameter replaced by its rounded values, and its error is summed over the experts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slimlm.compress.kquant_formats import dequantize_type
+    from slimlm.compress.quant_steps import tensor_shapes
+    from slimlm.data import calibration_docs
+
+    folder = tiny_models("mixtral")
+    members = sorted(n for n in tensor_shapes(folder) if ".layers.1." in n and n.endswith(".w2.weight"))
+    unit = members[0].replace(".experts.0.", ".experts.")
+    assert len(members) >= 2 and unit not in members
+    texts = calibration_docs()
+    found = sensitivity.measure(folder, texts, {unit: ["Q4_0", "Q8_0"]}, tokens=64, stacks={unit: members})
+    low, kl = found["kl_low"][unit]
+    assert low == "Q4_0" and kl > 0 and found["err"][unit]["Q4_0"] > found["err"][unit]["Q8_0"] > 0
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    ids = tokenizer("\n\n".join(texts)[: 64 * 12], add_special_tokens=False)["input_ids"][:64]
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+        down = model.model.layers[1].mlp.experts.down_proj
+        for e in range(down.shape[0]):
+            down.data[e] = torch.from_numpy(dequantize_type(low, down.data[e].numpy().copy()))
+        got = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+    direct = float((ref.exp() * (ref - got)).sum(-1).mean())
+    assert kl == pytest.approx(direct, rel=1e-3, abs=1e-9)
+
+
 def _types_in(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     reader = GGUFReader(path)
     field = reader.fields["slimlm.tensor_types"]
@@ -153,9 +186,9 @@ def test_gptq_mixed_file_meets_its_budget_with_importance_weighted_types(wide, t
     seen = {}
     real = sensitivity.measure
 
-    def spy(folder, texts, candidates, tokens=256, weighted=frozenset()):
+    def spy(folder, texts, candidates, tokens=256, weighted=frozenset(), stacks=None):
         seen["weighted"], seen["candidates"] = weighted, candidates
-        return real(folder, texts, candidates, tokens, weighted)
+        return real(folder, texts, candidates, tokens, weighted, stacks)
 
     monkeypatch.setattr(sensitivity, "measure", spy)
     monkeypatch.setattr(sensitivity, "cache_path", lambda key: tmp_path / "sensitivity" / f"{key}.json")  # measured here

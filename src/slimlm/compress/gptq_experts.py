@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["ExpertHessianHooks", "checkpoint_keys", "expert_modules"]
+__all__ = ["ExpertHessianHooks", "checkpoint_keys", "expert_modules", "expert_views"]
 
 ROLES = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 _CHECKPOINT = re.compile(r"\.layers\.(\d+)\..*\.experts\.(\d+)\.(w[123]|gate_proj|up_proj|down_proj)\.weight$")
@@ -35,6 +35,23 @@ def expert_modules(module, prefix: str = "") -> dict:
         gate_up, down = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
         if getattr(gate_up, "ndim", 0) == 3 and getattr(down, "ndim", 0) == 3 and hasattr(m, "act_fn"):
             out[prefix + name] = m
+    return out
+
+
+def expert_views(model, keys: dict[tuple[int, int, str], str]) -> dict[str, object]:
+    """{checkpoint weight name: the view of the fused parameter that holds it} for every routed
+    expert projection of `model` (`keys` from checkpoint_keys): gate and up are the two halves of
+    gate_up_proj[e] (gate first, as the experts module chunks them), down is down_proj[e]. Writing
+    into a view changes the model."""
+    out = {}
+    for name, module in expert_modules(model).items():
+        layer, width = layer_of(name), module.gate_up_proj.shape[1] // 2
+        for e in range(module.num_experts):
+            for role, view in (("gate", module.gate_up_proj.data[e, :width]),
+                               ("up", module.gate_up_proj.data[e, width:]), ("down", module.down_proj.data[e])):
+                key = keys.get((layer, e, role))
+                if key is not None:
+                    out[key + ".weight"] = view
     return out
 
 

@@ -25,6 +25,11 @@ fidelity:
   budget. An explicit --embeddings keeps that type, counted in the budget. The file's other bytes
   (header, vocabulary, norms) are measured exactly by writing the file once with 1-element tensors.
 
+An MoE's routed experts are allocated a stacked tensor at a time (`blk.N.ffn_gate_exps`, ...), as
+llama.cpp stores them under one type: the stack's bytes are its experts' blocks, its sensitivity
+the KL of quantizing all of them together, each weighted by the tokens routed to it
+(sensitivity.py).
+
 A GGUF parent's own blocks are kept for every weight whose chosen type is the parent's
 (source_blocks.py), at no KL in the allocation: they are the reference weights exactly.
 
@@ -167,6 +172,17 @@ def _expert_names(folder: Path, shapes: dict) -> dict[str, str]:
     return {n: stacked_names[s] for n, s in stacked.items() if s in stacked_names}
 
 
+def _stacks(targets: list[str], experts: dict[str, str]) -> dict[str, list[str]]:
+    """{stacked checkpoint name (`...experts.w1.weight`): its experts} among `targets`."""
+    from slimlm.compress.gguf_export import stacked_name
+
+    out: dict[str, list[str]] = {}
+    for n in targets:
+        if n in experts:
+            out.setdefault(stacked_name(n), []).append(n)
+    return out
+
+
 def type_summary(types: dict[str, str]) -> str:
     """'Q4_K x120, Q6_K x30' by count, most first."""
     return ", ".join(f"{t} x{c}" for t, c in Counter(types.values()).most_common())
@@ -203,8 +219,8 @@ def _fixed_bytes(folder: Path, shapes: dict, names: dict, targets: set, heads: d
         size -= _ALIGN
         if n in heads:
             size += _aligned(tensor_bytes(heads[n], shapes[n]))
-        elif n not in targets:
-            size += _aligned((4 if len(shapes[n]) < 2 else 2) * int(np.prod(shapes[n])))
+        elif n not in targets:  # norms and an MoE's routers are written f32, other weights f16
+            size += _aligned((4 if len(shapes[n]) < 2 or n.endswith(ROUTERS) else 2) * int(np.prod(shapes[n])))
     return size
 
 
@@ -249,11 +265,9 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
     shapes = tensor_shapes(folder)
     names = gguf_names(folder, shapes)
     experts = _expert_names(folder, shapes)  # an MoE's checkpoint experts -> their stacked GGUF name
-    if experts and not name:
-        raise SlimlmError("--target-size/--target-bpw do not cover MoE experts yet: use a K-quant mix "
-                          "(--format gguf:Q4_K_M, gguf:Q5_K_M, ...), whose types follow llama-quantize's rule")
     names = {**names, **experts}
     targets = [n for n, s in shapes.items() if quantizable(n, s) and n in names]
+    stacks = _stacks(targets, experts)  # an MoE's allocation units: one type per stacked tensor
     heads = _head_types(folder, shapes, names, req.embeddings, name or MIXED_EMBEDDINGS)
     parent_file = parent_gguf(ref, folder) if method.keeps_parent_blocks else None
     params_total = sum(int(np.prod(s)) for s in shapes.values())
@@ -278,11 +292,17 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
         parent = source_blocks(parent_file, folder, names, shapes)
         placeholder = {TYPES_KEY: json.dumps({names[n]: "Q4_0" for n in [*targets, *heads]})}
         allocated = list(heads) if check_embeddings(req.embeddings) == "auto" else []
-        fixed = _fixed_bytes(folder, shapes, names, {*targets, *allocated},
+        fixed = _fixed_bytes(folder, shapes, names, {*targets, *stacks, *allocated},
                              {n: t for n, t in heads.items() if n not in allocated}, placeholder)
-        candidates = {n: candidate_types(shapes[n][-1]) for n in [*targets, *allocated]}
+        units = [n for n in targets if n not in experts] + list(stacks) + allocated
+        width = {u: shapes[stacks[u][0] if u in stacks else u][-1] for u in units}
+        candidates = {u: candidate_types(width[u]) for u in units}
+
+        def unit_bytes(u: str, t: str) -> int:  # a stack is one tensor: its experts' blocks, aligned once
+            members = stacks.get(u, [u])
+            return _aligned(len(members) * tensor_bytes(t, shapes[members[0]]))
         budget = _budget(req, params_total)
-        least = fixed + sum(min(_aligned(tensor_bytes(t, shapes[n])) for t in c) for n, c in candidates.items())
+        least = fixed + sum(min(unit_bytes(u, t) for t in c) for u, c in candidates.items())
         if budget < least:
             raise SlimlmError(f"the budget ({budget / 2**20:.1f} MiB, {8 * budget / params_total:.2f} bits per "
                               f"weight) is below the smallest this model reaches: {least / 2**20:.1f} MiB "
@@ -290,14 +310,15 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
         from slimlm.compress.sensitivity import sensitivities
 
         scores = sensitivities(folder, texts, candidates, tokens=req.calib_seq_len, notes=notes,
-                               weighted=frozenset(targets) if method.importance_scales else frozenset())
-        options = {n: {t: (_aligned(tensor_bytes(t, shapes[n])), scores[n][t]) for t in c}
-                   for n, c in candidates.items()}
+                               weighted=frozenset(targets) if method.importance_scales else frozenset(),
+                               stacks=stacks)
+        options = {u: {t: (unit_bytes(u, t), scores[u][t]) for t in c} for u, c in candidates.items()}
         for n, block in parent.items():  # the parent's own bytes decode to the reference exactly
             if n in options:
                 options[n][block.type] = (_aligned(block.data.nbytes), 0.0)
         chosen = allocate(options, budget - fixed)
-        types = {n: chosen[n] for n in targets}
+        types = {n: chosen[n] for n in targets if n not in experts}
+        types.update({e: chosen[u] for u, members in stacks.items() for e in members})
         heads = {**heads, **{n: chosen[n] for n in allocated}}
         weights = Counter()
         for n, t in types.items():

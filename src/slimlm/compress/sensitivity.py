@@ -21,6 +21,13 @@ forward per tensor:
 4. the other types' KL is scaled from that one by the ratio of their errors:
    KL(t) = KL(low) * err(t) / err(low) (KL is second order in a small output change, and so is err).
 
+An MoE's routed experts are allocated a stack at a time (llama.cpp stores each layer's experts of
+one kind as one tensor of one type): a unit is the stacked name (`...experts.w1.weight`) with its
+checkpoint experts as members. Its error is summed over the members, each weighted by E[x^2] of
+the tokens its router sends it (gptq_experts.ExpertHessianHooks, the diagonal of its Hessian; an
+expert no token reached counts unweighted), and its KL at the lowest type is measured with every
+member quantized at once, in the fused parameters transformers keeps them in.
+
 tests/compress/test_mixed_precision.py checks that this ranks tensors as direct measurement does
 (Spearman >= 0.8 on a tiny model). Results are cached as JSON under the cache folder's
 `sensitivity/`, keyed by a hash of the weight files, the calibration text and the settings, so a
@@ -47,15 +54,15 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 def cache_key(folder: Path, texts: list[str], tokens: int, candidates: dict[str, list[str]],
-              weighted: frozenset = frozenset()) -> str:
+              weighted: frozenset = frozenset(), stacks: dict[str, list[str]] | None = None) -> str:
     h = hashlib.blake2b(digest_size=16)
     for file in sorted(Path(folder).glob("*.safetensors")) + [Path(folder) / "config.json"]:
         h.update(file.name.encode())
         with open(file, "rb") as f:
             while chunk := f.read(1 << 24):
                 h.update(chunk)
-    h.update(json.dumps([SCHEME, tokens, candidates, texts] + ([sorted(weighted)] if weighted else []),
-                        sort_keys=True).encode())
+    h.update(json.dumps([SCHEME, tokens, candidates, texts] + ([sorted(weighted)] if weighted else [])
+                        + ([stacks] if stacks else []), sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -66,14 +73,16 @@ def cache_path(key: str) -> Path:
 
 
 def sensitivities(folder: Path, texts: list[str], candidates: dict[str, list[str]], tokens: int = 256,
-                  notes: list[str] | None = None, weighted: frozenset = frozenset()) -> dict[str, dict[str, float]]:
+                  notes: list[str] | None = None, weighted: frozenset = frozenset(),
+                  stacks: dict[str, list[str]] | None = None) -> dict[str, dict[str, float]]:
     """{weight name: {type: added KL}} for each weight and candidate type, from the cache when the
     same weights, text and candidates were measured before. The weights in `weighted` are
     quantized by llama-quantize's importance-matrix rules (their input's E[x²] as the importance),
-    as the method that writes them will (GPTQ); the others by the reference rules (RTN's bytes)."""
+    as the method that writes them will (GPTQ); the others by the reference rules (RTN's bytes).
+    `stacks` ({stacked name: its checkpoint experts}) names the MoE units among the candidates."""
     from slimlm.paths import atomic_write_text
 
-    path = cache_path(cache_key(folder, texts, tokens, candidates, frozenset(weighted)))
+    path = cache_path(cache_key(folder, texts, tokens, candidates, frozenset(weighted), stacks))
     if path.exists():
         try:
             scores = json.loads(path.read_text())["scores"]
@@ -83,7 +92,7 @@ def sensitivities(folder: Path, texts: list[str], candidates: dict[str, list[str
         except (OSError, ValueError, KeyError):
             pass  # a broken cache file is measured again and rewritten
     start = time.perf_counter()
-    found = measure(folder, texts, candidates, tokens, weighted)
+    found = measure(folder, texts, candidates, tokens, weighted, stacks)
     seconds = time.perf_counter() - start
     atomic_write_text(path, json.dumps({"scheme": SCHEME, "model": str(folder), "tokens": tokens,
                                         "seconds": seconds, **found}, indent=1))
@@ -107,8 +116,10 @@ def _load(folder: Path, texts: list[str], tokens: int):
 class _Runner:
     """The model with one reference forward recorded: rerun from any layer with one weight changed."""
 
-    def __init__(self, model, ids, names: list[str]):
+    def __init__(self, model, ids, names: list[str], experts: list[str] = ()):
         import torch
+
+        from slimlm.compress.gptq_experts import ExpertHessianHooks, checkpoint_keys, expert_modules, expert_views
 
         self.model, self.torch, self.ids = model, torch, ids
         self.layers = model.model.layers
@@ -118,17 +129,20 @@ class _Runner:
         modules = dict(model.named_modules())
         for i, layer in enumerate(self.layers):
             handles.append(layer.register_forward_pre_hook(self._keep(i), with_kwargs=True))
-        self.flat: list[str] = []  # weights whose error counts unweighted (an untied token embedding)
-        for name in names:
+        for name in names:  # an untied token embedding has no input to weight by: its error counts unweighted
             source = _input_of(model, modules, name)
-            if source is None:
-                self.flat.append(name)
-            else:
+            if source is not None:
                 handles.append(modules[source].register_forward_pre_hook(self._square(name)))
+        keys = checkpoint_keys(experts)
+        self.views = expert_views(model, keys) if experts else {}  # checkpoint expert -> its fused slice
+        routed = ExpertHessianHooks(expert_modules(model)) if experts else None
         with torch.no_grad():
             logits = model(ids, use_cache=False).logits[0].float()
         for h in handles:
             h.remove()
+        if routed is not None:  # E[x^2] over the tokens routed to each expert: its Hessian's diagonal / 2
+            for key, H in routed.remove(keys).items():
+                self.sq[key + ".weight"] = torch.diagonal(H).float() / 2
         self.ref_logp = torch.log_softmax(logits, -1)
         self.ref_p = self.ref_logp.exp()
         self.cap = getattr(model.config, "final_logit_softcapping", None)
@@ -164,20 +178,27 @@ class _Runner:
 
     def kl(self, name: str, weight: np.ndarray) -> float:
         """Mean KL(reference || model with `name` replaced by `weight`) over the slice."""
+        return self.kl_of({name: weight})
+
+    def kl_of(self, weights: dict[str, np.ndarray]) -> float:
+        """The same with several weights of one layer replaced (parameters or checkpoint experts)."""
         torch = self.torch
-        param = dict(self.model.named_parameters())[name]
-        old = param.data.clone()
-        match = _LAYER.search("." + name)
+        params = dict(self.model.named_parameters())
+        targets = [(self.views[n] if n in self.views else params[n].data, w) for n, w in weights.items()]
+        old = [t.clone() for t, _ in targets]
+        match = _LAYER.search("." + next(iter(weights)))
         try:
             with torch.no_grad():
-                param.data.copy_(torch.from_numpy(weight))
+                for t, w in targets:
+                    t.copy_(torch.from_numpy(w))
                 if match:
                     logits = self.logits_from(int(match.group(1)))
                 else:  # the token embedding / output head: a full forward (a tied one is both ends)
                     logits = self.model(self.ids, use_cache=False).logits[0].float()
                 logp = torch.log_softmax(logits, -1)
         finally:
-            param.data.copy_(old)
+            for (t, _), o in zip(targets, old):
+                t.copy_(o)
         return float((self.ref_p * (self.ref_logp - logp)).sum(-1).mean())
 
 
@@ -195,24 +216,30 @@ def _input_of(model, modules: dict, name: str) -> str | None:
 
 
 def measure(folder: Path, texts: list[str], candidates: dict[str, list[str]], tokens: int = 256,
-            weighted: frozenset = frozenset()) -> dict:
+            weighted: frozenset = frozenset(), stacks: dict[str, list[str]] | None = None) -> dict:
     """The scheme of the module docstring, uncached: {"scores": {name: {type: KL}}, "kl_low":
     {name: (type, KL)}, "err": {name: {type: weighted error}}}."""
     from slimlm.progress import progress_bar
 
+    stacks = stacks or {}
     model, ids = _load(folder, texts, tokens)
-    runner = _Runner(model, ids, list(candidates))
+    runner = _Runner(model, ids, [n for n in candidates if n not in stacks],
+                     [m for members in stacks.values() for m in members])
     params = dict(model.named_parameters())
     scores, kl_low, errs = {}, {}, {}
     with progress_bar("sensitivity (KL per tensor)", len(candidates)) as advance:
         for name, types in candidates.items():
-            w = params[name].detach().float().numpy()
-            sq = np.ones(w.shape[-1]) if name in runner.flat else runner.sq[name].numpy().astype(np.float64)
-            imp = sq.astype(np.float32) if name in weighted and name not in runner.flat else None
-            quantized = {t: dequantize_type(t, w, imp) for t in types}
-            err = {t: float((((w - q).astype(np.float64) ** 2) * sq[None, :]).sum()) for t, q in quantized.items()}
+            members = stacks.get(name, [name])
+            quantized, err = {t: {} for t in types}, dict.fromkeys(types, 0.0)
+            for m in members:  # one weight, or each expert of a stack
+                w = (runner.views[m] if m in runner.views else params[m]).detach().float().numpy().copy()
+                sq = runner.sq[m].numpy().astype(np.float64) if m in runner.sq else np.ones(w.shape[-1])
+                imp = sq.astype(np.float32) if m in weighted and m in runner.sq else None
+                for t in types:
+                    q = quantized[t][m] = dequantize_type(t, w, imp)
+                    err[t] += float((((w - q).astype(np.float64) ** 2) * sq[None, :]).sum())
             low = max(types, key=lambda t: err[t])
-            kl = max(runner.kl(name, quantized[low]), 0.0)
+            kl = max(runner.kl_of(quantized[low]), 0.0)
             scores[name] = {t: kl * err[t] / err[low] if err[low] > 0 else 0.0 for t in types}
             kl_low[name], errs[name] = (low, kl), err
             advance()

@@ -30,9 +30,11 @@ q/k/v_proj (or phi3's fused qkv_proj) right after `input_layernorm`; the MLP nee
 `post_attention_layernorm`; up -> down needs separate up_proj and down_proj. The norm must really
 feed those linears (checked on the calibration pass: the norm's output is the very tensor the
 linears get) and must scale its output per channel as x*w or x*(1+w) (checked by probing it).
-Anything else (MoE experts, MLA attention, v -> o which GQA shapes prevent) is left alone and
-listed in the report's "skipped". At the end the transformed model's logits are compared with the
-original's on a calibration window, and a mismatch is an error, never a silently changed model.
+An MoE block (fused routed experts after the norm, a router, maybe a shared expert) is scaled by
+awq_experts.py, each expert judged on the tokens routed to it. Anything else (MLA attention,
+v -> o which GQA shapes prevent) is left alone and listed in the report's "skipped". At the end
+the transformed model's logits are compared with the original's on a calibration window, and a
+mismatch is an error, never a silently changed model.
 
 `apply_awq` writes a Hugging Face folder; quantizing that folder with RTN gives AWQ-in-GGUF.
 """
@@ -107,7 +109,10 @@ class _Group:
         return f"layer {self.layer} {self.kind}: {self.prev_name} -> {', '.join(self.names)}"
 
 
-def _find_groups(model, layers, skipped: list) -> list[_Group]:
+def _find_groups(model, layers, skipped: list, blocks: list) -> list[_Group]:
+    """The dense groups to scale; an MoE layer's block goes to `blocks` (awq_experts.ExpertBlock)."""
+    from slimlm.compress.awq_experts import find_expert_block
+
     groups = []
     prefix = next((n for n, m in model.named_modules() if m is layers), "layers")
     for i, layer in enumerate(layers):
@@ -143,13 +148,16 @@ def _find_groups(model, layers, skipped: list) -> list[_Group]:
         elif _linear(mlp, "gate_up_proj") is not None:
             add("mlp", mlp_norm, mlp, "mlp", ["gate_up_proj"], f"no {mlp_norm} -> gate_up_proj layout")
         else:
-            skipped.append({"layer": i, "group": "mlp",
-                            "why": f"MLP {type(mlp).__name__} has no gate/up_proj linears (e.g. MoE experts)"})
+            block = find_expert_block(i, base, layer, mlp, mlp_norm, _norm_kind)
+            if isinstance(block, str):
+                skipped.append({"layer": i, "group": "mlp", "why": block})
+            else:
+                blocks.append(block)  # its down projections are scaled expert by expert
         up, down = _linear(mlp, "up_proj"), _linear(mlp, "down_proj")
         if up is not None and down is not None and _linear(mlp, "gate_proj") is not None \
                 and down.in_features == up.out_features:
             groups.append(_Group(i, "down", f"{base}.mlp.up_proj", up, "rows", [f"{base}.mlp.down_proj"], [down]))
-        else:
+        elif not (blocks and blocks[-1].layer == i):
             skipped.append({"layer": i, "group": "down",
                             "why": "no separate gate_proj/up_proj -> down_proj (fused or MoE MLP)"})
         skipped.append({"layer": i, "group": "v->o", "why": "not scaled (grouped-query shapes)"})
@@ -158,10 +166,16 @@ def _find_groups(model, layers, skipped: list) -> list[_Group]:
 
 # --- calibration ------------------------------------------------------------------------------
 
-def _capture(model, windows, groups: list[_Group], max_tokens: int, batch_size: int, progress: bool):
+def _capture(model, windows, groups: list[_Group], max_tokens: int, batch_size: int, progress: bool,
+             blocks: list = ()):
     stride = max(1, math.ceil(windows.numel() / max_tokens))
     outputs: dict[int, object] = {}
-    handles = []
+    handles = [h for b in blocks for h in b.hooks(stride)]
+
+    def forget() -> None:
+        outputs.clear()
+        for b in blocks:
+            b.forget()
 
     def prev_hook(key):
         def hook(module, args, output):
@@ -188,7 +202,7 @@ def _capture(model, windows, groups: list[_Group], max_tokens: int, batch_size: 
         handles.append(g.linears[0].register_forward_hook(input_hook(g, key)))
     try:
         run_calibration(model, windows, batch_size, "calibrating (AWQ activations)", progress,
-                        after_batch=outputs.clear)
+                        after_batch=forget)
     finally:
         for h in handles:
             h.remove()
@@ -196,38 +210,52 @@ def _capture(model, windows, groups: list[_Group], max_tokens: int, batch_size: 
 
 # --- the scale search -------------------------------------------------------------------------
 
-def _quant_error(fmt: BlockFormat, X, weights, s) -> float:
+def _quant_error(fmt: BlockFormat, pairs, s) -> float:
     import torch
 
     err = 0.0
-    for W in weights:
+    for X, W in pairs:
         ws = (W * s[None, :]).cpu().numpy()
         wq = torch.from_numpy(dequantize_codes(fmt, *rtn(fmt, ws))).to(W.device) / s[None, :]
         err += float((X @ (W - wq).T).double().pow(2).sum())
     return err
 
 
-def search_scale(fmt: str | BlockFormat, X, x_mean, weights, grid: int = 20):
+def search_scale(fmt: str | BlockFormat, X, x_mean, weights, grid: int = 20, pairs=None):
     """The AWQ scale for linears `weights` ([out, in] each) sharing inputs X [n, in] with per-channel
     mean |x| `x_mean` [in]: returns (s, alpha, error with s, error of plain RTN). alpha = 0 (s = 1)
-    is always tried first and kept on ties, so the error never exceeds RTN's."""
+    is always tried first and kept on ties, so the error never exceeds RTN's. `pairs` [(X_i, W_i)]
+    instead: each linear with its own inputs (an MoE's experts, awq_experts.py)."""
     import torch
 
     fmt = get_format(fmt)
+    pairs = pairs if pairs is not None else [(X, W) for W in weights]
     if grid < 1:
         raise SlimlmError(f"the AWQ grid needs at least one point, got {grid}")
     x_mean = x_mean.float().clamp(min=1e-8)
     ones = torch.ones_like(x_mean)
-    best = (ones, 0.0, _quant_error(fmt, X, weights, ones))
+    best = (ones, 0.0, _quant_error(fmt, pairs, ones))
     base = best[2]
     for k in range(1, grid):
         alpha = k / grid
         s = x_mean.pow(alpha).clamp(min=1e-4)
         s = s / torch.sqrt(s.max() * s.min())
-        err = _quant_error(fmt, X, weights, s)
+        err = _quant_error(fmt, pairs, s)
         if err < best[2]:
             best = (s, alpha, err)
     return best[0], best[1], best[2], base
+
+
+def _fold_norm(norm, kind: str, s) -> None:
+    """Divide the norm's output by s per channel (kind 'mul': x*w, '1p': x*(1+w))."""
+    import torch
+
+    with torch.no_grad():
+        w = norm.weight
+        if kind == "mul":
+            w.div_(s.to(w.dtype))
+        else:
+            w.copy_((1 + w) / s.to(w.dtype) - 1)
 
 
 def _apply_scale(g: _Group, s) -> None:
@@ -237,10 +265,8 @@ def _apply_scale(g: _Group, s) -> None:
         for lin in g.linears:
             lin.weight.mul_(s[None, :].to(lin.weight.dtype))
         w = g.prev.weight
-        if g.prev_kind == "mul":
-            w.div_(s.to(w.dtype))
-        elif g.prev_kind == "1p":
-            w.copy_((1 + w) / s.to(w.dtype) - 1)
+        if g.prev_kind in ("mul", "1p"):
+            _fold_norm(g.prev, g.prev_kind, s)
         else:  # up_proj: its output rows feed down_proj's input columns
             w.div_(s[:, None].to(w.dtype))
             if g.prev.bias is not None:
@@ -292,12 +318,13 @@ def _scale(model, fmt: BlockFormat, windows, seq_len: int, grid: int, max_tokens
         before = model(input_ids=probe, use_cache=False).logits.float()
     layers = find_decoder_layers(model)
     groups: list[_Group] = []
+    blocks: list = []  # awq_experts.ExpertBlock, one per MoE layer
     if layers is None:
         report["skipped"].append({"layer": None, "group": "all", "why": "no decoder layers found"})
     else:
-        groups = _find_groups(model, layers, report["skipped"])
-    if groups:
-        _capture(model, windows, groups, max_tokens, batch_size, progress)
+        groups = _find_groups(model, layers, report["skipped"], blocks)
+    if groups or blocks:
+        _capture(model, windows, groups, max_tokens, batch_size, progress, blocks)
     for g in groups:
         width = g.linears[0].in_features
         if g.count == 0 or not g.wired:
@@ -319,6 +346,15 @@ def _scale(model, fmt: BlockFormat, windows, seq_len: int, grid: int, max_tokens
                                  "alpha": alpha, "error": err, "error_rtn": err_rtn})
         g.rows = []
         del X
+    for b in blocks:
+        width = b.experts.gate_up_proj.shape[2]
+        why = ("never called on calibration" if b.count == 0 else
+               f"{b.norm_name}'s output is not what the MoE block receives" if not b.wired else
+               f"width {width} not a multiple of {fmt.name}'s block size" if width % fmt.block_size else None)
+        if why:
+            report["skipped"].append({"layer": b.layer, "group": "experts", "why": why})
+        else:
+            report["scaled"] += b.scale(fmt, grid, _fold_norm)
     with torch.no_grad():
         after = model(input_ids=probe, use_cache=False).logits.float()
     diff = float((after - before).abs().max())

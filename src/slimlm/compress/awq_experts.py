@@ -1,0 +1,163 @@
+"""AWQ for an MoE layer's routed experts (awq.py does the dense layers), each expert's scales
+judged on the tokens its router sends it.
+
+An MoE block's input (the post-attention norm's output) feeds the router, every routed expert's
+gate and up projections (transformers 5.x keeps them fused: `experts.gate_up_proj` [E, 2I, H]),
+and, in Qwen-MoE, a shared expert and its gate. Two kinds of scale are folded, both leaving the
+full-precision model exactly equivalent:
+
+    input  norm(x) * w -> router, experts' gate/up, shared expert's gate/up, shared gate:
+           w' = w / s; every consumer's columns * s (the router and the shared gate are kept
+           unquantized, so for them the fold is exact whatever s is)
+    down   per expert: act(gate) * up -> down_proj[e]: up rows of gate_up_proj[e] / s,
+           down_proj[e] columns * s (the gate is untouched, so act(gate) is too)
+
+The input scale is one for the whole block (one norm feeds every expert), s = mean(|x|)^alpha over
+all tokens as in awq.py; its error is the sum over experts of ||X_e W_e^T - X_e Wq_e^T||^2 on the
+rows X_e routed to expert e (the tokens whose top-k holds it), plus the shared expert's on every
+token: an expert's quantization error lands only on its own tokens. The down scale is searched per
+expert, on that expert's own down inputs. Why by hand: transformers' fused experts are neither
+nn.Linear nor reachable by AutoAWQ's or llm-compressor's module mappings.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ExpertBlock", "find_expert_block", "search_pairs"]
+
+
+def _experts_of(mlp):
+    experts = getattr(mlp, "experts", None)
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if getattr(gate_up, "ndim", 0) == 3 and getattr(down, "ndim", 0) == 3 and hasattr(experts, "act_fn"):
+        return experts
+    return None
+
+
+def _columns_of(module):
+    """The 2-D weight whose columns meet the block's input ([out, H]), for a router or a linear."""
+    w = getattr(module, "weight", None)
+    return w if getattr(w, "ndim", 0) == 2 else None
+
+
+class ExpertBlock:
+    """One MoE MLP block: its norm, experts, router, shared expert, and what calibration saw."""
+
+    def __init__(self, layer: int, norm_name: str, norm, norm_kind: str, block, experts, consumers: list,
+                 shared: list):
+        self.layer, self.norm_name, self.norm, self.norm_kind = layer, norm_name, norm, norm_kind
+        self.block, self.experts = block, experts
+        self.consumers = consumers  # unquantized 2-D weights also fed by the norm: router, shared gate
+        self.shared = shared  # the shared expert's gate/up linears (quantized, every token)
+        n = experts.gate_up_proj.shape[0]
+        self.abs_sum, self.count, self.rows = None, 0, []
+        self.routed: dict[int, list] = {e: [] for e in range(n)}
+        self.down_abs: dict[int, object] = {}
+        self.down_count: dict[int, int] = {}
+        self.down_rows: dict[int, list] = {e: [] for e in range(n)}
+        self.wired: bool | None = None
+        self._norm_out = None
+
+    def hooks(self, stride: int) -> list:
+        """Forward hooks collecting the block's inputs and each expert's routed inputs."""
+        def on_norm(module, args, output):
+            self._norm_out = output
+
+        def on_block(module, args):
+            if self.wired is None:
+                self.wired = args[0] is self._norm_out
+
+        def on_experts(module, args, output):
+            import torch
+
+            hidden, top_k = args[0], args[1]
+            x = hidden.detach().reshape(-1, hidden.shape[-1]).float()
+            top_k = top_k.reshape(x.shape[0], -1)
+            a = x.abs().sum(0).double()
+            self.abs_sum = a if self.abs_sum is None else self.abs_sum + a
+            self.count += x.shape[0]
+            self.rows.append(x[::stride].cpu())
+            with torch.no_grad():
+                for e in self.routed:
+                    rows = (top_k == e).any(dim=-1).nonzero().squeeze(-1)
+                    if rows.numel() == 0:
+                        continue
+                    xe = x[rows]
+                    self.routed[e].append(xe[::stride].cpu())
+                    gate, up = torch.nn.functional.linear(xe, module.gate_up_proj[e].float()).chunk(2, dim=-1)
+                    h = module.act_fn(gate) * up
+                    d = h.abs().sum(0).double()
+                    self.down_abs[e] = d if e not in self.down_abs else self.down_abs[e] + d
+                    self.down_count[e] = self.down_count.get(e, 0) + h.shape[0]
+                    self.down_rows[e].append(h[::stride].cpu())
+
+        return [self.norm.register_forward_hook(on_norm), self.block.register_forward_pre_hook(on_block),
+                self.experts.register_forward_hook(on_experts)]
+
+    def forget(self) -> None:
+        self._norm_out = None
+
+    def scale(self, fmt, grid: int, fold_norm) -> list[dict]:
+        """Search and fold the input scale, then each expert's down scale; report entries."""
+        import torch
+
+        width = self.experts.gate_up_proj.shape[1] // 2
+        gate_up, down = self.experts.gate_up_proj.data, self.experts.down_proj.data
+        report = []
+        pairs = [(torch.cat(self.routed[e]), gate_up[e].float()) for e in self.routed if self.routed[e]]
+        pairs += [(torch.cat(self.rows), lin.weight.detach().float()) for lin in self.shared]
+        s, alpha, err, err_rtn = search_pairs(fmt, pairs, self.abs_sum / self.count, grid)
+        if alpha > 0:
+            with torch.no_grad():
+                gate_up.mul_(s[None, None, :].to(gate_up.dtype))
+                for w in [*self.consumers, *(lin.weight for lin in self.shared)]:
+                    w.data.mul_(s[None, :].to(w.dtype))
+                fold_norm(self.norm, self.norm_kind, s)
+        report.append({"layer": self.layer, "group": "experts", "prev": self.norm_name,
+                       "linears": ["experts.gate_up_proj", *(["shared_expert"] if self.shared else [])],
+                       "alpha": alpha, "error": err, "error_rtn": err_rtn})
+        for e, rows in self.down_rows.items():
+            if not rows or width % fmt.block_size:  # a down projection's blocks run along the I columns
+                continue
+            s, alpha, err, err_rtn = search_pairs(fmt, [(torch.cat(rows), down[e].float())],
+                                                  self.down_abs[e] / self.down_count[e], grid)
+            if alpha > 0:
+                with torch.no_grad():
+                    gate_up[e, width:].div_(s[:, None].to(gate_up.dtype))
+                    down[e].mul_(s[None, :].to(down.dtype))
+            report.append({"layer": self.layer, "group": "expert-down", "expert": e, "prev": f"experts.{e}.up",
+                           "linears": [f"experts.{e}.down"], "alpha": alpha, "error": err, "error_rtn": err_rtn})
+        self.rows, self.routed, self.down_rows = [], {}, {}
+        return report
+
+
+def find_expert_block(i: int, base: str, layer, mlp, norm_name: str, norm_kind) -> ExpertBlock | str:
+    """The layer's MoE block, or why it cannot be scaled."""
+    experts = _experts_of(mlp)
+    if experts is None:
+        return f"MLP {type(mlp).__name__} has neither gate/up_proj linears nor fused experts"
+    norm = getattr(layer, norm_name, None)
+    kind = norm_kind(norm) if norm is not None else None
+    if kind is None:
+        return f"{norm_name} does not scale per channel as x*w or x*(1+w)"
+    router = _columns_of(getattr(mlp, "gate", None))
+    if router is None or router.shape[1] != experts.gate_up_proj.shape[2]:
+        return f"MoE block {type(mlp).__name__} has no router weight over its input"
+    consumers, shared = [router], []
+    shared_mlp = getattr(mlp, "shared_expert", None)
+    if shared_mlp is not None:
+        lins = [getattr(shared_mlp, n, None) for n in ("gate_proj", "up_proj")]
+        if not all(getattr(lin, "weight", None) is not None for lin in lins):
+            return "the shared expert has no gate/up_proj linears"
+        shared = lins
+        shared_gate = _columns_of(getattr(mlp, "shared_expert_gate", None))
+        if shared_gate is not None:
+            consumers.append(shared_gate)
+    return ExpertBlock(i, f"{base}.{norm_name}", norm, kind, mlp, experts, consumers, shared)
+
+
+def search_pairs(fmt, pairs, x_mean, grid: int):
+    """awq.search_scale for linears that each see their own rows: pairs [(X_i [n_i, in], W_i
+    [out, in])] sharing the scale over `in`. Returns (s, alpha, error, error of plain RTN)."""
+    from slimlm.compress.awq import search_scale
+
+    return search_scale(fmt, None, x_mean, None, grid=grid, pairs=pairs)

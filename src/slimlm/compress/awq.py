@@ -354,7 +354,7 @@ def _scale(model, fmt: BlockFormat, windows, seq_len: int, grid: int, max_tokens
         if why:
             report["skipped"].append({"layer": b.layer, "group": "experts", "why": why})
         else:
-            report["scaled"] += b.scale(fmt, grid, _fold_norm)
+            report["scaled"] += b.scale(fmt, grid, search_scale, _fold_norm)
     with torch.no_grad():
         after = model(input_ids=probe, use_cache=False).logits.float()
     diff = float((after - before).abs().max())

@@ -22,7 +22,7 @@ nn.Linear nor reachable by AutoAWQ's or llm-compressor's module mappings.
 
 from __future__ import annotations
 
-__all__ = ["ExpertBlock", "find_expert_block", "search_pairs"]
+__all__ = ["ExpertBlock", "find_expert_block"]
 
 
 def _experts_of(mlp):
@@ -96,8 +96,9 @@ class ExpertBlock:
     def forget(self) -> None:
         self._norm_out = None
 
-    def scale(self, fmt, grid: int, fold_norm) -> list[dict]:
-        """Search and fold the input scale, then each expert's down scale; report entries."""
+    def scale(self, fmt, grid: int, search_scale, fold_norm) -> list[dict]:
+        """Search and fold the input scale, then each expert's down scale; report entries.
+        `search_scale` and `fold_norm` are awq.py's (passed in: awq.py imports this module)."""
         import torch
 
         width = self.experts.gate_up_proj.shape[1] // 2
@@ -105,7 +106,7 @@ class ExpertBlock:
         report = []
         pairs = [(torch.cat(self.routed[e]), gate_up[e].float()) for e in self.routed if self.routed[e]]
         pairs += [(torch.cat(self.rows), lin.weight.detach().float()) for lin in self.shared]
-        s, alpha, err, err_rtn = search_pairs(fmt, pairs, self.abs_sum / self.count, grid)
+        s, alpha, err, err_rtn = search_scale(fmt, None, self.abs_sum / self.count, None, grid, pairs=pairs)
         if alpha > 0:
             with torch.no_grad():
                 gate_up.mul_(s[None, None, :].to(gate_up.dtype))
@@ -118,8 +119,8 @@ class ExpertBlock:
         for e, rows in self.down_rows.items():
             if not rows or width % fmt.block_size:  # a down projection's blocks run along the I columns
                 continue
-            s, alpha, err, err_rtn = search_pairs(fmt, [(torch.cat(rows), down[e].float())],
-                                                  self.down_abs[e] / self.down_count[e], grid)
+            s, alpha, err, err_rtn = search_scale(fmt, None, self.down_abs[e] / self.down_count[e], None, grid,
+                                                  pairs=[(torch.cat(rows), down[e].float())])
             if alpha > 0:
                 with torch.no_grad():
                     gate_up[e, width:].div_(s[:, None].to(gate_up.dtype))
@@ -154,10 +155,3 @@ def find_expert_block(i: int, base: str, layer, mlp, norm_name: str, norm_kind) 
             consumers.append(shared_gate)
     return ExpertBlock(i, f"{base}.{norm_name}", norm, kind, mlp, experts, consumers, shared)
 
-
-def search_pairs(fmt, pairs, x_mean, grid: int):
-    """awq.search_scale for linears that each see their own rows: pairs [(X_i [n_i, in], W_i
-    [out, in])] sharing the scale over `in`. Returns (s, alpha, error, error of plain RTN)."""
-    from slimlm.compress.awq import search_scale
-
-    return search_scale(fmt, None, x_mean, None, grid=grid, pairs=pairs)

@@ -138,6 +138,63 @@ def test_joining_prompts_share_a_pass_and_read_as_alone(tiny):
             alone.close()
 
 
+def test_joining_prompts_come_out_a_few_per_pass_before_the_decode_pass(tiny):
+    """Six prompts join two running sequences: the prompts are read PROMPTS_PER_PASS (4) to a pass,
+    each pass's logits handed out before the next pass runs, the decode tokens last; the logits
+    are those of one step() and each prompt's those of reading it alone."""
+    ids = [tiny.tokenize(p) for p in PROMPTS]
+    prompts = [ids[i % 4][: len(ids[i % 4]) - i // 4] for i in range(6)]
+    decoder, again = tiny.decoder(8, 256, 128), tiny.decoder(8, 256, 128)
+    try:
+        assert decoder.PROMPTS_PER_PASS == 4
+        for d in (decoder, again):
+            running = [d.admit(ids[0]), d.admit(ids[1])]
+            for slot, logits in d.step().items():
+                d.feed(slot, Sampler()(logits))
+            joining = [d.admit(p) for p in prompts]
+        parts = list(decoder.step_passes())
+        assert [sorted(p) for p in parts] == [sorted(joining[:4]), sorted(joining[4:]), sorted(running)]
+        whole = again.step()
+        for part in parts:
+            for slot, logits in part.items():
+                np.testing.assert_array_equal(logits, whole[slot])
+        for slot, p in zip(joining, prompts):
+            alone = tiny.decoder(1, 256, 128)
+            try:
+                np.testing.assert_allclose(whole[slot], _alone_logits(alone, p), rtol=0, atol=1e-5)
+            finally:
+                alone.close()
+    finally:
+        decoder.close()
+        again.close()
+
+
+def _alone_logits(decoder, prompt):
+    slot = decoder.admit(prompt)
+    return decoder.step()[slot]
+
+
+def test_a_step_left_unfinished_forgets_what_it_did_not_read(tiny):
+    """A step whose passes stop early (an error in the caller) must not leave slots claiming
+    tokens llama.cpp never read: the same prompt again is read whole, with the fresh logits."""
+    ids = [tiny.tokenize(p) for p in PROMPTS]
+    decoder, fresh = tiny.decoder(6, 256, 128), tiny.decoder(1, 256, 128)
+    try:
+        slots = [decoder.admit(p) for p in ids + ids[:2]]  # six prompts: two passes
+        passes = decoder.step_passes()
+        next(passes)
+        passes.close()  # the second pass never runs
+        for slot in slots:
+            decoder.release(slot)
+        before = decoder.reused_tokens
+        slot = decoder.admit(ids[3])
+        assert decoder.reused_tokens == before  # nothing claimed: read whole
+        np.testing.assert_allclose(decoder.step()[slot], _alone_logits(fresh, ids[3]), rtol=0, atol=1e-5)
+    finally:
+        decoder.close()
+        fresh.close()
+
+
 def test_prefix_reuse_gives_the_logits_of_a_fresh_read(tiny):
     system = tiny.tokenize("You answer in one short sentence. " * 3)
     first, second = system + tiny.tokenize(" What is two plus two?"), system + tiny.tokenize(" Name a colour.")

@@ -3,10 +3,18 @@
 The engine (engine.py) hands each task of a request to `Batcher.submit`. One thread owns the
 backend's SequenceDecoder (models/backends/decoder.py) and loops: give free slots to waiting
 tasks (arrival order, so nobody is overtaken), run one step, sample each ready slot with that
-task's own sampler, turn the token into text (UTF-8 pieces held until whole, stop strings held
+task's own sampler (pass by pass: a joining prompt's first token goes out as soon as the pass that
+read it is done), turn the token into text (UTF-8 pieces held until whole, stop strings held
 until they cannot match), stream it to the request, and end the task at its end token, a stop
 string, max_tokens, a full slot, or a cancel. A finished task leaves its slot at once, and the
 next waiting one joins the running batch at the next step.
+
+An idle engine (nothing decoding) does not start on the first request of a burst: it waits until
+arrivals pause for `gather_quiet_s` (2 ms, at most `gather_max_s`, 25 ms), so requests that come
+together read their prompts in one pass and then decode in step. Started on the first one, a burst
+of 16 split into a group of 10 and a group of 6 one step behind; the second group then waited for
+the first group's prompt pass as well as its own, at every turn after (bench/serve_load.py at 16
+clients). Running sequences never wait for this: it applies only when none are running.
 
 Tasks the decoder cannot run batched (a prompt to score, a request for an adapter) run here too,
 between two steps, on the backend's one-at-a-time path: one thread does all the computing, so
@@ -27,6 +35,9 @@ from slimlm.models.backends.base import StopText
 from slimlm.models.backends.decoder import Sampler, SequenceDecoder
 
 log = logging.getLogger("slimlm.serve")
+
+GATHER_QUIET_S = 0.002  # an idle engine starts once arrivals pause this long (module docstring)
+GATHER_MAX_S = 0.025  # ... or this long after the first arrival
 
 
 def _deliver(items) -> None:
@@ -61,6 +72,7 @@ class Batcher:
         self._outbox: list = []  # (job, event) of this step, handed to the event loop at once
         self._wake = threading.Condition()
         self._stop = False
+        self.gather_quiet_s, self.gather_max_s = GATHER_QUIET_S, GATHER_MAX_S
         self._thread = threading.Thread(target=self._loop, name=f"slimlm-batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -88,6 +100,8 @@ class Batcher:
                     self._wake.wait()
                 if self._stop:
                     return
+                if not self.running:
+                    self._gather()
             try:
                 self._admit()
                 if self.running:
@@ -97,6 +111,20 @@ class Batcher:
                 for seq in list(self.running.values()):
                     self._drop(seq)
                     seq.job.fail(exc)
+
+    def _gather(self) -> None:
+        """Wait (holding the condition) until arrivals pause, the slots are all asked for, or
+        gather_max_s has passed since the first arrival."""
+        deadline = time.perf_counter() + self.gather_max_s
+        seen = len(self.waiting)
+        while seen < self.decoder.free and self.gather_quiet_s > 0:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._wake.wait(min(self.gather_quiet_s, left))
+            if len(self.waiting) == seen or self._stop:
+                return  # quiet: no arrival within gather_quiet_s
+            seen = len(self.waiting)
 
     def _admit(self) -> None:
         while self.decoder.free:
@@ -121,15 +149,22 @@ class Batcher:
 
     def _step(self) -> None:
         start = time.perf_counter()
-        logits = self.decoder.step()
+        for logits in self.decoder.step_passes():  # each pass's tokens go out before the next pass runs
+            for slot, row in logits.items():
+                seq = self.running.get(slot)
+                if seq is None:
+                    continue
+                if seq.job.cancelled.is_set():
+                    self._end(seq, "cancelled")
+                else:
+                    self._advance(seq, row)
+            self._flush()
         elapsed = time.perf_counter() - start
         for hook in self.on_step:
             hook(self.decoder.last, elapsed)
-        for slot, seq in list(self.running.items()):
+        for seq in list(self.running.values()):  # cancelled while reading a prompt: no logits this step
             if seq.job.cancelled.is_set():
                 self._end(seq, "cancelled")
-            elif slot in logits:
-                self._advance(seq, logits[slot])
         self._flush()
 
     def _flush(self) -> None:

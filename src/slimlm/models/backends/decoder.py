@@ -5,17 +5,20 @@ Why: one request at a time leaves a CPU idle between matrix-vector products; dec
 sequences together turns them into matrix-matrix products that cost little more than one
 (bench/serve.py measures it). This module is the backend-independent half: the slots, which
 tokens go into the next forward pass, prompt-prefix reuse, and sampling. A backend supplies
-`_forward` (run the tokens, return the logits asked for) and `_truncate` (drop a slot's cached
+`_passes` (run the tokens, yielding the logits asked for after each of its forward passes) and
+`_truncate` (drop a slot's cached
 positions from p on); `LlamaCppBackend.decoder()` does it with one llama.cpp context holding one
 KV cache shared by all slots, as llama-server does.
 
-The schedule, per step (one forward pass of at most `batch_tokens` tokens):
-1. every slot that is decoding contributes its one newest token (decode first, so a long prompt
-   arriving never stalls the streams already running);
+The schedule, per step (at most `batch_tokens` tokens, run in one or more forward passes):
+1. every slot that is decoding contributes its one newest token (taken first, so a long prompt
+   arriving never crowds out the streams already running);
 2. the remaining room goes to slots still reading their prompt, a chunk of at most `chunk`
    tokens each in arrival order (chunked prefill: a 2,000-token prompt takes several steps, and
    the others keep decoding);
-3. logits come back for each slot whose pending tokens all went in; those are sampled.
+3. logits come back for each slot whose pending tokens all went in, pass by pass (`step_passes`):
+   a backend may read the joining prompts first, a few per pass, so their first tokens are sampled
+   and streamed before the step's decode pass has run (llamacpp_decoder.py says why).
 
 Prefix reuse: a released slot keeps its tokens in the cache. A new sequence takes the free slot
 whose cached tokens share the longest prefix with its prompt, cuts the cache there and reads
@@ -42,6 +45,7 @@ that frees is rarely the one holding the next request's prefix, this is what kee
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,9 +132,9 @@ class SequenceDecoder(ABC):
 
     # -- what a backend provides -------------------------------------------------------------
     @abstractmethod
-    def _forward(self, entries: list[tuple[int, list[int], int, bool]]) -> dict[int, np.ndarray]:
-        """Run one forward pass over entries (slot, tokens, first position, want logits of the
-        last token) and return {slot: logits} for those that want them."""
+    def _passes(self, entries: list[tuple[int, list[int], int, bool]]) -> Iterator[dict[int, np.ndarray]]:
+        """Run entries (slot, tokens, first position, want logits of the last token) in forward
+        passes, yielding {slot: logits} for those that want them after each pass."""
 
     @abstractmethod
     def _truncate(self, slot: int, keep: int) -> int:
@@ -241,11 +245,20 @@ class SequenceDecoder(ABC):
         s.busy, s.pending = False, []
 
     def step(self) -> dict[int, np.ndarray]:
-        """One forward pass; returns {slot: next-token logits} for the slots ready to sample."""
+        """One step; returns {slot: next-token logits} for the slots ready to sample."""
+        out = {}
+        for ready in self.step_passes():
+            out.update(ready)
+        return out
+
+    def step_passes(self) -> Iterator[dict[int, np.ndarray]]:
+        """One step, yielding {slot: next-token logits} after each forward pass. A slot's
+        bookkeeping is done before the first pass, so a caller may feed or release a slot whose
+        logits it got while later passes are still to run."""
         decoding = [s for s in self.slots if s.busy and len(s.pending) == 1 and s.cached]
         reading = sorted((s for s in self.slots if s.busy and s.pending and s not in decoding), key=lambda s: s.order)
         budget = self.batch_tokens - len(decoding)
-        entries = [(s.index, s.pending, len(s.cached), True) for s in decoding]
+        entries = [(s.index, list(s.pending), len(s.cached), True) for s in decoding]
         taken = {s.index: 1 for s in decoding}
         for s in reading:
             if budget <= 0:
@@ -256,10 +269,15 @@ class SequenceDecoder(ABC):
             budget -= n
         self.last = StepStats(sum(taken.values()), len(decoding), len(taken) - len(decoding))
         if not entries:
-            return {}
-        logits = self._forward(entries)
+            return
         for index, n in taken.items():
             s = self.slots[index]
             s.cached.extend(s.pending[:n])
             del s.pending[:n]
-        return logits
+        try:
+            yield from self._passes(entries)
+        except BaseException:  # a pass that failed or never ran: these caches are no longer what `cached` says
+            for index in taken:
+                self.slots[index].cached = []
+                self._truncate(index, 0)
+            raise

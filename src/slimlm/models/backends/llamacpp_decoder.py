@@ -15,9 +15,16 @@ tokens' `llama_decode` (mixed in, llama.cpp splits the batch into equal-length s
 so each prompt's first token rides with the decode tokens, and greedy tokens differed: measured
 with the tiny test model); and prompt chunks of the backend's own `n_ubatch`. A batch of single
 decode tokens from several streams computes each row as alone, and the step's prompt chunks share
-one `llama_decode` of their own, in slot order: on SmolLM2's Q4_1 six prompts of 45-52 tokens read
+`llama_decode`s of their own, in slot order: on SmolLM2's Q4_1 six prompts of 45-52 tokens read
 together gave the logits each gets alone bit for bit (measured), and the tests hold greedy tokens
 equal (tiny f32 model: logits within 1e-5).
+
+First tokens first: a step reads its joining prompts before its decode tokens, PROMPTS_PER_PASS to
+a `llama_decode`, and each pass's first tokens are sampled and streamed before the next pass runs.
+Prompt reading costs llama.cpp about the same per token whether 4 or 16 prompts share a pass, so
+when 16 clients come back together (bench/serve_load.py), one pass of all 16 prompts gave every
+one of them its first token only at the end (~650 ms on SmolLM2 here), while passes of 4 give
+the first four theirs after a quarter of that, the last four at about the same time as before.
 
 Why the low-level API: llama-cpp-python's `Llama` only ever uses sequence 0, and its
 `LlamaBatch.add_sequence` helper indexes logits wrongly for every sequence after the first, so
@@ -67,17 +74,20 @@ class LlamaCppDecoder(SequenceDecoder):
     def text_bytes(self, token: int) -> bytes:
         return self._llm.detokenize([token], special=False)  # what create_completion's stream writes
 
-    def _forward(self, entries):
-        decoding = [e for e in entries if len(e[1]) == 1]
-        out = self._decode(decoding) if decoding else {}
-        self.passes = 1 if decoding else 0
-        # prompt chunks share one pass, in slot order: llama.cpp puts consecutive sequence ids in
-        # one ubatch, so a burst of joining prompts costs one pass instead of one each
+    PROMPTS_PER_PASS = 4  # joining prompts read in one llama_decode (see "First tokens first" above)
+
+    def _passes(self, entries):
         reading = sorted((e for e in entries if len(e[1]) > 1), key=lambda e: e[0])
-        if reading:
-            out.update(self._decode(reading))
+        decoding = [e for e in entries if len(e[1]) == 1]
+        self.passes = 0
+        # prompt chunks first, a few per pass, in slot order: llama.cpp puts consecutive sequence
+        # ids in one ubatch; each pass's first tokens are sampled before the next pass runs
+        for at in range(0, len(reading), self.PROMPTS_PER_PASS):
             self.passes += 1
-        return out
+            yield self._decode(reading[at:at + self.PROMPTS_PER_PASS])
+        if decoding:
+            self.passes += 1
+            yield self._decode(decoding)
 
     def _decode(self, entries):
         lib, b = self._lib, self._batch

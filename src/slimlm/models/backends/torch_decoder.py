@@ -50,21 +50,18 @@ class TorchDecoder(SequenceDecoder):
         return self._backend.token_bytes(token)
 
     # -- the forward pass ----------------------------------------------------------------------
-    def _forward(self, entries):
+    def _passes(self, entries):
         import torch
 
         decoding = [e for e in entries if len(e[1]) == 1 and e[2] > 0]
         reading = [e for e in entries if e not in decoding]
-        out = {}
         with torch.inference_mode():
-            self._regroup([e[0] for e in decoding])
-            for slot, tokens, start, want in reading:
+            for slot, tokens, start, want in reading:  # each alone; its first token can go out at once
                 logits = self._read(slot, tokens, start, want)
-                if want:
-                    out[slot] = logits
+                yield {slot: logits} if want else {}
             if decoding:
-                out.update(self._decode(decoding))
-        return out
+                self._regroup([e[0] for e in decoding])
+                yield self._decode(decoding)
 
     def _read(self, slot: int, tokens: list[int], start: int, want: bool):
         """A prompt chunk, alone, on the prefill model (the one-at-a-time path's prefill)."""

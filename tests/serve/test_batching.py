@@ -112,6 +112,31 @@ def test_the_queue_beyond_the_slots_is_bounded(tiny_gguf):
         engine.close()
 
 
+@pytest.mark.parametrize("quiet", [0.0, 0.5])
+def test_an_idle_engine_gathers_a_burst_into_one_first_step(tiny_gguf, quiet):
+    """Requests arriving 20 ms apart at an idle engine: with a gather window longer than the gaps
+    they are all read in the first step; without one the first step holds only the first. Either
+    way each gets its greedy text."""
+    engine = Engine.open(str(tiny_gguf), "llamacpp", n_ctx=256, parallel=3, batch_tokens=64)
+    engine.batcher.gather_quiet_s, engine.batcher.gather_max_s = quiet, 5.0
+    steps = []
+    engine.batcher.on_step.append(lambda stats, seconds: steps.append(stats.prefilling))
+
+    async def main():
+        jobs = []
+        for task in _tasks(engine, n=4)[:3]:
+            jobs.append(engine.submit([task]))
+            await asyncio.sleep(0.02)
+        return [(await job.results())[0].text for job in jobs]
+
+    try:
+        texts = asyncio.run(main())
+        assert steps[0] == (3 if quiet else 1)
+        assert texts == [_alone(engine, engine.text_ids(p), 4)[0] for p in PROMPTS[:3]]
+    finally:
+        engine.close()
+
+
 def test_prompt_scoring_runs_between_steps(engines):
     batched, alone = engines
     ids = batched.text_ids("Question: What is the capital of France?\nAnswer: Paris")

@@ -67,28 +67,19 @@ class ExpertBlock:
                 self.wired = args[0] is self._norm_out
 
         def on_experts(module, args, output):
-            import torch
+            from slimlm.compress.gptq_experts import routed_inputs
 
-            hidden, top_k = args[0], args[1]
-            x = hidden.detach().reshape(-1, hidden.shape[-1]).float()
-            top_k = top_k.reshape(x.shape[0], -1)
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             a = x.abs().sum(0).double()
             self.abs_sum = a if self.abs_sum is None else self.abs_sum + a
             self.count += x.shape[0]
             self.rows.append(x[::stride].cpu())
-            with torch.no_grad():
-                for e in self.routed:
-                    rows = (top_k == e).any(dim=-1).nonzero().squeeze(-1)
-                    if rows.numel() == 0:
-                        continue
-                    xe = x[rows]
-                    self.routed[e].append(xe[::stride].cpu())
-                    gate, up = torch.nn.functional.linear(xe, module.gate_up_proj[e].float()).chunk(2, dim=-1)
-                    h = module.act_fn(gate) * up
-                    d = h.abs().sum(0).double()
-                    self.down_abs[e] = d if e not in self.down_abs else self.down_abs[e] + d
-                    self.down_count[e] = self.down_count.get(e, 0) + h.shape[0]
-                    self.down_rows[e].append(h[::stride].cpu())
+            for e, xe, h in routed_inputs(module, args[0], args[1]):
+                self.routed[e].append(xe[::stride].cpu())
+                d = h.abs().sum(0).double()
+                self.down_abs[e] = d if e not in self.down_abs else self.down_abs[e] + d
+                self.down_count[e] = self.down_count.get(e, 0) + h.shape[0]
+                self.down_rows[e].append(h[::stride].cpu())
 
         return [self.norm.register_forward_hook(on_norm), self.block.register_forward_pre_hook(on_block),
                 self.experts.register_forward_hook(on_experts)]

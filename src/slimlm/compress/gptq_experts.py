@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["ExpertHessianHooks", "checkpoint_keys", "expert_modules", "expert_views"]
+__all__ = ["ExpertHessianHooks", "checkpoint_keys", "expert_modules", "expert_views", "routed_inputs"]
 
 ROLES = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 _CHECKPOINT = re.compile(r"\.layers\.(\d+)\..*\.experts\.(\d+)\.(w[123]|gate_proj|up_proj|down_proj)\.weight$")
@@ -36,6 +36,24 @@ def expert_modules(module, prefix: str = "") -> dict:
         if getattr(gate_up, "ndim", 0) == 3 and getattr(down, "ndim", 0) == 3 and hasattr(m, "act_fn"):
             out[prefix + name] = m
     return out
+
+
+def routed_inputs(module, hidden, top_k):
+    """(expert, its gate/up input rows, its down projection's input rows) for every expert of a
+    fused experts module that the top-k indices send a token to, computed as the expert does
+    (act(gate) * up). `hidden` and `top_k` are the module's own forward arguments."""
+    import torch
+
+    x = hidden.detach().reshape(-1, hidden.shape[-1]).float()
+    top_k = top_k.reshape(x.shape[0], -1)
+    with torch.no_grad():
+        for e in range(module.gate_up_proj.shape[0]):
+            rows = (top_k == e).any(dim=-1).nonzero().squeeze(-1)
+            if rows.numel() == 0:
+                continue
+            xe = x[rows]
+            gate, up = torch.nn.functional.linear(xe, module.gate_up_proj[e].float()).chunk(2, dim=-1)
+            yield e, xe, module.act_fn(gate) * up
 
 
 def expert_views(model, keys: dict[tuple[int, int, str], str]) -> dict[str, object]:
@@ -88,20 +106,9 @@ class ExpertHessianHooks:
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            import torch
-
-            hidden, top_k = args[0], args[1]
-            x = hidden.detach().reshape(-1, hidden.shape[-1]).float()
-            top_k = top_k.reshape(x.shape[0], -1)
-            with torch.no_grad():
-                for e in range(module.num_experts):
-                    rows = (top_k == e).any(dim=-1).nonzero().squeeze(-1)
-                    if rows.numel() == 0:
-                        continue
-                    xe = x[rows]
-                    self._add((name, e, "in"), xe)
-                    gate, up = torch.nn.functional.linear(xe, module.gate_up_proj[e].float()).chunk(2, dim=-1)
-                    self._add((name, e, "down"), module.act_fn(gate) * up)
+            for e, xe, down_in in routed_inputs(module, args[0], args[1]):
+                self._add((name, e, "in"), xe)
+                self._add((name, e, "down"), down_in)
         return hook
 
     def remove(self, keys: dict[tuple[int, int, str], str]) -> dict:

@@ -11,10 +11,10 @@ next waiting one joins the running batch at the next step.
 
 An idle engine (nothing decoding) does not start on the first request of a burst: it waits until
 arrivals pause for `gather_quiet_s` (2 ms, at most `gather_max_s`, 25 ms), so requests that come
-together read their prompts in one pass and then decode in step. Started on the first one, a burst
-of 16 split into a group of 10 and a group of 6 one step behind; the second group then waited for
-the first group's prompt pass as well as its own, at every turn after (bench/serve_load.py at 16
-clients). Running sequences never wait for this: it applies only when none are running.
+together read their prompts in the same step and then decode in step, rather than the first few
+starting alone and the rest a step behind them (traced with bench/serve_load.py's 16 clients: each
+wave of 16 returning requests was read in one step). Running sequences never wait for this: it
+applies only when none are running, and costs a lone request about 2 ms.
 
 Tasks the decoder cannot run batched (a prompt to score, a request for an adapter) run here too,
 between two steps, on the backend's one-at-a-time path: one thread does all the computing, so

@@ -6,8 +6,7 @@ sequences together turns them into matrix-matrix products that cost little more 
 (bench/serve.py measures it). This module is the backend-independent half: the slots, which
 tokens go into the next forward pass, prompt-prefix reuse, and sampling. A backend supplies
 `_passes` (run the tokens, yielding the logits asked for after each of its forward passes) and
-`_truncate` (drop a slot's cached
-positions from p on); `LlamaCppBackend.decoder()` does it with one llama.cpp context holding one
+`_truncate` (drop a slot's cached positions from p on); `LlamaCppBackend.decoder()` does it with one llama.cpp context holding one
 KV cache shared by all slots, as llama-server does.
 
 The schedule, per step (at most `batch_tokens` tokens, run in one or more forward passes):
@@ -32,8 +31,8 @@ Packed slots (a backend sets `compact`): llama.cpp with a KV stream per sequence
 sequences in one pass only while their ids are consecutive (llama-batch.cpp `split_equal`,
 "accept only increasing sequence ids"); busy slots 0, 2, 3, 5 cost three passes of the weights
 instead of one (measured on SmolLM2: 42-45 ms per step against 27-29 ms for slots 0-3). So a
-new sequence always takes the lowest free slot, and the prefix it reuses is brought there: a
-such backend saves a slot's cache to host memory and loads it into another (`_save`, `_load`),
+new sequence always takes the lowest free slot, and the prefix it reuses is brought there:
+such a backend saves a slot's cache to host memory and loads it into another (`_save`, `_load`),
 which keeps every value and gives the logits of reading in place (the tests hold them equal).
 
 Those saved states are also a second cache tier (prompt_store.py): before a slot's cache is

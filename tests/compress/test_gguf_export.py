@@ -337,3 +337,49 @@ def test_gemma3_round_trip_tokenizes_and_predicts_like_torch(tmp_path):
     finally:
         llm.close()
         source.close()
+
+
+@pytest.mark.llamacpp
+def test_deepseek_routing_bias_reaches_llama_cpp(tiny_models, tmp_path):
+    """DeepSeek V3 chooses experts by sigmoid score plus a per-expert correction bias and weighs
+    them without it. With a bias that moves transformers' logits, llama.cpp's logits from slimlm's
+    file still equal transformers' (the bias is written as exp_probs_b, gating as sigmoid)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_models("deepseek_v3")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    biased = tmp_path / "biased"
+    with torch.no_grad():
+        before = model(torch.tensor([IDS])).logits[0].numpy()
+        for layer in model.model.layers:
+            gate = getattr(layer.mlp, "gate", None)
+            if gate is not None and hasattr(gate, "e_score_correction_bias"):
+                n = gate.e_score_correction_bias.numel()
+                gate.e_score_correction_bias.copy_(torch.linspace(-0.6, 0.6, n))
+        after = model(torch.tensor([IDS])).logits[0].numpy()
+    model.save_pretrained(biased)
+    for f in src.iterdir():
+        if f.is_file() and not (biased / f.name).exists():  # the tokenizer files
+            shutil.copy(f, biased / f.name)
+    assert np.abs(after - before).max() > 0.1  # the bias changes which experts run
+    fields, names = _fields(export_gguf(biased, tmp_path / "m.gguf", dtype="f32"))
+    assert "blk.1.exp_probs_b.bias" in names
+    got = llama_logits(tmp_path / "m.gguf", IDS)
+    assert np.abs(got - after).max() < 1e-3 * max(np.abs(after).max(), 1.0)
+
+
+def test_deepseek_layouts_llama_cpp_cannot_run_are_refused(tiny_models, tmp_path):
+    """Group-limited routing and yarn rope scaling: one clear error, no file."""
+    src = tiny_models("deepseek_v3")
+    for key, change, message in (("groups", {"n_group": 2, "topk_group": 1}, "group-limited"),
+                                 ("yarn", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0},
+                                           "rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                                                               "rope_theta": 10000.0}}, "yarn")):
+        folder = tmp_path / key
+        shutil.copytree(src, folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(SlimlmError, match=message):
+            export_gguf(folder, tmp_path / f"{key}.gguf")
+        assert not (tmp_path / f"{key}.gguf").exists() and not list(tmp_path.glob(f".{key}.gguf*"))

@@ -36,6 +36,7 @@ class ArchSpec:
     fold_query_scale: str | None = None  # weight that absorbs query_pre_attn_scalar (llama.cpp hard-codes the scale)
     big_model_layers: int | None = None  # layer count llama.cpp treats as the 27B (scale by n_embd/n_head)
     swa: str = "ignored"  # "layers": llama.cpp honours window + per-layer pattern; "ignored": it attends fully
+    mla: bool = False  # DeepSeek's multi-head latent attention (low-rank q and kv, a rope part per head)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -49,6 +50,9 @@ ARCHS: dict[str, ArchSpec] = {
     "gemma3_text": ArchSpec("gemma3", norm_offset=1.0, fold_query_scale="self_attn.q_norm.weight",
                             big_model_layers=62, swa="layers"),
     "phi3": ArchSpec("phi3"),
+    # llama.cpp's deepseek2: MLA with kv_b_proj written whole (its pre-split layout, still loaded),
+    # sigmoid routing with the score-correction bias, shared experts, leading dense layers
+    "deepseek_v3": ArchSpec("deepseek2", mla=True),
 }
 DTYPES = ("f32", "f16", "bf16")
 TensorWriter = Callable[[str, str, np.ndarray], "tuple[np.ndarray, object] | None"]
@@ -124,6 +128,12 @@ def _add_hparams(writer, config: dict, spec: ArchSpec, dtype: str,
 
     n_head = config["num_attention_heads"]
     hd = head_dim(config)
+    if spec.mla:  # per head: a key of nope + rope parts, a value of its own width; no grouped kv
+        key_len, value_len = config["qk_nope_head_dim"] + config["qk_rope_head_dim"], config["v_head_dim"]
+        n_kv, rope_dims = n_head, config["qk_rope_head_dim"]
+    else:
+        key_len = value_len = hd
+        n_kv = config.get("num_key_value_heads") or n_head
     if file_type:  # a quantizer names the block type most tensors are in (e.g. "Q4_0")
         writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{file_type.upper()}"])
     else:
@@ -134,9 +144,9 @@ def _add_hparams(writer, config: dict, spec: ArchSpec, dtype: str,
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(config.get("num_key_value_heads") or n_head)
-    writer.add_key_length(hd)
-    writer.add_value_length(hd)
+    writer.add_head_count_kv(n_kv)
+    writer.add_key_length(key_len)
+    writer.add_value_length(value_len)
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
     if expert_count(config):  # Mixtral: intermediate_size above is one expert's
         writer.add_expert_count(expert_count(config))
@@ -145,9 +155,13 @@ def _add_hparams(writer, config: dict, spec: ArchSpec, dtype: str,
         writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
     if config.get("shared_expert_intermediate_size"):
         writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
+    if spec.mla:
+        _add_deepseek(writer, config)
     writer.add_vocab_size(config["vocab_size"])
     rope, rope_swa = _rope(config)
-    writer.add_rope_dimension_count(int(hd * rope.get("partial_rotary_factor", 1.0)))
+    if not spec.mla:
+        rope_dims = int(hd * rope.get("partial_rotary_factor", 1.0))
+    writer.add_rope_dimension_count(rope_dims)
     writer.add_rope_freq_base(rope["rope_theta"])
     if rope_swa is not None:
         writer.add_rope_freq_base_swa(rope_swa["rope_theta"])
@@ -175,6 +189,25 @@ def _add_hparams(writer, config: dict, spec: ArchSpec, dtype: str,
     return extra
 
 
+def _add_deepseek(writer, config: dict) -> None:
+    """DeepSeek V3's attention ranks and routing, as llama.cpp's deepseek2 reads them."""
+    import gguf
+
+    if (config.get("n_group") or 1) > 1 and (config.get("topk_group") or 1) < config["n_group"]:
+        raise SlimlmError("GGUF export does not support DeepSeek's group-limited routing (n_group > topk_group): "
+                          "llama.cpp's deepseek2 routes over all experts")
+    if config.get("q_lora_rank"):
+        writer.add_q_lora_rank(config["q_lora_rank"])
+    else:
+        writer.add_q_lora_rank(0)  # a full q_proj (llama.cpp reads the key for every non-lite size)
+    writer.add_kv_lora_rank(config["kv_lora_rank"])
+    writer.add_leading_dense_block_count(config.get("first_k_dense_replace", 0))
+    writer.add_expert_shared_count(config.get("n_shared_experts") or 0)
+    writer.add_expert_weights_scale(float(config.get("routed_scaling_factor", 1.0)))
+    writer.add_expert_weights_norm(bool(config.get("norm_topk_prob", False)))
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+
+
 def sliding_window(config: dict) -> int | None:
     """The attention window the transformers model really uses (Qwen 2 keeps one it switches off)."""
     if not config.get("use_sliding_window", True):
@@ -200,8 +233,8 @@ _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.((?:w[123]|gate_proj|up_proj|down_
 
 
 def expert_count(config: dict) -> int:
-    """Routed experts per layer (Mixtral's and Qwen-MoE's key), 0 for a dense model."""
-    return config.get("num_local_experts") or config.get("num_experts") or 0
+    """Routed experts per layer (Mixtral's, Qwen-MoE's and DeepSeek's keys), 0 for a dense model."""
+    return config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts") or 0
 
 
 def expert_names(stacked: str, n_experts: int) -> list[str] | None:
@@ -319,6 +352,8 @@ def export_gguf(model: str | Path, out: Path, dtype: str = "f16", force: bool = 
         for name, tensor in _stack_experts(_weights(folder), expert_count(config)):
             if any(s in name for s in _SKIP) or (tie and name == "lm_head.weight"):
                 continue
+            if name.endswith(".e_score_correction_bias"):  # DeepSeek's routing bias, as llama.cpp's map names it
+                name = name[: -len("_bias")] + ".bias"
             gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
                 raise SlimlmError(f"{folder.name}: tensor {name} has no GGUF name for {spec.arch}; "

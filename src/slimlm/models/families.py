@@ -53,7 +53,7 @@ FAMILIES: dict[str, Family] = {
         Family("deepseek_v3", "DeepSeek V3 (MoE, MLA)", "DeepSeek-V3, Moonlight", "deepseek2",
                dict(_TINY, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
                     n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
-                    q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                    q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
                     v_head_dim=16, head_dim=8, num_key_value_heads=4, rope_interleave=True),
                experts_key="n_routed_experts", experts_used_key="num_experts_per_tok"),
     ]

@@ -181,5 +181,5 @@ def test_matrix_prune(family, tiny_models, tmp_path, texts):
     assert model.config.model_type == family
     assert all(layer.num_experts == max(used, experts // 2) for layer in moe_layers(model))
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in before.parameters())
-    out = model.generate(torch.tensor([[1, 40, 77]]), max_new_tokens=3, do_sample=False)
-    assert out.shape[1] == 6 and result is not None
+    out = model.generate(torch.tensor([[1, 40, 77]]), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape[1] == 6 and result is not None  # min_new_tokens: a random model may end the text early

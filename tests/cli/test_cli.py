@@ -102,3 +102,14 @@ def test_runs_db_option_moves_the_registry(capsys, tiny_models, tmp_path):
     assert code == 0, err
     code, out, _ = run(capsys, "--runs-db", db, "runs", "--json")
     assert db.exists() and len(json.loads(out)) == 1
+
+
+def test_the_cli_starts_without_importing_torch():
+    """Every command pays the CLI's import time: torch (over a second) is imported only by the
+    commands that run a model, not to build the help or parse arguments."""
+    import subprocess
+    import sys
+
+    code = "import sys, slimlm.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

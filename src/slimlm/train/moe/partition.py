@@ -23,10 +23,14 @@ scaled by N / r, weighted 1/N); the shared experts add the rest (scaled by their
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from slimlm.errors import SlimlmError
+
+if TYPE_CHECKING:  # torch is imported where it runs: the CLI builds its help from these modules
+    import torch
 
 
 def check_split(intermediate: int, experts: int, active: int, active_fraction: float,
@@ -72,6 +76,7 @@ def mlp_activity(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: to
 
 def cluster_tokens(x: torch.Tensor, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(labels [tokens], unit centroids [n, hidden]) of spherical k-means on the MLP inputs."""
+    import torch
     from sklearn.cluster import KMeans
 
     unit = torch.nn.functional.normalize(x.double(), dim=-1).numpy()

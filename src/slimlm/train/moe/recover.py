@@ -26,7 +26,6 @@ from slimlm.train.configs import DistillConfig
 from slimlm.train.core import TrainConfig
 from slimlm.train.distill import DistillExtension, distill
 from slimlm.train.moe.blocks import read_moe_config, require_moe
-from slimlm.train.moe.losses import RouterLosses
 
 TRAIN_PARTS = {"router": "only the routers", "experts": "routers and experts", "all": "every weight"}
 
@@ -53,7 +52,7 @@ class MoeExtension(DistillExtension):
     def __init__(self, cfg: MoeTrainConfig):
         self.cfg = cfg
         self.settings = {"moe_parts": cfg.parts, "moe_aux_weight": cfg.aux_weight, "moe_z_weight": cfg.z_weight}
-        self.losses: RouterLosses | None = None
+        self.losses = None  # losses.RouterLosses, made with the model (imported then: it needs torch)
 
     def prepare(self, model) -> None:
         layers = require_moe(model)
@@ -66,6 +65,8 @@ class MoeExtension(DistillExtension):
                 layer.experts.requires_grad_(True)
 
     def wrap_loss(self, loss_fn, model):
+        from slimlm.train.moe.losses import RouterLosses
+
         self.losses = RouterLosses(loss_fn, model, self.cfg.aux_weight, self.cfg.z_weight)
         return self.losses
 

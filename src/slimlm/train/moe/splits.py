@@ -9,12 +9,15 @@ norms, saving. A new split is one class here with `@UPCYCLE_SPLITS.register("nam
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from slimlm.registry import Registry
 from slimlm.train.moe.partition import assign_neurons, check_split, cluster_scores, cluster_tokens, mlp_activity
+
+if TYPE_CHECKING:  # torch is imported where it runs: the CLI builds its help from these modules
+    import torch
 
 
 @dataclass
@@ -77,6 +80,8 @@ class CopySplit(UpcycleSplit):
         return intermediate
 
     def split(self, mlp: DenseMLP, s: SplitSettings, inputs, gen) -> Experts:
+        import torch  # here, not at import: the CLI builds its help from this registry
+
         n, (i, h) = s.experts, mlp.gate.shape
         gate, up, down = (w.unsqueeze(0).repeat(n, 1, 1) for w in (mlp.gate, mlp.up, mlp.down))
         for stacked, parent in ((gate, mlp.gate), (up, mlp.up), (down, mlp.down)):
@@ -112,6 +117,8 @@ class NeuronSplit(UpcycleSplit):
         return check_split(intermediate, s.experts, s.active, s.active_fraction, s.shared)[0]
 
     def split(self, mlp: DenseMLP, s: SplitSettings, inputs, gen) -> Experts:
+        import torch
+
         n = s.experts
         width, rounds = check_split(mlp.gate.shape[0], n, s.active, s.active_fraction, s.shared)
         x = inputs.float()

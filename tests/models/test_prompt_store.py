@@ -46,3 +46,30 @@ def test_contained_prompts_are_stored_once():
     assert len(store) == 1 and store.contains([1, 2, 3, 4])
     store.put([7] * 3, b"q" * 200)  # larger than the whole budget: skipped, nothing evicted
     assert len(store) == 1
+
+
+def test_lookups_agree_with_a_plain_loop_over_entries():
+    """Random prompts over a small alphabet (long shared prefixes, entries of growing lengths):
+    best() returns an entry with the longest common prefix a plain loop finds, and contains()
+    agrees with the loop too."""
+    import random
+
+    def lcp(a, b):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    rng = random.Random(0)
+    store, kept = PromptStore(10**9), []
+    for i in range(120):
+        tokens = [rng.randrange(3) for _ in range(rng.randrange(1, 4 + i // 4))]
+        store.put(tokens, b"x")
+        if not any(len(k) >= len(tokens) and k[:len(tokens)] == tokens for k in kept):
+            kept = [k for k in kept if tokens[:len(k)] != k] + [tokens]
+        prompt = [rng.randrange(3) for _ in range(rng.randrange(1, 40))]
+        want = max(lcp(k, prompt) for k in kept)
+        found = store.best(prompt)
+        assert (found[2] if found else 0) == want and (not found or lcp(found[0], prompt) == want)
+        assert store.contains(prompt) == any(lcp(k, prompt) == len(prompt) for k in kept)
+    assert len(store) == len(kept)

@@ -369,17 +369,41 @@ def test_deepseek_routing_bias_reaches_llama_cpp(tiny_models, tmp_path):
     assert np.abs(got - after).max() < 1e-3 * max(np.abs(after).max(), 1.0)
 
 
-def test_deepseek_layouts_llama_cpp_cannot_run_are_refused(tiny_models, tmp_path):
-    """Group-limited routing and yarn rope scaling: one clear error, no file."""
-    src = tiny_models("deepseek_v3")
-    for key, change, message in (("groups", {"n_group": 2, "topk_group": 1}, "group-limited"),
-                                 ("yarn", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0},
-                                           "rope_parameters": {"rope_type": "yarn", "factor": 4.0,
-                                                               "rope_theta": 10000.0}}, "yarn")):
-        folder = tmp_path / key
-        shutil.copytree(src, folder)
-        config = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**config, **change}))
-        with pytest.raises(SlimlmError, match=message):
-            export_gguf(folder, tmp_path / f"{key}.gguf")
-        assert not (tmp_path / f"{key}.gguf").exists() and not list(tmp_path.glob(f".{key}.gguf*"))
+def test_deepseek_group_limited_routing_is_refused(tiny_models, tmp_path):
+    """llama.cpp's deepseek2 routes over all experts: group-limited routing is one clear error, no file."""
+    folder = tmp_path / "groups"
+    shutil.copytree(tiny_models("deepseek_v3"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_group": 2, "topk_group": 1}))
+    with pytest.raises(SlimlmError, match="group-limited"):
+        export_gguf(folder, tmp_path / "g.gguf")
+    assert not (tmp_path / "g.gguf").exists() and not list(tmp_path.glob(".g.gguf*"))
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("factor,mscale", [(4.0, 1.0), (40.0, 0.707)])
+def test_deepseek_yarn_matches_transformers_past_the_original_context(tiny_models, tmp_path, factor, mscale):
+    """DeepSeek V3's YaRN (as its real configs set it: factor 40, beta 32/1, mscale_all_dim):
+    llama.cpp's logits from slimlm's file equal transformers' on 96 tokens, 64 of them past the
+    original context of 32, where the scaling moves transformers' logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "yarn"
+    shutil.copytree(tiny_models("deepseek_v3"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    rope = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": 32, "beta_fast": 32.0,
+            "beta_slow": 1.0, "mscale": mscale, "mscale_all_dim": mscale, "rope_theta": 10000.0}
+    (folder / "config.json").write_text(json.dumps({**config, "rope_scaling": rope, "rope_parameters": rope,
+                                                    "max_position_embeddings": 128}))
+    ids = IDS * 6
+
+    def logits(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0].numpy()
+
+    ref, plain = logits(folder), logits(tiny_models("deepseek_v3"))
+    assert np.abs(ref - plain).max() > 0.1  # the scaling matters here
+    got = llama_logits(export_gguf(folder, tmp_path / "m.gguf", dtype="f32"), ids, n_ctx=128)
+    assert np.abs(got - ref).max() < 1e-3 * max(np.abs(ref).max(), 1.0)

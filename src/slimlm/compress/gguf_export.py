@@ -172,6 +172,8 @@ def _add_hparams(writer, config: dict, spec: ArchSpec, dtype: str,
         writer.add_rope_scaling_factor(rope["factor"])
     elif kind == "llama3" and spec.arch == "llama":
         extra["rope_freqs.weight"] = _llama3_rope_factors(rope, hd)
+    elif kind == "yarn" and spec.mla:
+        _add_yarn(writer, rope)
     elif kind != "default":
         raise SlimlmError(f"GGUF export does not support rope scaling {kind!r} for {config['model_type']}")
     for key, add in (("attn_logit_softcapping", writer.add_attn_logit_softcapping),
@@ -206,6 +208,23 @@ def _add_deepseek(writer, config: dict) -> None:
     writer.add_expert_weights_scale(float(config.get("routed_scaling_factor", 1.0)))
     writer.add_expert_weights_norm(bool(config.get("norm_topk_prob", False)))
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+
+
+def _add_yarn(writer, rope: dict) -> None:
+    """DeepSeek's YaRN: the frequency ramp llama.cpp computes from factor, original context and
+    beta bounds, and the attention scale transformers takes from mscale_all_dim, which llama.cpp's
+    deepseek2 reads as the YaRN log multiplier (stored times 0.1, as its loader expects)."""
+    import gguf
+
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(rope["factor"])
+    writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    for key, add in (("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                     ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+        if rope.get(key) is not None:
+            add(float(rope[key]))
+    if rope.get("mscale_all_dim"):
+        writer.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
 
 
 def sliding_window(config: dict) -> int | None:

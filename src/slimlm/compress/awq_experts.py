@@ -3,7 +3,8 @@ judged on the tokens its router sends it.
 
 An MoE block's input (the post-attention norm's output) feeds the router, every routed expert's
 gate and up projections (transformers 5.x keeps them fused: `experts.gate_up_proj` [E, 2I, H]),
-and, in Qwen-MoE, a shared expert and its gate. Two kinds of scale are folded, both leaving the
+and, in Qwen-MoE and DeepSeek, shared experts (Qwen's with a gate of their own). Two kinds of
+scale are folded, both leaving the
 full-precision model exactly equivalent:
 
     input  norm(x) * w -> router, experts' gate/up, shared expert's gate/up, shared gate:
@@ -135,7 +136,7 @@ def find_expert_block(i: int, base: str, layer, mlp, norm_name: str, norm_kind) 
     if router is None or router.shape[1] != experts.gate_up_proj.shape[2]:
         return f"MoE block {type(mlp).__name__} has no router weight over its input"
     consumers, shared = [router], []
-    shared_mlp = getattr(mlp, "shared_expert", None)
+    shared_mlp = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)  # Qwen, DeepSeek
     if shared_mlp is not None:
         lins = [getattr(shared_mlp, n, None) for n in ("gate_proj", "up_proj")]
         if not all(getattr(lin, "weight", None) is not None for lin in lins):

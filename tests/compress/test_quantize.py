@@ -282,3 +282,27 @@ def test_moe_experts_are_quantized_expert_by_expert(tiny_models, tmp_path):
     assert np.array_equal(np.asarray(stacked.data).reshape(want.shape), want)
     routed = sum(w.size for w in experts) * 3 * 2  # w1, w2, w3 in both layers
     assert out.params_quantized > routed
+
+
+@pytest.mark.parametrize("kwargs", [dict(format="gguf", target_bpw=8.5),
+                                    dict(format="gguf:Q8_0", method="gptq", calib_samples=8, calib_seq_len=64)],
+                         ids=["target-bpw", "gptq"])
+def test_deepseek_mixed_and_gptq_files_run_in_llama_cpp(kwargs, tiny_models, tmp_path):
+    """DeepSeek V3 (MLA, a routing bias, shared experts) through a per-tensor mix and GPTQ: the
+    file meets its budget and llama.cpp picks transformers' next tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.compress.quant_steps import tensor_shapes
+    from tests.conftest import llama_logits
+
+    folder = tiny_models("deepseek_v3")
+    out = quantize(str(folder), tmp_path / "m.gguf", check=False, record=False, **kwargs)
+    if "target_bpw" in kwargs:
+        params = sum(int(np.prod(s)) for s in tensor_shapes(folder).values())
+        assert out.size_after <= kwargs["target_bpw"] * params / 8
+    ids = [1, 40, 77, 120, 200, 33, 91, 250, 300, 17, 5, 64]
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(torch.tensor([ids])).logits[0].numpy()
+    got = llama_logits(out.out, ids)
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.75

@@ -371,9 +371,10 @@ def export_gguf(model: str | Path, out: Path, dtype: str = "f16", force: bool = 
         for name, tensor in _stack_experts(_weights(folder), expert_count(config)):
             if any(s in name for s in _SKIP) or (tie and name == "lm_head.weight"):
                 continue
-            if name.endswith(".e_score_correction_bias"):  # DeepSeek's routing bias, as llama.cpp's map names it
-                name = name[: -len("_bias")] + ".bias"
-            gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            lookup = name  # DeepSeek's routing bias, under the name gguf's map knows it by
+            if name.endswith(".e_score_correction_bias"):
+                lookup = name[: -len("_bias")] + ".bias"
+            gguf_name = names.get_name(lookup, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
                 raise SlimlmError(f"{folder.name}: tensor {name} has no GGUF name for {spec.arch}; "
                                   "this checkpoint layout is not supported")

@@ -369,13 +369,19 @@ def test_deepseek_routing_bias_reaches_llama_cpp(tiny_models, tmp_path):
     assert np.abs(got - after).max() < 1e-3 * max(np.abs(after).max(), 1.0)
 
 
-def test_deepseek_group_limited_routing_is_refused(tiny_models, tmp_path):
-    """llama.cpp's deepseek2 routes over all experts: group-limited routing is one clear error, no file."""
-    folder = tmp_path / "groups"
+@pytest.mark.parametrize("change,message", [
+    ({"n_group": 2, "topk_group": 1}, "group-limited"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                          "mscale": 1.0, "mscale_all_dim": 0.707, "rope_theta": 10000.0}}, "mscale")],
+    ids=["groups", "mscale"])
+def test_deepseek_layouts_llama_cpp_computes_otherwise_are_refused(tiny_models, tmp_path, change, message):
+    """Group-limited routing (llama.cpp's deepseek2 routes over all experts) and YaRN with mscale
+    unequal to mscale_all_dim (llama.cpp's logits then differed by 4-6.5): one clear error, no file."""
+    folder = tmp_path / "m"
     shutil.copytree(tiny_models("deepseek_v3"), folder)
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "n_group": 2, "topk_group": 1}))
-    with pytest.raises(SlimlmError, match="group-limited"):
+    (folder / "config.json").write_text(json.dumps({**config, **change, "rope_scaling": change.get("rope_parameters")}))
+    with pytest.raises(SlimlmError, match=message):
         export_gguf(folder, tmp_path / "g.gguf")
     assert not (tmp_path / "g.gguf").exists() and not list(tmp_path.glob(".g.gguf*"))
 

@@ -198,10 +198,7 @@ def _add_deepseek(writer, config: dict) -> None:
     if (config.get("n_group") or 1) > 1 and (config.get("topk_group") or 1) < config["n_group"]:
         raise SlimlmError("GGUF export does not support DeepSeek's group-limited routing (n_group > topk_group): "
                           "llama.cpp's deepseek2 routes over all experts")
-    if config.get("q_lora_rank"):
-        writer.add_q_lora_rank(config["q_lora_rank"])
-    else:
-        writer.add_q_lora_rank(0)  # a full q_proj (llama.cpp reads the key for every non-lite size)
+    writer.add_q_lora_rank(config.get("q_lora_rank") or 0)  # 0: a full q_proj (llama.cpp reads the key anyway)
     writer.add_kv_lora_rank(config["kv_lora_rank"])
     writer.add_leading_dense_block_count(config.get("first_k_dense_replace", 0))
     writer.add_expert_shared_count(config.get("n_shared_experts") or 0)
@@ -216,6 +213,10 @@ def _add_yarn(writer, rope: dict) -> None:
     deepseek2 reads as the YaRN log multiplier (stored times 0.1, as its loader expects)."""
     import gguf
 
+    if rope.get("mscale", 1.0) != rope.get("mscale_all_dim", rope.get("mscale", 1.0)):
+        # transformers then scales cos/sin by their ratio; llama.cpp's deepseek2 gave other logits (measured)
+        raise SlimlmError("GGUF export supports DeepSeek's YaRN only with mscale equal to mscale_all_dim (as "
+                          f"DeepSeek V3 sets them); this config has {rope.get('mscale')} and {rope.get('mscale_all_dim')}")
     writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
     writer.add_rope_scaling_factor(rope["factor"])
     writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])

@@ -26,14 +26,6 @@ from __future__ import annotations
 __all__ = ["ExpertBlock", "find_expert_block"]
 
 
-def _experts_of(mlp):
-    experts = getattr(mlp, "experts", None)
-    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
-    if getattr(gate_up, "ndim", 0) == 3 and getattr(down, "ndim", 0) == 3 and hasattr(experts, "act_fn"):
-        return experts
-    return None
-
-
 def _columns_of(module):
     """The 2-D weight whose columns meet the block's input ([out, H]), for a router or a linear."""
     w = getattr(module, "weight", None)
@@ -125,8 +117,10 @@ class ExpertBlock:
 
 def find_expert_block(i: int, base: str, layer, mlp, norm_name: str, norm_kind) -> ExpertBlock | str:
     """The layer's MoE block, or why it cannot be scaled."""
-    experts = _experts_of(mlp)
-    if experts is None:
+    from slimlm.compress.gptq_experts import is_fused_experts
+
+    experts = getattr(mlp, "experts", None)
+    if not is_fused_experts(experts):
         return f"MLP {type(mlp).__name__} has neither gate/up_proj linears nor fused experts"
     norm = getattr(layer, norm_name, None)
     kind = norm_kind(norm) if norm is not None else None

@@ -21,21 +21,23 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["ExpertHessianHooks", "checkpoint_keys", "expert_modules", "expert_views", "routed_inputs"]
+__all__ = ["ExpertHessianHooks", "checkpoint_keys", "expert_modules", "expert_views", "is_fused_experts",
+           "routed_inputs"]
 
 ROLES = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 _CHECKPOINT = re.compile(r"\.layers\.(\d+)\..*\.experts\.(\d+)\.(w[123]|gate_proj|up_proj|down_proj)\.weight$")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
+def is_fused_experts(module) -> bool:
+    """Whether `module` is transformers' fused experts module (3-D gate_up_proj and down_proj)."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return getattr(gate_up, "ndim", 0) == 3 and getattr(down, "ndim", 0) == 3 and hasattr(module, "act_fn")
+
+
 def expert_modules(module, prefix: str = "") -> dict:
-    """{module name: experts module} for every fused experts module (3-D gate_up_proj and down_proj)."""
-    out = {}
-    for name, m in module.named_modules():
-        gate_up, down = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
-        if getattr(gate_up, "ndim", 0) == 3 and getattr(down, "ndim", 0) == 3 and hasattr(m, "act_fn"):
-            out[prefix + name] = m
-    return out
+    """{module name: experts module} for every fused experts module inside `module`."""
+    return {prefix + name: m for name, m in module.named_modules() if is_fused_experts(m)}
 
 
 def routed_inputs(module, hidden, top_k):

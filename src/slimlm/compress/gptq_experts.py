@@ -21,8 +21,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["ExpertHessianHooks", "checkpoint_keys", "expert_modules", "expert_views", "is_fused_experts",
-           "routed_inputs"]
+__all__ = ["ExpertHessianHooks", "checkpoint_keys", "expert_modules", "expert_slices", "expert_views",
+           "is_fused_experts", "routed_inputs"]
 
 ROLES = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 _CHECKPOINT = re.compile(r"\.layers\.(\d+)\..*\.experts\.(\d+)\.(w[123]|gate_proj|up_proj|down_proj)\.weight$")
@@ -58,21 +58,25 @@ def routed_inputs(module, hidden, top_k):
             yield e, xe, module.act_fn(gate) * up
 
 
+def expert_slices(module, layer: int, keys: dict[tuple[int, int, str], str]):
+    """(checkpoint name without ".weight", the view of the fused parameter that holds it) for each
+    routed expert projection of one experts module in decoder layer `layer` (`keys` from
+    checkpoint_keys), expert by expert: gate and up are the two halves of gate_up_proj[e] (gate
+    first, as the experts module chunks them), down is down_proj[e]. Writing into a view changes
+    the model."""
+    width = module.gate_up_proj.shape[1] // 2
+    for e in range(module.gate_up_proj.shape[0]):
+        for role, view in (("gate", module.gate_up_proj.data[e, :width]),
+                           ("up", module.gate_up_proj.data[e, width:]), ("down", module.down_proj.data[e])):
+            key = keys.get((layer, e, role))
+            if key is not None:
+                yield key, view
+
+
 def expert_views(model, keys: dict[tuple[int, int, str], str]) -> dict[str, object]:
-    """{checkpoint weight name: the view of the fused parameter that holds it} for every routed
-    expert projection of `model` (`keys` from checkpoint_keys): gate and up are the two halves of
-    gate_up_proj[e] (gate first, as the experts module chunks them), down is down_proj[e]. Writing
-    into a view changes the model."""
-    out = {}
-    for name, module in expert_modules(model).items():
-        layer, width = layer_of(name), module.gate_up_proj.shape[1] // 2
-        for e in range(module.num_experts):
-            for role, view in (("gate", module.gate_up_proj.data[e, :width]),
-                               ("up", module.gate_up_proj.data[e, width:]), ("down", module.down_proj.data[e])):
-                key = keys.get((layer, e, role))
-                if key is not None:
-                    out[key + ".weight"] = view
-    return out
+    """{checkpoint weight name: its view} for every routed expert projection of `model` (expert_slices)."""
+    return {key + ".weight": view for name, module in expert_modules(model).items()
+            for key, view in expert_slices(module, layer_of(name), keys)}
 
 
 def checkpoint_keys(names: Iterable[str]) -> dict[tuple[int, int, str], str]:

@@ -28,7 +28,7 @@ import numpy as np
 from slimlm.compress.blocks import dequantize_codes, get_format
 from slimlm.compress.calibration import CALIB_SAMPLES, CALIB_SEQ_LEN, calibration_windows, find_decoder_layers
 from slimlm.compress.gptq import DEFAULT_ACT_ORDER, DEFAULT_DAMP, HessianHooks, decoder_linears, gptq_quantize
-from slimlm.compress.gptq_experts import ExpertHessianHooks, expert_modules
+from slimlm.compress.gptq_experts import ExpertHessianHooks, expert_modules, expert_slices
 from slimlm.errors import SlimlmError
 from slimlm.progress import progress_bar
 
@@ -153,15 +153,10 @@ def _code_experts(module, layer: int, keys: dict, hessians: dict, transform, cod
     An expert that no calibration token reached has no Hessian: the writer rounds it to nearest."""
     import torch
 
-    width = module.gate_up_proj.shape[1] // 2
-    for e in range(module.num_experts):
-        for role, param, rows in (("gate", module.gate_up_proj, slice(0, width)),
-                                  ("up", module.gate_up_proj, slice(width, 2 * width)),
-                                  ("down", module.down_proj, slice(None))):
-            key = keys.get((layer, e, role))
-            if key is None or key not in hessians:
-                continue
-            name = key + ".weight"
-            w = transform(name, param.data[e, rows].float().cpu().numpy())
-            codes[name], values = coder(name, w, hessians[key].numpy())
-            param.data[e, rows] = torch.from_numpy(_to_hf_layout(transform, name, values)).to(param.dtype)
+    for key, view in expert_slices(module, layer, keys):
+        if key not in hessians:
+            continue
+        name = key + ".weight"
+        w = transform(name, view.float().cpu().numpy())
+        codes[name], values = coder(name, w, hessians[key].numpy())
+        view.copy_(torch.from_numpy(_to_hf_layout(transform, name, values)).to(view.dtype))

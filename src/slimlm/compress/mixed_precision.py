@@ -295,8 +295,7 @@ def quantize_typed(method, req: QuantRequest) -> QuantizeResult:
         fixed = _fixed_bytes(folder, shapes, names, {*targets, *stacks, *allocated},
                              {n: t for n, t in heads.items() if n not in allocated}, placeholder)
         units = [n for n in targets if n not in experts] + list(stacks) + allocated
-        width = {u: shapes[stacks[u][0] if u in stacks else u][-1] for u in units}
-        candidates = {u: candidate_types(width[u]) for u in units}
+        candidates = {u: candidate_types(shapes[stacks.get(u, [u])[0]][-1]) for u in units}  # a stack: its experts' width
 
         def unit_bytes(u: str, t: str) -> int:  # a stack is one tensor: its experts' blocks, aligned once
             members = stacks.get(u, [u])

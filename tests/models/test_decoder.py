@@ -286,7 +286,7 @@ def test_prompts_taking_turns_are_restored_from_the_store(tiny):
         in_place = fresh.admit(a)
         np.testing.assert_array_equal(decoder.step()[again], fresh.step()[in_place])
         decoder.release(again)
-        decoder.store.shrink(0)  # --cache-ram 0: only the slots cache prompts
+        decoder.store.resize(0)  # --cache-ram 0: only the slots cache prompts
         before = decoder.reused_tokens
         decoder.admit(b)
         assert decoder.reused_tokens - before == common_prefix(a, b) and len(decoder.store) == 0

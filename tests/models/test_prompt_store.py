@@ -29,9 +29,9 @@ def test_budget_evicts_least_recently_used_first():
     store.put([4], b"w" * 10)
     assert [store.contains([t]) for t in (1, 2, 3, 4)] == [True, False, True, True]
     assert store.size == 30
-    store.shrink(15)
+    store.resize(15)
     assert len(store) == 1 and store.contains([4])
-    store.shrink(0)
+    store.resize(0)
     assert len(store) == store.size == 0
     store.put([5], b"v")  # a budget of 0 keeps nothing
     assert len(store) == 0

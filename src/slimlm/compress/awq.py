@@ -143,21 +143,23 @@ def _find_groups(model, layers, skipped: list, blocks: list) -> list[_Group]:
                             "why": f"attention {type(attn).__name__} has no q/k/v_proj (e.g. MLA or none)"})
         mlp_norm = ("pre_feedforward_layernorm" if hasattr(layer, "pre_feedforward_layernorm")
                     else "post_attention_layernorm")
+        block = None  # an MoE layer's block (awq_experts.ExpertBlock)
         if _linear(mlp, "gate_proj") is not None and _linear(mlp, "up_proj") is not None:
             add("mlp", mlp_norm, mlp, "mlp", ["gate_proj", "up_proj"], f"no {mlp_norm} -> gate/up_proj layout")
         elif _linear(mlp, "gate_up_proj") is not None:
             add("mlp", mlp_norm, mlp, "mlp", ["gate_up_proj"], f"no {mlp_norm} -> gate_up_proj layout")
         else:
-            block = find_expert_block(i, base, layer, mlp, mlp_norm, _norm_kind)
-            if isinstance(block, str):
-                skipped.append({"layer": i, "group": "mlp", "why": block})
+            found = find_expert_block(i, base, layer, mlp, mlp_norm, _norm_kind)
+            if isinstance(found, str):
+                skipped.append({"layer": i, "group": "mlp", "why": found})
             else:
+                block = found
                 blocks.append(block)  # its down projections are scaled expert by expert
         up, down = _linear(mlp, "up_proj"), _linear(mlp, "down_proj")
         if up is not None and down is not None and _linear(mlp, "gate_proj") is not None \
                 and down.in_features == up.out_features:
             groups.append(_Group(i, "down", f"{base}.mlp.up_proj", up, "rows", [f"{base}.mlp.down_proj"], [down]))
-        elif not (blocks and blocks[-1].layer == i):
+        elif block is None:
             skipped.append({"layer": i, "group": "down",
                             "why": "no separate gate_proj/up_proj -> down_proj (fused or MoE MLP)"})
         skipped.append({"layer": i, "group": "v->o", "why": "not scaled (grouped-query shapes)"})

@@ -171,7 +171,7 @@ class Engine:
         if self.batcher is not None:
             self.batcher.decoder.reuse_prefixes = prefix_cache
             if cache_ram_mib is not None:
-                self.batcher.decoder.store.shrink(cache_ram_mib << 20)
+                self.batcher.decoder.store.resize(cache_ram_mib << 20)
 
     def _batcher(self, parallel: int, batch_tokens: int | None):
         from slimlm.serve.batching import Batcher

@@ -74,7 +74,7 @@ class PromptStore:
         self._used[row] = self._clock
         self._blobs[row] = blob
         self.size += len(blob)
-        self.shrink(self.budget)
+        self.resize(self.budget)
 
     def _row_for(self, length: int) -> int:
         """A free row at least `length` wide (the array grows by doubling)."""
@@ -98,7 +98,7 @@ class PromptStore:
         self.size -= len(self._blobs[row])
         self._blobs[row], self._lengths[row] = None, 0
 
-    def shrink(self, budget: int) -> None:
+    def resize(self, budget: int) -> None:
         """Set the budget, evicting least recently used entries until they fit."""
         self.budget = int(budget)
         while self.size > self.budget:

@@ -49,6 +49,12 @@ def _run(decoder, backend, prompts, n, join_at=None, late=None):
     return [tokens[i] for i in range(len(order))]
 
 
+def _alone_logits(decoder, prompt):
+    """The logits a prompt gets read alone in `decoder`."""
+    slot = decoder.admit(prompt)
+    return decoder.step()[slot]
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_gguf):
     backend = open_backend(str(tiny_gguf), "llamacpp", n_ctx=256)
@@ -130,8 +136,7 @@ def test_joining_prompts_share_a_pass_and_read_as_alone(tiny):
     for slot, ids in zip(slots, prompts):
         alone = tiny.decoder(1, 128, 128)
         try:
-            only = alone.admit(ids)
-            by_itself = alone.step()[only]
+            by_itself = _alone_logits(alone, ids)
             np.testing.assert_allclose(together[slot], by_itself, rtol=0, atol=1e-5)
             assert Sampler()(together[slot]) == Sampler()(by_itself)
         finally:
@@ -167,11 +172,6 @@ def test_joining_prompts_come_out_a_few_per_pass_before_the_decode_pass(tiny):
     finally:
         decoder.close()
         again.close()
-
-
-def _alone_logits(decoder, prompt):
-    slot = decoder.admit(prompt)
-    return decoder.step()[slot]
 
 
 def test_a_step_left_unfinished_forgets_what_it_did_not_read(tiny):
